@@ -1,0 +1,30 @@
+# Two entry points: `make repro` (the whole DVC pipeline) and `make test` (the test suite).
+# Both create .venv with pip on first use and reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: repro test lint venv clean-reports
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing kdrepro and its dependencies into $(VENV) (log: $(VENV)/install.log)"
+	$(BIN)/python -m pip install -e ".[dev]" > $(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	$(BIN)/python -c "import kdrepro, torch, torchvision, hydra, dvc, papermill, nbconvert, seaborn"
+	touch $(STAMP)
+
+repro: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init --quiet
+	$(BIN)/dvc repro
+	@echo "reports: $(CURDIR)/reports/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check kdrepro tests benchmarks

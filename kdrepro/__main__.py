@@ -1,0 +1,3 @@
+from kdrepro.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The ``Distiller`` interface and the method registry.
+
+A distillation method is an ``nn.Module`` that reads a student and a teacher :class:`~kdrepro.models.SegOutput` and
+returns a dict of named, *already weighted* loss terms. Its own learnable parts (projectors, discriminators, mask
+tokens) and state (memory banks, as buffers) live inside it, so they are checkpointed with the student and are
+inside the method's measured cost. The training loop knows nothing about any particular method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdrepro.errors import ConfigError
+from kdrepro.models.output import SegOutput
+
+#: ``channels`` passed to methods: feature name -> number of channels, plus ``"logits"`` -> number of classes.
+Channels = Mapping[str, int]
+
+
+class Distiller(nn.Module):
+    """Base class of every KD method.
+
+    Subclasses implement :meth:`forward`. The optional hooks below let a method declare hidden costs honestly:
+
+    * ``extra_step`` -- an update of modules with their *own* optimizer (e.g. SKD's WGAN-GP discriminator), run by
+      the loop after the student's optimizer step and timed inside the method's distillation phase.
+    * ``pretrain_iterations`` / ``pretrain_step`` -- a stage run before distillation starts (e.g. MasKD's mask-token
+      pre-training on the frozen teacher); the loop runs it inside the training clock, so budgets pay for it.
+
+    Attributes:
+        uses_teacher: ``False`` for the student-alone baseline, which lets the loop skip the teacher forward.
+        uses_labels: whether ``forward`` reads the label map (for documentation and sanity checks only).
+    """
+
+    uses_teacher: bool = True
+    uses_labels: bool = False
+    pretrain_iterations: int = 0
+
+    def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
+        """Return ``{term_name: weighted scalar loss}``.
+
+        Args:
+            student: the student's output (with gradients).
+            teacher: the frozen teacher's output (no gradients).
+            target: ``(B, H, W)`` int64 labels at input resolution, ignore index 255.
+        """
+        raise NotImplementedError
+
+    def student_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters optimised together with the student (projectors, ...). Default: all but ``own_optimizer`` ones."""
+        owned = {id(p) for p in self.separately_optimized_parameters()}
+        return (p for p in self.parameters() if id(p) not in owned)
+
+    def separately_optimized_parameters(self) -> list[nn.Parameter]:
+        """Parameters that ``extra_step`` updates with the method's own optimizer (not the student's)."""
+        return []
+
+    def extra_step(self, student: SegOutput, teacher: SegOutput) -> dict[str, float]:
+        """One update of separately optimised modules, given *detached* outputs. Returns logged scalars."""
+        return {}
+
+    def pretrain_step(self, teacher: SegOutput, target: Tensor) -> dict[str, float]:
+        """One pre-training iteration on the frozen teacher's output (only if ``pretrain_iterations > 0``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no pre-training stage")
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside ``state_dict`` (e.g. the method's own optimizer), saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+
+DistillerFactory = Callable[..., Distiller]
+_REGISTRY: dict[str, DistillerFactory] = {}
+
+
+def register(name: str) -> Callable[[DistillerFactory], DistillerFactory]:
+    """Class decorator: make a method buildable by ``name`` (``kdrepro.distill.build``)."""
+
+    def decorator(factory: DistillerFactory) -> DistillerFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"distillation method {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_term(name: str, options: Mapping[str, Any], student_channels: Channels, teacher_channels: Channels) -> Distiller:
+    """Build one registered method from its options (``weight`` and method-specific keys)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown distillation method {name!r}; known methods: {', '.join(available())}")
+    try:
+        return _REGISTRY[name](student_channels=dict(student_channels), teacher_channels=dict(teacher_channels), **options)
+    except TypeError as error:
+        raise ConfigError(f"bad options for distillation method {name!r}: {error}") from error
+
+
+class CompositeDistiller(Distiller):
+    """Several weighted methods trained together (e.g. the published ``cwd+kd`` rows).
+
+    Loss names are prefixed with the term's name unless there is a single term, e.g. ``{"kd": ..., "cwd": ...}``.
+    """
+
+    def __init__(self, terms: Mapping[str, Distiller]):
+        super().__init__()
+        self.terms = nn.ModuleDict(dict(terms))
+        self.uses_teacher = any(term.uses_teacher for term in self.terms.values())
+        self.uses_labels = any(term.uses_labels for term in self.terms.values())
+        self.pretrain_iterations = max((term.pretrain_iterations for term in self.terms.values()), default=0)
+
+    def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            for key, value in term(student, teacher, target).items():
+                losses[key if key.startswith(name) else f"{name}.{key}"] = value
+        return losses
+
+    def separately_optimized_parameters(self) -> list[nn.Parameter]:
+        return [p for term in self.terms.values() for p in term.separately_optimized_parameters()]
+
+    def extra_step(self, student: SegOutput, teacher: SegOutput) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for name, term in self.terms.items():
+            logs.update({f"{name}.{key}": value for key, value in term.extra_step(student, teacher).items()})
+        return logs
+
+    def pretrain_step(self, teacher: SegOutput, target: Tensor) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for name, term in self.terms.items():
+            if term.pretrain_iterations > 0:
+                logs.update({f"{name}.{key}": value for key, value in term.pretrain_step(teacher, target).items()})
+        return logs
+
+    def extra_state(self) -> dict[str, Any]:
+        return {name: term.extra_state() for name, term in self.terms.items()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        for name, term in self.terms.items():
+            term.load_extra_state(state.get(name, {}))
+
+
+def build(method_cfg: Mapping[str, Any], student_channels: Channels, teacher_channels: Channels) -> CompositeDistiller:
+    """Build the distiller of a run from its method config ``{name: ..., terms: {method: {weight: ..., ...}}}``.
+
+    An empty ``terms`` mapping is the student-alone baseline (``none``).
+    """
+    terms = method_cfg.get("terms") or {}
+    built = {name: build_term(name, dict(options or {}), student_channels, teacher_channels) for name, options in terms.items()}
+    return CompositeDistiller(built)
+
+
+def zero_loss(like: Tensor) -> Tensor:
+    """A scalar zero on ``like``'s device that still joins the autograd graph."""
+    return like.sum() * 0.0
+
+
+__all__ = ["Channels", "CompositeDistiller", "Distiller", "available", "build", "build_term", "register", "zero_loss"]
