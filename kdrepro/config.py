@@ -16,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from kdrepro.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
+
+#: ``${scale:${reference_iterations},0.25}`` -- a whole number proportional to another setting (e.g. MasKD's
+#: pre-training length, a quarter of the standard schedule in the released scripts).
+OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(value) * float(factor))), replace=True)
 GROUPS = ("dataset", "model", "method", "budget", "profile")
 
 

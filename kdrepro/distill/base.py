@@ -27,16 +27,21 @@ class Distiller(nn.Module):
 
     * ``extra_step`` -- an update of modules with their *own* optimizer (e.g. SKD's WGAN-GP discriminator), run by
       the loop after the student's optimizer step and timed inside the method's distillation phase.
+    * ``before_optimizer_step`` -- called after backward and before the student's optimizer step (e.g. Af-DCD's
+      gradient clipping), timed in the optimizer phase.
     * ``pretrain_iterations`` / ``pretrain_step`` -- a stage run before distillation starts (e.g. MasKD's mask-token
       pre-training on the frozen teacher); the loop runs it inside the training clock, so budgets pay for it.
 
     Attributes:
         uses_teacher: ``False`` for the student-alone baseline, which lets the loop skip the teacher forward.
         uses_labels: whether ``forward`` reads the label map (for documentation and sanity checks only).
+        needs_teacher_aux: the method reads the teacher's auxiliary logits, so the loop keeps the teacher's FCN
+            auxiliary head on in eval mode (e.g. MasKD's 0.4-weighted aux term).
     """
 
     uses_teacher: bool = True
     uses_labels: bool = False
+    needs_teacher_aux: bool = False
     pretrain_iterations: int = 0
 
     def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
@@ -58,8 +63,12 @@ class Distiller(nn.Module):
         """Parameters that ``extra_step`` updates with the method's own optimizer (not the student's)."""
         return []
 
-    def extra_step(self, student: SegOutput, teacher: SegOutput) -> dict[str, float]:
-        """One update of separately optimised modules, given *detached* outputs. Returns logged scalars."""
+    def before_optimizer_step(self) -> None:
+        """Hook between backward and the student's optimizer step (gradients are populated)."""
+
+    def extra_step(self, student: SegOutput, teacher: SegOutput, progress: float | None = None) -> dict[str, Any]:
+        """One update of separately optimised modules, given *detached* outputs and the training progress in [0, 1]
+        (for the module's own LR schedule). Returns scalars to log (tensors are fine: no device sync is forced)."""
         return {}
 
     def pretrain_step(self, teacher: SegOutput, target: Tensor) -> dict[str, float]:
@@ -116,6 +125,7 @@ class CompositeDistiller(Distiller):
         self.terms = nn.ModuleDict(dict(terms))
         self.uses_teacher = any(term.uses_teacher for term in self.terms.values())
         self.uses_labels = any(term.uses_labels for term in self.terms.values())
+        self.needs_teacher_aux = any(term.needs_teacher_aux for term in self.terms.values())
         self.pretrain_iterations = max((term.pretrain_iterations for term in self.terms.values()), default=0)
 
     def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
@@ -128,10 +138,14 @@ class CompositeDistiller(Distiller):
     def separately_optimized_parameters(self) -> list[nn.Parameter]:
         return [p for term in self.terms.values() for p in term.separately_optimized_parameters()]
 
-    def extra_step(self, student: SegOutput, teacher: SegOutput) -> dict[str, float]:
-        logs: dict[str, float] = {}
+    def before_optimizer_step(self) -> None:
+        for term in self.terms.values():
+            term.before_optimizer_step()
+
+    def extra_step(self, student: SegOutput, teacher: SegOutput, progress: float | None = None) -> dict[str, Any]:
+        logs: dict[str, Any] = {}
         for name, term in self.terms.items():
-            logs.update({f"{name}.{key}": value for key, value in term.extra_step(student, teacher).items()})
+            logs.update({f"{name}.{key}": value for key, value in term.extra_step(student, teacher, progress=progress).items()})
         return logs
 
     def pretrain_step(self, teacher: SegOutput, target: Tensor) -> dict[str, float]:

@@ -1,0 +1,169 @@
+"""``kdrepro <command> [Hydra overrides]`` — every pipeline stage is one of these commands.
+
+Overrides use Hydra syntax (``method=cwd``, ``budget.iterations=1000``, ``model@student=pspnet_r50``); configs are
+composed from the packaged ``kdrepro/conf`` with Hydra's compose API (no working-directory change, no ``outputs/``).
+User errors print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kdrepro.errors import KdreproError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
+    "prepare": ("download / generate / validate a dataset", "kdrepro prepare dataset=synthetic"),
+    "train": ("train one run under a budget (resumable)", "kdrepro train method=kd teacher_checkpoint=runs/teacher/checkpoint.pt"),
+    "calibrate": ("measure each method's cost per iteration and match budgets", "kdrepro calibrate calibrate.methods=[none,kd,cwd]"),
+    "evaluate": ("evaluate a checkpoint on the validation set", "kdrepro evaluate evaluate.checkpoint=runs/kd/checkpoint.pt"),
+    "import-teacher": ("convert an mmsegmentation checkpoint into a kdrepro teacher", "kdrepro import-teacher pspnet_r101.pth profile=cityscapes"),
+    "methods": ("list the registered distillation methods and their configs", "kdrepro methods"),
+    "teacher": ("train the teacher (or import teacher_import=<mmseg.pth>)", "kdrepro teacher profile=synthetic out_dir=runs/synthetic/teacher"),
+    "results": ("collect every run of a pipeline into tidy tables", "kdrepro results runs_dir=runs/synthetic"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<15} {summary}\n  {'':<15}   e.g. {example}" for name, (summary, example) in COMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="kdrepro",
+        description="Compute-matched knowledge distillation for semantic segmentation.",
+        epilog="commands:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs="*", help="Hydra overrides (key=value); import-teacher also takes a file path")
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help="a DVC params.yaml whose profile, seed, methods and calibrate settings become overrides (before yours)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    overrides = [arg for arg in arguments.args if "=" in arg]
+    positional = [arg for arg in arguments.args if "=" not in arg]
+    handler = HANDLERS[arguments.command]
+    try:
+        if arguments.params:
+            from kdrepro.pipeline import params_overrides
+
+            overrides = [*params_overrides(Path(arguments.params)), *overrides]
+        if positional and arguments.command != "import-teacher":
+            raise KdreproError(f"unexpected argument(s) {positional}; overrides look like key=value")
+        handler(overrides, positional)
+    except KdreproError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return int(getattr(error, "exit_code", 2))
+    return 0
+
+
+def _info(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.models import build_segmentor, count_flops, count_parameters
+
+    cfg = load_config(overrides, config_name="info")
+    model = build_segmentor(cfg.model, int(cfg.dataset.num_classes))
+    height, width = (int(v) for v in cfg.input_size)
+    flops = count_flops(model, (1, 3, height, width))
+    print(f"model            {cfg.model.name} (base width {cfg.model.base_width}, {cfg.dataset.num_classes} classes)")
+    print(f"parameters       {count_parameters(model):,} ({count_parameters(model) / 1e6:.2f} M, auxiliary head included)")
+    print(f"FLOPs            {flops / 1e9:.1f} GFLOPs at 1x3x{height}x{width} (torch.utils.flop_counter, inference)")
+    print("channels         " + ", ".join(f"{k}={v}" for k, v in model.channels.items()))
+
+
+def _prepare(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.data import prepare_dataset
+
+    cfg = load_config(overrides)
+    root = prepare_dataset(cfg.dataset)
+    print(f"dataset {cfg.dataset.name} ready at {root}")
+
+
+def _train(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.train.run import train
+
+    metrics = train(load_config(overrides))
+    print(json.dumps({k: metrics[k] for k in ("method", "miou", "iterations", "train_seconds")}))
+
+
+def _calibrate(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.train.calibrate import calibrate
+
+    base = load_config(overrides)
+    table = calibrate(base, lambda name: load_config([*overrides, f"method={name}"]))
+    matched = table["matched"]
+    print(f"matched budget {matched['budget_seconds']:.1f} s (reference {matched['reference_method']} x {matched['reference_iterations']} it)")
+    for name, entry in table["methods"].items():
+        print(f"  {name:<16} {entry['seconds_per_iteration'] * 1000:8.1f} ms/it  -> {matched['iterations'][name]} iterations")
+    print(f"written to {base.calibrate.output}")
+
+
+def _evaluate(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.evaluate_cli import evaluate_checkpoint
+
+    result = evaluate_checkpoint(load_config(overrides))
+    print(json.dumps({k: result[k] for k in ("miou", "pixel_accuracy")}))
+
+
+def _import_teacher(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.evaluate_cli import import_teacher
+
+    if len(positional) != 1:
+        raise KdreproError("import-teacher takes exactly one mmsegmentation checkpoint path, e.g. kdrepro import-teacher pspnet.pth")
+    output = import_teacher(load_config(overrides), Path(positional[0]))
+    print(f"teacher written to {output}")
+
+
+def _methods(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro import distill
+    from kdrepro.config import options
+
+    print("registered terms: " + ", ".join(distill.available()))
+    print("method configs:   " + ", ".join(options("method")))
+
+
+def _teacher(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.pipeline import teacher
+
+    print(json.dumps(teacher(overrides)))
+
+
+def _results(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.pipeline import write_results
+
+    for path in write_results(overrides):
+        print(f"written {path}")
+
+
+HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
+    "info": _info,
+    "prepare": _prepare,
+    "train": _train,
+    "calibrate": _calibrate,
+    "evaluate": _evaluate,
+    "import-teacher": _import_teacher,
+    "methods": _methods,
+    "teacher": _teacher,
+    "results": _results,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

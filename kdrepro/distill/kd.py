@@ -1,0 +1,72 @@
+"""Canonical logit distillation (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015), per pixel.
+
+For every pixel ``i`` with student scores ``s_i`` and teacher scores ``t_i`` (``K`` classes):
+
+    L_kd = T² · (1 / |P|) · Σ_{i∈P} KL( softmax(t_i / T) ‖ softmax(s_i / T) )                      (Hinton, Sec. 2)
+
+with ``P`` all pixels of the batch (``B·h·w``), or only the labelled ones when ``ignore_index`` is set. This is
+CIRKD's ``CriterionKD`` normalisation (mean over pixels, ×T², λ=1; ``train_kd.py --lambda-kd 1.0``); TorchDistiller
+and SKD instead average over all ``N·C·H·W`` elements and use λ=10, i.e. the same loss divided by ``K`` and ×10.
+The loss is computed at the logits' own resolution (output stride 8); labels are nearest-downsampled to it when
+ignored pixels are excluded.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.errors import ConfigError
+from kdrepro.models.output import SegOutput, resize_labels
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, valid: Tensor | None = None) -> Tensor:
+    """Pixel-wise KL(softmax(t/T) ‖ softmax(s/T)) averaged over (valid) pixels, times T².
+
+    Args:
+        student_logits: ``(B, K, h, w)``.
+        teacher_logits: ``(B, K, h, w)``.
+        temperature: softmax temperature ``T``.
+        valid: optional ``(B, h, w)`` bool mask of the pixels that count.
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    per_pixel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    if valid is not None:
+        per_pixel = per_pixel[valid]
+        if per_pixel.numel() == 0:
+            return student_logits.sum() * 0.0
+    return per_pixel.mean() * temperature**2
+
+
+@register("kd")
+class LogitKD(Distiller):
+    """Hinton KD on the segmentation logits. Defaults: T=1, λ=1 (CIRKD ``train_kd.py``); the paper sweeps T ∈ {1, 4}."""
+
+    def __init__(
+        self,
+        student_channels: Channels,
+        teacher_channels: Channels,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+        ignore_index: int | None = None,
+    ):
+        super().__init__()
+        if student_channels["logits"] != teacher_channels["logits"]:
+            raise ConfigError(
+                f"kd needs the same classes in student ({student_channels['logits']}) and teacher ({teacher_channels['logits']})"
+            )
+        if temperature <= 0:
+            raise ConfigError(f"kd temperature must be positive, got {temperature}")
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+        self.ignore_index = ignore_index
+        self.uses_labels = ignore_index is not None
+
+    def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
+        valid = None
+        if self.ignore_index is not None:
+            valid = resize_labels(target, tuple(student.logits.shape[-2:])) != self.ignore_index
+        loss = kd_loss(student.logits, teacher.logits, self.temperature, valid)
+        return {"kd": self.weight * loss}

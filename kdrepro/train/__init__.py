@@ -1,0 +1,1 @@
+"""Budgeted training: budgets, the training step, the run loop, checkpoints and cost calibration."""

@@ -1,0 +1,108 @@
+"""Training budgets and the learning-rate schedule over training *progress*.
+
+Three kinds (``conf/budget/``):
+
+* ``iterations`` -- a fixed number of optimiser steps; progress = step / iterations.
+* ``seconds`` -- a literal wall-clock budget; only training steps count (not evaluation, checkpointing or data-loader
+  start-up); progress = train seconds / budget seconds. The clock is saved in checkpoints, so it survives resume.
+* ``calibrated`` -- compute-matched: ``iterations = (multiplier × matched budget seconds − pre-training seconds) /
+  this method's median seconds per iteration``, read from the JSON written by ``kdrepro calibrate``. The run is then
+  an iteration budget, so it is reproducible, while its wall-clock cost matches the other methods'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdrepro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resolved budget: exactly one of ``iterations`` / ``seconds`` is set."""
+
+    kind: str
+    iterations: int | None = None
+    seconds: float | None = None
+    source: str = ""
+
+    def progress(self, step: int, train_seconds: float) -> float:
+        """Fraction of the budget used, in ``[0, 1]``."""
+        if self.iterations is not None:
+            return min(step / self.iterations, 1.0)
+        assert self.seconds is not None
+        return min(train_seconds / self.seconds, 1.0)
+
+    def exhausted(self, step: int, train_seconds: float) -> bool:
+        return self.progress(step, train_seconds) >= 1.0
+
+    def describe(self) -> str:
+        if self.iterations is not None:
+            return f"{self.iterations} iterations ({self.kind}{', ' + self.source if self.source else ''})"
+        return f"{self.seconds:g} training seconds"
+
+
+def poly_lr(base_lr: float, progress: float, power: float = 0.9, min_lr: float = 1e-4) -> float:
+    """mmsegmentation ``PolyLR``: ``(base − min) · (1 − progress)^power + min``."""
+    progress = min(max(progress, 0.0), 1.0)
+    return (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+
+
+def whole_iterations(seconds: float, seconds_per_iteration: float) -> int:
+    """``floor(seconds / seconds_per_iteration)``, robust to float round-off (100 × 0.4 / 0.4 is 100, not 99)."""
+    return math.floor(seconds / seconds_per_iteration + 1e-9)
+
+
+def _positive(value: Any, name: str, fix: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}; {fix}")
+    return number
+
+
+def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
+    """Turn a ``budget`` config into a :class:`Budget` for ``method_name``."""
+    kind = budget_cfg.get("kind") if budget_cfg is not None else None
+    if kind == "iterations":
+        iterations = _positive(budget_cfg.get("iterations"), "budget.iterations", "set e.g. budget.iterations=1000")
+        if iterations != int(iterations):
+            raise ConfigError(f"budget.iterations must be a whole number, got {budget_cfg.get('iterations')!r}")
+        return Budget("iterations", iterations=int(iterations))
+    if kind == "seconds":
+        seconds = _positive(budget_cfg.get("seconds"), "budget.seconds", "set e.g. budget.seconds=600")
+        return Budget("seconds", seconds=seconds)
+    if kind == "calibrated":
+        multiplier = _positive(budget_cfg.get("multiplier", 1.0), "budget.multiplier", "use e.g. 1, 2, 4 or 8")
+        path = budget_cfg.get("calibration")
+        return calibrated_budget(Path(str(path)), method_name, multiplier)
+    raise ConfigError(f"unknown budget kind {kind!r}; use budget=iterations, budget=seconds or budget=calibrated")
+
+
+def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0) -> Budget:
+    """The compute-matched iteration count of ``method_name`` from a calibration file."""
+    if not path.is_file():
+        raise ConfigError(f"calibration file {path} does not exist; run `kdrepro calibrate` first or set budget.calibration")
+    try:
+        table = json.loads(path.read_text())
+        methods = table["methods"]
+        budget_seconds = float(table["matched"]["budget_seconds"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"calibration file {path} is malformed ({error}); re-run `kdrepro calibrate`") from error
+    if method_name not in methods:
+        raise ConfigError(
+            f"calibration file {path} has no entry for method {method_name!r} (it has: {', '.join(sorted(methods))}); "
+            f"add it to calibrate.methods and re-run `kdrepro calibrate`"
+        )
+    entry = methods[method_name]
+    available = multiplier * budget_seconds - float(entry.get("pretrain_seconds", 0.0))
+    iterations = whole_iterations(available, float(entry["seconds_per_iteration"]))
+    if iterations < 1:
+        raise ConfigError(f"the matched budget of {budget_seconds:.1f} s x {multiplier:g} leaves no iteration for {method_name!r}")
+    return Budget("calibrated", iterations=iterations, source=f"{multiplier:g} x {budget_seconds:.1f} s matched budget")

@@ -1,0 +1,280 @@
+"""``kdrepro train``: one budgeted, resumable, honestly timed training run.
+
+Run folder (``out_dir``): ``config.yaml`` (resolved config), ``checkpoint.pt`` (atomic, every
+``checkpoint_every_seconds`` of wall time and at the end), ``dvclive/`` (every loss term, lr, train seconds, periodic
+mIoU) and, once finished, ``metrics.json`` (mIoU, iterations, train seconds, phase split). Rerunning the same command
+resumes an interrupted run and is a no-op for a finished one; a folder holding a run of a *different* config is
+refused. SIGINT/SIGTERM write a checkpoint and exit with status 130/143.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrepro.data import build_dataset, class_names
+from kdrepro.errors import ConfigError, KdreproError
+from kdrepro.evaluate import evaluate
+from kdrepro.train.budget import Budget, resolve_budget
+from kdrepro.train.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rng_state, rng_state, save_atomic
+from kdrepro.train.data import training_loader
+from kdrepro.train.timing import PHASES, summarize, synchronize
+from kdrepro.train.trainer import Trainer, resolve_device
+
+log = logging.getLogger("kdrepro.train")
+
+#: Config keys that do not change what a run computes (may differ when resuming or re-running).
+RUNTIME_KEYS = ("out_dir", "device", "threads", "checkpoint_every_seconds", "log_every")
+
+
+class Interrupted(KdreproError):
+    """SIGINT / SIGTERM arrived; a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved to {path}, rerun to resume")
+        self.exit_code = 128 + signum
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a config that defines a run's result."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    for key in RUNTIME_KEYS:
+        container.pop(key, None)
+    container.get("loader", {}).pop("num_workers", None)
+    container.pop("calibrate", None)
+    return container
+
+
+def check_out_dir(out_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """Refuse a folder holding a different run; return the finished metrics of the same run, if any."""
+    saved = out_dir / "config.yaml"
+    if not saved.exists():
+        if (out_dir / "checkpoint.pt").exists() or (out_dir / "metrics.json").exists():
+            raise ConfigError(f"{out_dir} holds a run without config.yaml; choose another out_dir or delete it")
+        return None
+    previous = identity(OmegaConf.load(saved))
+    current = identity(cfg)
+    if previous != current:
+        differing = sorted(_diff_keys(previous, current))
+        raise ConfigError(
+            f"{out_dir} holds a run of a different config (differs in {', '.join(differing[:5])}); "
+            "use another out_dir, or delete the folder to start over"
+        )
+    metrics = out_dir / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else None
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys: set[str] = set()
+        for key in set(a) | set(b):
+            keys |= _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return keys
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+class SignalFlag:
+    """Remembers the first SIGINT/SIGTERM so the loop can stop cleanly after the current iteration."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalFlag:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _eval_loader(cfg: DictConfig):
+    dataset = build_dataset(cfg.dataset, "val", train_transforms=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=int(cfg.get("eval_batch_size", 1)), num_workers=0)
+
+
+def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
+    return evaluate(
+        trainer.student,
+        loader,
+        trainer.num_classes,
+        trainer.ignore_index,
+        mode=str(cfg.dataset.eval_mode),
+        slide_crop=list(cfg.dataset.slide_crop),
+        slide_stride=list(cfg.dataset.slide_stride),
+        device=trainer.device,
+        autocast_dtype=torch.bfloat16 if cfg.get("precision") == "bf16" else None,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics."""
+    out_dir = Path(cfg.out_dir)
+    finished = check_out_dir(out_dir, cfg)
+    if finished is not None:
+        log.info("%s already holds this finished run (mIoU %.4f); nothing to do", out_dir, finished["miou"])
+        return finished
+    budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
+    val_loader = _eval_loader(cfg)
+    trainer = Trainer(cfg, device)
+
+    checkpoint_path = out_dir / "checkpoint.pt"
+    step, train_seconds, pretrained, history = 0, 0.0, trainer.distiller.pretrain_iterations == 0, []
+    resumed = checkpoint_path.exists()
+    if resumed:
+        state = load_checkpoint(checkpoint_path)
+        trainer.load_state_dict(state)
+        restore_rng_state(state["rng"])
+        step, train_seconds, pretrained = int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"])
+        history = [dict(zip(state["timing_keys"], row, strict=True)) for row in state["timing"].tolist()]
+        log.info("resuming %s at step %d (%.1f train seconds)", out_dir, step, train_seconds)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer.timer.history = history
+
+    live = _open_live(out_dir, resumed)
+    context = {"cfg": cfg, "budget": budget, "trainer": trainer, "path": checkpoint_path}
+    with SignalFlag() as flag:
+        if not pretrained:
+            train_seconds += _pretrain(trainer, train_set, cfg, flag)
+            pretrained = True
+        step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
+    metrics, _ = validate(trainer, cfg, val_loader)
+    summary = summarize(trainer.timer.history, skip=min(5, max(len(trainer.timer.history) - 1, 0)))
+    result = {
+        **metrics.to_json(class_names(cfg.dataset)),
+        "method": str(cfg.method.name),
+        "iterations": step,
+        "train_seconds": train_seconds,
+        "seconds_per_iteration": summary.get("median", {}).get("total"),
+        "phase_median_seconds": {k: v for k, v in summary.get("median", {}).items() if k in PHASES},
+        "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
+        "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
+        "precision": str(cfg.get("precision", "fp32")),
+        "device": str(device),
+    }
+    _save(context, step, train_seconds, True, finished=True, metrics=result)
+    live.log_metric("val/miou", metrics.miou, plot=False)
+    live.summary.update({"miou": metrics.miou, "iterations": step, "train_seconds": train_seconds})
+    live.end()
+    write_json_atomic(out_dir / "metrics.json", result)
+    log.info("%s: mIoU %.4f after %d iterations, %.1f train seconds", out_dir, metrics.miou, step, train_seconds)
+    return result
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _open_live(out_dir: Path, resumed: bool):
+    from dvclive import Live
+
+    return Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=resumed, report=None)
+
+
+def _pretrain(trainer: Trainer, train_set, cfg: DictConfig, flag: SignalFlag) -> float:
+    """The method's pre-training stage (e.g. MasKD's mask tokens), inside the training clock."""
+    loader = iter(training_loader(train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
+    synchronize(trainer.device)
+    start = time.perf_counter()
+    for _ in range(trainer.distiller.pretrain_iterations):
+        images, labels = trainer.to_device(*next(loader))
+        trainer.pretrain_step(images, labels)
+        if flag.signum is not None:
+            raise KdreproError(f"interrupted by signal {flag.signum} during {cfg.method.name} pre-training; rerun to restart it")
+    synchronize(trainer.device)
+    return time.perf_counter() - start
+
+
+def _loop(trainer, train_set, val_loader, cfg, budget: Budget, step, train_seconds, live, flag, context):
+    loader = iter(
+        training_loader(
+            train_set, int(cfg.loader.batch_size), int(cfg.seed), step, int(cfg.loader.num_workers), trainer.device.type == "cuda"
+        )
+    )
+    log_every, eval_every = max(int(cfg.log_every), 1), int(cfg.eval_every)
+    last_save = time.monotonic()
+    progress_bar = _progress(budget, step)
+    while not budget.exhausted(step, train_seconds):
+        result, wall = trainer.timed_step(loader, budget.progress(step, train_seconds), step)
+        train_seconds += wall
+        step += 1
+        if progress_bar is not None:
+            progress_bar.update(1)
+        if step % log_every == 0 or budget.exhausted(step, train_seconds):
+            _log_step(live, result, trainer.last_lr, train_seconds, step)
+        if eval_every and step % eval_every == 0 and not budget.exhausted(step, train_seconds):
+            metrics, _ = validate(trainer, cfg, val_loader)
+            live.log_metric("val/miou", metrics.miou)
+        if flag.signum is not None:
+            _save(context, step, train_seconds, True)
+            raise Interrupted(flag.signum, step, context["path"])
+        if time.monotonic() - last_save > float(cfg.checkpoint_every_seconds):
+            _save(context, step, train_seconds, True)
+            last_save = time.monotonic()
+    if progress_bar is not None:
+        progress_bar.close()
+    return step, train_seconds
+
+
+def _log_step(live, result, lr: float, train_seconds: float, step: int) -> None:
+    live.step = step
+    for name, value in result.losses.items():
+        live.log_metric(f"train/{name}", float(value.detach()))
+    live.log_metric("train/total", float(result.total.detach()))
+    live.log_metric("train/lr", lr)
+    live.log_metric("train/seconds", train_seconds)
+    live.make_summary()
+
+
+def _progress(budget: Budget, step: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=budget.iterations, initial=step, desc="train", unit="it", leave=False)
+
+
+def _save(context, step: int, train_seconds: float, pretrained: bool, finished: bool = False, metrics=None) -> None:
+    trainer: Trainer = context["trainer"]
+    cfg: DictConfig = context["cfg"]
+    history = trainer.timer.history
+    keys = list(history[0]) if history else [*PHASES, "total"]
+    state = {
+        "format": FORMAT_VERSION,
+        **trainer.state_dict(),
+        "step": step,
+        "train_seconds": train_seconds,
+        "pretrained": pretrained,
+        "finished": finished,
+        "metrics": metrics,
+        "rng": rng_state(),
+        "timing_keys": keys,
+        "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
+        "num_classes": trainer.num_classes,
+        "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+    }
+    save_atomic(state, context["path"])

@@ -1,0 +1,241 @@
+"""The method-agnostic training step, shared by ``kdrepro train`` and ``kdrepro calibrate``.
+
+One :class:`Trainer` holds a student, an optional frozen teacher, the run's :class:`~kdrepro.distill.Distiller`
+and the student's SGD optimiser. :meth:`Trainer.step` is one iteration: teacher forward (``inference_mode``), student
+forward with CE + 0.4·aux CE (ignore 255, logits upsampled to the label size as in mmsegmentation), the KD terms,
+backward, SGD step at the poly LR for the given progress, then the method's own extra update. Each phase is timed.
+Calibration times exactly this code, so the measured cost is the cost of the real training step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from kdrepro import distill
+from kdrepro.errors import ConfigError, KdreproError
+from kdrepro.models import SegOutput, build_segmentor, resize_logits
+from kdrepro.train.budget import poly_lr
+from kdrepro.train.checkpoint import load_checkpoint
+from kdrepro.train.timing import PhaseTimer, synchronize
+
+
+class NonFiniteLossError(KdreproError):
+    """A loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ConfigError(f"unknown precision {precision!r}; use precision=fp32 or precision=bf16")
+
+
+def clone_output(output: SegOutput) -> SegOutput:
+    """Copy inference-mode tensors into ordinary ones (losses may save them for backward)."""
+    return SegOutput(
+        logits=output.logits.clone(),
+        aux_logits=None if output.aux_logits is None else output.aux_logits.clone(),
+        features={name: value.clone() for name, value in output.features.items()},
+    )
+
+
+def method_uses_teacher(method_cfg: Any) -> bool:
+    return bool(method_cfg.get("terms"))
+
+
+def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """Build the teacher from ``cfg.teacher`` and load ``cfg.teacher_checkpoint``; frozen and in eval mode."""
+    if not cfg.get("teacher_checkpoint"):
+        raise ConfigError(
+            f"method {cfg.method.name!r} needs a teacher: set teacher_checkpoint=<path to checkpoint.pt> "
+            "(train one with `kdrepro train method=none model@student=<teacher model>` or `kdrepro import-teacher`)"
+        )
+    state = load_checkpoint(cfg.teacher_checkpoint)
+    teacher_classes = int(state.get("num_classes", -1))
+    if teacher_classes != num_classes:
+        raise ConfigError(
+            f"teacher checkpoint {cfg.teacher_checkpoint} predicts {teacher_classes} classes but dataset "
+            f"{cfg.dataset.name!r} has {num_classes}; use a teacher trained on this dataset"
+        )
+    model_cfg = state.get("model_cfg") or OmegaConf.to_container(cfg.teacher, resolve=True)
+    teacher = build_segmentor(model_cfg, num_classes)
+    missing, unexpected = teacher.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"teacher checkpoint {cfg.teacher_checkpoint} does not fit model {model_cfg.get('name')!r} "
+            f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}); "
+            "check model@teacher"
+        )
+    teacher.to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, Tensor]
+    total: Tensor
+
+
+class Trainer:
+    """Student + teacher + distiller + optimiser for one run (or one calibrated method)."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, teacher: nn.Module | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.num_classes = int(cfg.dataset.num_classes)
+        self.ignore_index = int(cfg.dataset.ignore_index)
+        self.aux_weight = float(cfg.aux_weight)
+        self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+        self.student = build_segmentor(OmegaConf.to_container(cfg.student, resolve=True), self.num_classes)
+        self.student.to(device, memory_format=self.memory_format).train()
+        self.teacher: nn.Module | None = None
+        if method_uses_teacher(cfg.method):
+            self.teacher = teacher if teacher is not None else load_teacher(cfg, self.num_classes, device)
+            self.teacher.to(memory_format=self.memory_format)
+        teacher_channels = self.teacher.channels if self.teacher is not None else self.student.channels
+        self.distiller = distill.build(
+            OmegaConf.to_container(cfg.method, resolve=True), self.student.channels, teacher_channels
+        ).to(device)
+        self.distiller.train()
+        parameters = [p for p in self.student.parameters() if p.requires_grad]
+        parameters += [p for p in self.distiller.student_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            parameters,
+            lr=float(cfg.optim.lr),
+            momentum=float(cfg.optim.momentum),
+            weight_decay=float(cfg.optim.weight_decay),
+            foreach=device.type == "cuda" or None,
+        )
+        self.precision = str(cfg.get("precision", "fp32"))
+        autocast_context(device, self.precision)  # validates the name early
+        self.timer = PhaseTimer(device)
+        #: ``torch.inference_mode`` for speed; FLOP counting swaps in ``torch.no_grad`` (inference mode bypasses
+        #: Python dispatch modes, so the teacher's FLOPs would go uncounted).
+        self.teacher_grad_context = torch.inference_mode
+        self.last_lr = float(cfg.optim.lr)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def set_progress(self, progress: float) -> float:
+        lr = poly_lr(float(self.cfg.optim.lr), progress, float(self.cfg.optim.power), float(self.cfg.optim.min_lr))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.last_lr = lr
+        return lr
+
+    def teacher_forward(self, images: Tensor) -> SegOutput | None:
+        if self.teacher is None:
+            return None
+        # the teacher may be shared (calibration): its auxiliary head runs only for methods that read it
+        self.teacher.aux_in_eval = self.distiller.needs_teacher_aux
+        with self.teacher_grad_context(), autocast_context(self.device, self.precision):
+            output = self.teacher(images)
+        return clone_output(output).float()
+
+    def task_losses(self, output: SegOutput, labels: Tensor) -> dict[str, Tensor]:
+        size = tuple(labels.shape[-2:])
+        losses = {"ce": F.cross_entropy(resize_logits(output.logits.float(), size), labels, ignore_index=self.ignore_index)}
+        if output.aux_logits is not None and self.aux_weight > 0:
+            aux = F.cross_entropy(resize_logits(output.aux_logits.float(), size), labels, ignore_index=self.ignore_index)
+            losses["aux_ce"] = self.aux_weight * aux
+        return losses
+
+    def to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        non_blocking = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=non_blocking).contiguous(memory_format=self.memory_format)
+        return images, labels.to(self.device, non_blocking=non_blocking)
+
+    # -- one iteration --------------------------------------------------------------------------------------------
+    def step(self, images: Tensor, labels: Tensor, progress: float, step_index: int = 0) -> StepResult:
+        """One training iteration on a batch already on the device; timed phase by phase by ``self.timer``."""
+        timer = self.timer
+        self.set_progress(progress)
+        teacher_output = None
+        if self.teacher is not None:
+            with timer.phase("teacher"):
+                teacher_output = self.teacher_forward(images)
+        with timer.phase("student"), autocast_context(self.device, self.precision):
+            student_output = self.student(images)
+            losses = self.task_losses(student_output, labels)
+        with timer.phase("distill"):
+            if teacher_output is not None:
+                with autocast_context(self.device, self.precision):
+                    kd_terms = self.distiller(student_output.float(), teacher_output, labels)
+                losses.update({name: value.float() for name, value in kd_terms.items()})
+            total = torch.stack(list(losses.values())).sum()
+        with timer.phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        with timer.phase("optimizer"):
+            self.distiller.before_optimizer_step()
+            self.optimizer.step()
+        if teacher_output is not None:
+            with timer.phase("method_step"):
+                self.distiller.extra_step(student_output.detach().float(), teacher_output, progress=progress)
+        return StepResult(losses, total)
+
+    def timed_step(self, batches, progress: float, step_index: int = 0) -> tuple[StepResult, float]:
+        """Fetch the next batch and train on it; returns the result and the iteration's synchronised wall time.
+
+        This is the unit both the training loop and calibration measure: data wait + every phase of :meth:`step`.
+        """
+        synchronize(self.device)
+        start = time.perf_counter()
+        with self.timer.phase("data"):
+            images, labels = self.to_device(*next(batches))
+        result = self.step(images, labels, progress, step_index)
+        self.check_finite(result, step_index)
+        synchronize(self.device)
+        wall = time.perf_counter() - start
+        self.timer.end_iteration(wall)
+        return result, wall
+
+    def check_finite(self, result: StepResult, step_index: int) -> None:
+        if math.isfinite(float(result.total.detach())):
+            return
+        bad = [name for name, value in result.losses.items() if not math.isfinite(float(value.detach()))]
+        raise NonFiniteLossError(
+            f"loss became non-finite at step {step_index} in term(s) {', '.join(bad) or 'total'}; "
+            "lower optim.lr or the term's weight (the last good checkpoint is kept)"
+        )
+
+    def pretrain_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+        teacher_output = self.teacher_forward(images)
+        assert teacher_output is not None
+        return self.distiller.pretrain_step(teacher_output, labels)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.student.state_dict(),
+            "distiller": self.distiller.state_dict(),
+            "distiller_extra": self.distiller.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["model"])
+        self.distiller.load_state_dict(state["distiller"])
+        self.distiller.load_extra_state(state.get("distiller_extra", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+
+

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdrepro.errors import ConfigError
+from kdrepro.train.budget import Budget, poly_lr, resolve_budget
+from kdrepro.train.calibrate import matched_iterations, rotated_order
+
+
+def test_poly_lr_endpoints_and_midpoint():
+    assert poly_lr(0.01, 0.0) == pytest.approx(0.01)
+    assert poly_lr(0.01, 1.0) == pytest.approx(1e-4)
+    assert poly_lr(0.01, 0.5, power=0.9, min_lr=1e-4) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    assert poly_lr(0.01, 1.7) == pytest.approx(1e-4)  # clamped
+
+
+def test_iteration_budget_progress():
+    budget = resolve_budget(OmegaConf.create({"kind": "iterations", "iterations": 200}), "kd")
+    assert budget.progress(50, 1e9) == pytest.approx(0.25)  # seconds do not matter
+    assert not budget.exhausted(199, 0.0) and budget.exhausted(200, 0.0)
+
+
+def test_seconds_budget_progress_uses_train_seconds():
+    budget = resolve_budget(OmegaConf.create({"kind": "seconds", "seconds": 10}), "kd")
+    assert budget.progress(10_000, 2.5) == pytest.approx(0.25)  # steps do not matter
+    assert budget.exhausted(1, 10.0)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"kind": "iterations", "iterations": 0}, "positive"),
+        ({"kind": "iterations", "iterations": -5}, "positive"),
+        ({"kind": "iterations", "iterations": None}, "positive"),
+        ({"kind": "iterations", "iterations": 2.5}, "whole number"),
+        ({"kind": "seconds", "seconds": "abc"}, "positive"),
+        ({"kind": "weeks"}, "unknown budget kind"),
+    ],
+)
+def test_bad_budgets_are_one_line_errors(cfg, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        resolve_budget(OmegaConf.create(cfg), "kd")
+    assert "\n" not in str(info.value)
+
+
+def _calibration(tmp_path, methods, budget_seconds=100.0):
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"methods": methods, "matched": {"budget_seconds": budget_seconds}}))
+    return path
+
+
+def test_calibrated_budget_divides_matched_seconds(tmp_path):
+    path = _calibration(tmp_path, {"kd": {"seconds_per_iteration": 0.3}, "maskd": {"seconds_per_iteration": 0.5, "pretrain_seconds": 20}})
+    cfg = OmegaConf.create({"kind": "calibrated", "calibration": str(path), "multiplier": 1})
+    assert resolve_budget(cfg, "kd").iterations == 333
+    assert resolve_budget(cfg, "maskd").iterations == 160  # the pre-training stage is paid from the budget
+    cfg.multiplier = 4
+    assert resolve_budget(cfg, "kd").iterations == 1333
+
+
+def test_calibrated_budget_errors(tmp_path):
+    cfg = OmegaConf.create({"kind": "calibrated", "calibration": str(tmp_path / "missing.json")})
+    with pytest.raises(ConfigError, match="run `kdrepro calibrate`"):
+        resolve_budget(cfg, "kd")
+    cfg.calibration = str(_calibration(tmp_path, {"kd": {"seconds_per_iteration": 0.3}}))
+    with pytest.raises(ConfigError, match="no entry for method 'cwd'"):
+        resolve_budget(cfg, "cwd")
+
+
+def test_matched_iterations_reference_is_slowest():
+    methods = {
+        "none": {"seconds_per_iteration": 0.1},
+        "kd": {"seconds_per_iteration": 0.2},
+        "cirkd": {"seconds_per_iteration": 0.4, "pretrain_seconds": 0.0},
+    }
+    matched = matched_iterations(methods, reference_iterations=100)
+    assert matched["reference_method"] == "cirkd"
+    assert matched["budget_seconds"] == pytest.approx(40.0)
+    assert matched["iterations"] == {"none": 400, "kd": 200, "cirkd": 100}
+    assert matched_iterations(methods, 100, "kd")["iterations"]["cirkd"] == 50
+
+
+def test_rotated_order_gives_each_method_each_position():
+    names = ["a", "b", "c"]
+    rounds = [rotated_order(names, r) for r in range(3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for position in range(3):
+        assert sorted(r[position] for r in rounds) == names
+
+
+def test_budget_describe():
+    assert "100 iterations" in Budget("iterations", iterations=100).describe()

@@ -1,0 +1,156 @@
+"""End-to-end tests of `kdrepro train` / `kdrepro calibrate` on a tiny synthetic set (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdrepro.cli import main
+from kdrepro.config import load_config
+from kdrepro.errors import ConfigError, WeightsError
+from kdrepro.train.checkpoint import load_checkpoint
+from kdrepro.train.run import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_writes_metrics_timing_and_dvclive(tiny_teacher, tmp_path):
+    metrics = train(load_config([*tiny_teacher, "method=kd", f"out_dir={tmp_path}"]))
+    assert metrics["iterations"] == 4
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert metrics["train_seconds"] > 0
+    phases = metrics["phase_median_seconds"]
+    assert phases["teacher"] > 0 and phases["distill"] > 0 and phases["backward"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["miou"] == metrics["miou"] and len(saved["per_class_iou"]) == 19
+    assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "kd.tsv").exists()
+    assert (tmp_path / "config.yaml").exists()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["finished"] and state["step"] == 4
+
+
+def test_rerun_of_finished_run_is_a_no_op(tiny_teacher, tmp_path):
+    cfg = load_config([*tiny_teacher, "method=none", f"out_dir={tmp_path}"])
+    first = train(cfg)
+    stamp = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    assert train(cfg)["miou"] == first["miou"]
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+def test_different_config_in_out_dir_is_refused_and_kept(tiny_teacher, tmp_path):
+    train(load_config([*tiny_teacher, "method=none", f"out_dir={tmp_path}"]))
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="different config .*method"):
+        train(load_config([*tiny_teacher, "method=kd", f"out_dir={tmp_path}"]))
+    assert (tmp_path / "metrics.json").read_bytes() == before
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path):
+    """Stop after 3 of 6 iterations (as a crash would: checkpoint only), resume, compare with a straight run."""
+    common = [*tiny_teacher, "method=kd_fitnet", "budget.iterations=6", "seed=3"]
+    straight = train(load_config([*common, f"out_dir={tmp_path / 'straight'}"]))
+    # first half: a 3-iteration budget would change the LR schedule, so interrupt through the signal path instead
+    resumed_dir = tmp_path / "resumed"
+    script = (
+        "import os, signal, sys\n"
+        "from kdrepro.train import trainer as t\n"
+        "original = t.Trainer.timed_step\n"
+        "def stepped(self, *a, **k):\n"
+        "    out = original(self, *a, **k)\n"
+        "    if a[2] == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return out\n"
+        "t.Trainer.timed_step = stepped\n"
+        "from kdrepro.cli import main\n"
+        f"sys.exit(main(['train', *{[*common, f'out_dir={resumed_dir}']!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "interrupted by signal" in result.stderr
+    assert load_checkpoint(resumed_dir / "checkpoint.pt")["step"] == 3
+    assert not (resumed_dir / "metrics.json").exists()
+    resumed = train(load_config([*common, f"out_dir={resumed_dir}"]))
+    assert resumed["iterations"] == 6
+    assert resumed["miou"] == straight["miou"]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = load_checkpoint(resumed_dir / "checkpoint.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
+    from kdrepro.train.calibrate import calibrate
+
+    output = tmp_path / "calibration.json"
+    overrides = [*tiny_teacher, "calibrate.methods=[none,kd,cwd]", "calibrate.warmup=1", "calibrate.rounds=2",
+                 "calibrate.iterations_per_round=2", f"calibrate.output={output}"]
+    table = calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
+    assert json.loads(output.read_text())["matched"] == table["matched"]
+    methods = table["methods"]
+    assert set(methods) == {"none", "kd", "cwd"}
+    for entry in methods.values():
+        assert entry["samples"] == 4 and entry["seconds_per_iteration"] > 0 and entry["flops_per_iteration"] > 0
+    # the teacher forward is part of every KD method's cost and absent from the student alone
+    assert methods["none"]["phase_median_seconds"]["teacher"] == 0
+    assert methods["kd"]["phase_median_seconds"]["teacher"] > 0
+    assert methods["kd"]["flops_per_iteration"] > methods["none"]["flops_per_iteration"]
+    matched = table["matched"]
+    reference = max(methods, key=lambda m: methods[m]["seconds_per_iteration"])
+    assert matched["reference_method"] == reference and matched["iterations"][reference] == 4
+    # a calibrated run trains exactly its matched iteration count
+    run = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={output}", f"out_dir={tmp_path / 'run'}"]))
+    assert run["iterations"] == matched["iterations"]["none"]
+
+
+def test_seconds_budget_stops_on_training_time(tiny_teacher, tmp_path):
+    metrics = train(load_config([*tiny_teacher, "method=none", "budget=seconds", "budget.seconds=0.5", f"out_dir={tmp_path}"]))
+    assert metrics["train_seconds"] >= 0.5
+    assert metrics["train_seconds"] - 0.5 < 5 * metrics["seconds_per_iteration"] + 0.5
+
+
+def test_non_finite_loss_names_step_and_term(tiny_teacher, tmp_path):
+    from kdrepro.train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 0 in term\(s\) kd;"):
+        # logits / 1e-40 overflow to inf, so the KD term (and only it) is NaN
+        train(load_config([*tiny_teacher, "method=kd", "method.terms.kd.temperature=1e-40", "budget.iterations=3", f"out_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=bogus"], "valid method options"),
+        (["method=kd", "teacher_checkpoint=/nonexistent/teacher.pt"], "does not exist"),
+        (["method=kd", "teacher_checkpoint=null"], "needs a teacher"),
+        (["method=none", "budget.iterations=0"], "must be a positive number"),
+        (["method=none", "budget=calibrated", "budget.calibration=/nonexistent.json"], "run `kdrepro calibrate` first"),
+        (["method=kd", "dataset.num_classes=7"], "predicts 19 classes"),
+    ],
+)
+def test_bad_input_is_one_line_error_with_exit_2(tiny_teacher, tmp_path, capsys, overrides, message):
+    code = main(["train", *tiny_teacher, *overrides, f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_corrupt_teacher_checkpoint_is_weights_error(tiny_dataset, tmp_path):
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"not a checkpoint")
+    from kdrepro.train.trainer import load_teacher
+
+    with pytest.raises(WeightsError, match="cannot be read"):
+        load_teacher(load_config([*tiny_dataset, "method=kd", f"teacher_checkpoint={bad}"]), 19, torch.device("cpu"))
+
+
+def test_cli_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "kdrepro", "--help"], capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0
+    for command in ("train", "calibrate", "evaluate", "prepare", "info", "import-teacher"):
+        assert command in result.stdout
