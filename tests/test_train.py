@@ -154,3 +154,9 @@ def test_cli_help_lists_commands():
     assert result.returncode == 0
     for command in ("train", "calibrate", "evaluate", "prepare", "info", "import-teacher"):
         assert command in result.stdout
+
+
+def test_bf16_autocast_trains_with_finite_losses(tiny_teacher, tmp_path):
+    metrics = train(load_config([*tiny_teacher, "method=kd", "precision=bf16", "channels_last=true", f"out_dir={tmp_path}"]))
+    assert metrics["precision"] == "bf16" and metrics["iterations"] == 4
+    assert metrics["miou"] == metrics["miou"]  # not NaN

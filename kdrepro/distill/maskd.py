@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from kdrepro.distill.base import Channels, Distiller, register
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
+from kdrepro.train.distributed import average_gradients_if_distributed
 
 IGNORE_INDEX = 255
 
@@ -189,6 +190,7 @@ class MaskedDistillation(Distiller):
             dice = mask_dice_loss(masks)
             self.token_optimizer.zero_grad(set_to_none=True)
             (task + self.dice_weight * dice).backward()
+        average_gradients_if_distributed(self.separately_optimized_parameters())
         self.token_optimizer.step()
         self.pretrain_steps_done += 1
         return {"mask_task_loss": float(task.detach()), "mask_dice_loss": float(dice.detach()), "mask_lr": learning_rate}

@@ -69,6 +69,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from kdrepro.distill.base import Channels, Distiller, register
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
+from kdrepro.train.distributed import average_gradients_if_distributed
 
 LOSS_TYPES = ("wgan-gp", "hinge")
 
@@ -304,8 +305,9 @@ class HolisticDistiller(Distiller):
                 penalty = gradient_penalty(self.discriminator, student_scores, teacher_scores)
             loss = self.d_weight * (adversarial + self.gp_weight * penalty)
             loss.backward()
+        average_gradients_if_distributed(self.discriminator.parameters())
         self.optimizer.step()
-        return {"d_loss": float(loss.detach()), "d_gradient_penalty": float(penalty.detach()), "d_lr": lr}
+        return {"d_loss": loss.detach(), "d_gradient_penalty": penalty.detach(), "d_lr": lr}
 
     def extra_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

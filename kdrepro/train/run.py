@@ -26,6 +26,7 @@ from kdrepro.evaluate import evaluate
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rng_state, rng_state, save_atomic
 from kdrepro.train.data import training_loader
+from kdrepro.train.distributed import any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.train.timing import PHASES, summarize, synchronize
 from kdrepro.train.trainer import Trainer, resolve_device
 
@@ -122,7 +123,10 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics."""
+    """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
+
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.train.distributed`).
+    """
     out_dir = Path(cfg.out_dir)
     finished = check_out_dir(out_dir, cfg)
     if finished is not None:
@@ -131,11 +135,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     budget = resolve_budget(cfg.budget, str(cfg.method.name))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    dist_context = init_from_environment(str(cfg.device))
     device = resolve_device(str(cfg.device))
+    if dist_context.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_context.local_rank)
     torch.manual_seed(int(cfg.seed))
     train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
     val_loader = _eval_loader(cfg)
-    trainer = Trainer(cfg, device)
+    trainer = Trainer(cfg, device, context=dist_context)
 
     checkpoint_path = out_dir / "checkpoint.pt"
     step, train_seconds, pretrained, history = 0, 0.0, trainer.distiller.pretrain_iterations == 0, []
@@ -147,18 +154,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         step, train_seconds, pretrained = int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"])
         history = [dict(zip(state["timing_keys"], row, strict=True)) for row in state["timing"].tolist()]
         log.info("resuming %s at step %d (%.1f train seconds)", out_dir, step, train_seconds)
-    else:
+    elif dist_context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.timer.history = history
 
-    live = _open_live(out_dir, resumed)
-    context = {"cfg": cfg, "budget": budget, "trainer": trainer, "path": checkpoint_path}
+    live = _open_live(out_dir, resumed) if dist_context.is_main else None
+    context = {"cfg": cfg, "budget": budget, "trainer": trainer, "path": checkpoint_path, "dist": dist_context}
     with SignalFlag() as flag:
         if not pretrained:
             train_seconds += _pretrain(trainer, train_set, cfg, flag)
             pretrained = True
         step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
+    if not dist_context.is_main:
+        barrier(dist_context)  # pairs with rank 0's final checkpoint save
+        return {"rank": dist_context.rank, "iterations": step, "train_seconds": train_seconds}
     metrics, _ = validate(trainer, cfg, val_loader)
     summary = summarize(trainer.timer.history, skip=min(5, max(len(trainer.timer.history) - 1, 0)))
     result = {
@@ -172,6 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
         "precision": str(cfg.get("precision", "fp32")),
         "device": str(device),
+        "world_size": dist_context.world_size,
     }
     _save(context, step, train_seconds, True, finished=True, metrics=result)
     live.log_metric("val/miou", metrics.miou, plot=False)
@@ -214,23 +225,28 @@ def _loop(trainer, train_set, val_loader, cfg, budget: Budget, step, train_secon
             train_set, int(cfg.loader.batch_size), int(cfg.seed), step, int(cfg.loader.num_workers), trainer.device.type == "cuda"
         )
     )
+    dist = context["dist"]
     log_every, eval_every = max(int(cfg.log_every), 1), int(cfg.eval_every)
     last_save = time.monotonic()
     progress_bar = _progress(budget, step)
     while not budget.exhausted(step, train_seconds):
         result, wall = trainer.timed_step(loader, budget.progress(step, train_seconds), step)
         train_seconds += wall
+        if budget.seconds is not None:  # every rank must stop at the same step
+            train_seconds = broadcast_float(train_seconds, dist, trainer.device)
         step += 1
         if progress_bar is not None:
             progress_bar.update(1)
-        if step % log_every == 0 or budget.exhausted(step, train_seconds):
+        if live is not None and (step % log_every == 0 or budget.exhausted(step, train_seconds)):
             _log_step(live, result, trainer.last_lr, train_seconds, step)
         if eval_every and step % eval_every == 0 and not budget.exhausted(step, train_seconds):
-            metrics, _ = validate(trainer, cfg, val_loader)
-            live.log_metric("val/miou", metrics.miou)
-        if flag.signum is not None:
+            if live is not None:
+                metrics, _ = validate(trainer, cfg, val_loader)
+                live.log_metric("val/miou", metrics.miou)
+            barrier(dist)
+        if any_rank(flag.signum is not None, dist, trainer.device):
             _save(context, step, train_seconds, True)
-            raise Interrupted(flag.signum, step, context["path"])
+            raise Interrupted(flag.signum or signal.SIGTERM, step, context["path"])
         if time.monotonic() - last_save > float(cfg.checkpoint_every_seconds):
             _save(context, step, train_seconds, True)
             last_save = time.monotonic()
@@ -258,6 +274,10 @@ def _progress(budget: Budget, step: int):
 
 
 def _save(context, step: int, train_seconds: float, pretrained: bool, finished: bool = False, metrics=None) -> None:
+    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
+    if not context["dist"].is_main:
+        barrier(context["dist"])
+        return
     trainer: Trainer = context["trainer"]
     cfg: DictConfig = context["cfg"]
     history = trainer.timer.history
@@ -278,3 +298,4 @@ def _save(context, step: int, train_seconds: float, pretrained: bool, finished: 
         "config": OmegaConf.to_yaml(cfg, resolve=True),
     }
     save_atomic(state, context["path"])
+    barrier(context["dist"])

@@ -25,6 +25,7 @@ from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.train.budget import poly_lr
 from kdrepro.train.checkpoint import load_checkpoint
+from kdrepro.train.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.train.timing import PhaseTimer, synchronize
 
 
@@ -99,15 +100,26 @@ class StepResult:
 class Trainer:
     """Student + teacher + distiller + optimiser for one run (or one calibrated method)."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, teacher: nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        device: torch.device,
+        teacher: nn.Module | None = None,
+        context: DistributedContext | None = None,
+    ):
         self.cfg = cfg
         self.device = device
+        self.context = context or DistributedContext()
         self.num_classes = int(cfg.dataset.num_classes)
         self.ignore_index = int(cfg.dataset.ignore_index)
         self.aux_weight = float(cfg.aux_weight)
         self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
         self.student = build_segmentor(OmegaConf.to_container(cfg.student, resolve=True), self.num_classes)
         self.student.to(device, memory_format=self.memory_format).train()
+        if self.context.enabled and cfg.get("sync_bn"):
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        #: what the step calls: the student, or its DistributedDataParallel wrapper under torchrun
+        self.model = wrap_student(self.student, self.context, device, sync_bn=False)
         self.teacher: nn.Module | None = None
         if method_uses_teacher(cfg.method):
             self.teacher = teacher if teacher is not None else load_teacher(cfg, self.num_classes, device)
@@ -117,6 +129,8 @@ class Trainer:
             OmegaConf.to_container(cfg.method, resolve=True), self.student.channels, teacher_channels
         ).to(device)
         self.distiller.train()
+        if self.context.enabled and cfg.get("sync_bn"):
+            self.distiller = nn.SyncBatchNorm.convert_sync_batchnorm(self.distiller)
         parameters = [p for p in self.student.parameters() if p.requires_grad]
         parameters += [p for p in self.distiller.student_parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
@@ -174,7 +188,7 @@ class Trainer:
             with timer.phase("teacher"):
                 teacher_output = self.teacher_forward(images)
         with timer.phase("student"), autocast_context(self.device, self.precision):
-            student_output = self.student(images)
+            student_output = self.model(images)
             losses = self.task_losses(student_output, labels)
         with timer.phase("distill"):
             if teacher_output is not None:
@@ -185,6 +199,7 @@ class Trainer:
         with timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+            average_gradients(self.distiller.student_parameters(), self.context)
         with timer.phase("optimizer"):
             self.distiller.before_optimizer_step()
             self.optimizer.step()
@@ -201,7 +216,8 @@ class Trainer:
         synchronize(self.device)
         start = time.perf_counter()
         with self.timer.phase("data"):
-            images, labels = self.to_device(*next(batches))
+            images, labels = next(batches)
+            images, labels = self.to_device(shard(images, self.context), shard(labels, self.context))
         result = self.step(images, labels, progress, step_index)
         self.check_finite(result, step_index)
         synchronize(self.device)
