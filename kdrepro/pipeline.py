@@ -78,7 +78,8 @@ def params_overrides(path: Path) -> list[str]:
     if params.get("methods"):
         overrides.append(f"calibrate.methods=[{','.join(params['methods'])}]")
     for key, value in (params.get("calibrate") or {}).items():
-        overrides.append(f"calibrate.{key}={'null' if value is None else value}")
+        if value is not None:  # null = keep the profile's choice
+            overrides.append(f"calibrate.{key}={value}")
     return overrides
 
 
