@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)
-	test -d .dvc || $(BIN)/dvc init --quiet
-	$(BIN)/dvc repro
+	$(BIN)/kdrepro validate --params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "reports: $(CURDIR)/reports/index.html"
 
 test: $(STAMP)

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("list the registered distillation methods and their configs", "kdrepro methods"),
     "teacher": ("train the teacher (or import teacher_import=<mmseg.pth>)", "kdrepro teacher profile=synthetic out_dir=runs/synthetic/teacher"),
     "results": ("collect every run of a pipeline into tidy tables", "kdrepro results runs_dir=runs/synthetic"),
+    "validate": ("check a pipeline params file before any stage runs", "kdrepro validate --params params.yaml"),
+    "report-index": ("write reports/index.html linking the rendered reports", "kdrepro report-index runs_dir=runs/synthetic results_dir=results/synthetic"),
 }
 
 
@@ -49,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    arguments = _parser().parse_intermixed_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -153,6 +155,22 @@ def _results(overrides: list[str], positional: list[str]) -> None:
         print(f"written {path}")
 
 
+def _validate(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+
+    cfg = load_config(overrides)  # --params has been read and checked by now
+    print(f"ok: profile {cfg.profile_name}, methods {', '.join(cfg.calibrate.methods)}")
+
+
+def _report_index(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.report_index import write_index
+
+    cfg = load_config(overrides)  # reports/ by default; `+reports_dir=<folder>` writes elsewhere
+    path = write_index(str(cfg.get("reports_dir", "reports")), str(cfg.runs_dir), str(cfg.results_dir), str(cfg.profile_name))
+    print(f"written {path}")
+
+
 HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
     "info": _info,
     "prepare": _prepare,
@@ -163,6 +181,8 @@ HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
     "methods": _methods,
     "teacher": _teacher,
     "results": _results,
+    "report-index": _report_index,
+    "validate": _validate,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""The DVC pipeline end to end on the `smoke` profile, in a copy of the repository (minutes; CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdrepro.cli import main
+from kdrepro.config import options
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _copy_repository(destination: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in files.stdout.split():
+        if (REPO / name).is_file() and not name.startswith(("data/", "runs/", "results/", "reports/")):
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target)
+    git = ["git", "-c", "user.name=kdrepro-test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=destination, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=destination, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)  # dvclive needs a commit
+    return destination
+
+
+def _dvc(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "dvc"), *arguments], cwd=repo, capture_output=True, text=True, env=env)
+
+
+def _write_params(repo: Path, **changes) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.update(changes)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def pipeline_copy(tmp_path_factory) -> Path:
+    return _copy_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.mark.parametrize("profile", sorted(set(options("profile"))))
+def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
+    repo = _copy_repository(tmp_path)
+    _write_params(repo, profile=profile)
+    dag = _dvc(repo, "dag", "--dot")
+    assert dag.returncode == 0, dag.stderr
+    for stage in ("data", "teacher", "calibrate", "iter_matched@kd", "compute_matched@cwd", "extended@kd-2", "results"):
+        assert f'"{stage}"' in dag.stdout
+    status = _dvc(repo, "status")
+    assert status.returncode == 0, status.stderr
+
+
+def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
+    repo = pipeline_copy
+    _write_params(
+        repo,
+        profile="smoke",
+        methods=["none", "kd", "cwd"],
+        calibrate={"warmup": 1, "rounds": 1, "iterations_per_round": 2, "reference_method": None},
+        extended={"methods": ["kd"], "multipliers": ["2"]},
+    )
+    first = _dvc(repo, "repro")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    runs = (repo / "results" / "smoke" / "runs.csv").read_text()
+    for row in ("iter_matched/kd", "compute_matched/cwd", "extended/kd-2", "teacher"):
+        assert row in runs
+    calibration = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
+    assert calibration["matched"]["reference_method"] == "kd"
+    # the compute-matched iteration counts come from calibration; the reference trains the standard schedule
+    kd_run = json.loads((repo / "runs" / "smoke" / "compute_matched" / "kd" / "metrics.json").read_text())
+    assert kd_run["iterations"] == calibration["matched"]["iterations"]["kd"] == 4
+    extended = json.loads((repo / "runs" / "smoke" / "extended" / "kd-2" / "metrics.json").read_text())
+    assert extended["iterations"] == 8
+    for name in ("index", "cost", "matched", "extended", "curves", "qualitative"):
+        assert (repo / "reports" / f"{name}.html").stat().st_size > 1000
+    metrics = _dvc(repo, "metrics", "show")
+    assert metrics.returncode == 0 and "compute_matched" in metrics.stdout
+
+    second = _dvc(repo, "repro")
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("profile: marsscapes\n", "unknown profile 'marsscapes'"),
+        ("profile: synthetic\nmethods: [kd, bogus]\n", "unknown method(s) ['bogus']"),
+        ("profile: synthetic\nmethods: [kd\n", "is not valid YAML"),
+        ("profile: synthetic\nmethod: [kd]\n", "unknown key(s) ['method']"),
+        ("profile: synthetic\nmethods: [kd]\nextended: {methods: [kd], multipliers: ['-2']}\n", "positive numbers"),
+    ],
+)
+def test_bad_params_file_is_one_line_error(tmp_path, capsys, params, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(params)
+    assert main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
