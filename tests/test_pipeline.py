@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def _copy_repository(destination: Path) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.split():
-        if (REPO / name).is_file() and not name.startswith(("data/", "runs/", "results/", "reports/")):
+        if (REPO / name).is_file() and name != "dvc.lock" and not name.startswith(("data/", "runs/", "results/", "reports/")):
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target)
