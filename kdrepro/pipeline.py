@@ -107,6 +107,29 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
     return {key: metrics[key] for key in ("miou", "iterations", "train_seconds")}
 
 
+def write_plot_tables(runs: Any, curves: Any, folder: Path) -> list[Path]:
+    """Wide tables for ``dvc plots show`` (declared in dvc.yaml): compute-matched mIoU per method, and the total
+    training loss against training seconds of every compute-matched run (one file per method)."""
+    import pandas as pd
+
+    (folder / "curves").mkdir(parents=True, exist_ok=True)
+    written = [folder / "miou_compute_matched.csv"]
+    matched = runs[runs.protocol == "compute_matched"] if not runs.empty else runs
+    pd.DataFrame({"method": matched.get("method", []), "miou": 100 * matched.get("miou", pd.Series(dtype=float))}).to_csv(
+        written[0], index=False
+    )
+    if curves.empty:
+        return written
+    for method, group in curves[curves.protocol == "compute_matched"].groupby("method"):
+        wide = group.pivot_table(index="step", columns="metric", values="value").reset_index()
+        if {"train/seconds", "train/total"} <= set(wide.columns):
+            table = wide[["step", "train/seconds", "train/total"]].rename(columns={"train/seconds": "seconds", "train/total": "total_loss"})
+            path = folder / "curves" / f"{method}.csv"
+            table.to_csv(path, index=False)
+            written.append(path)
+    return written
+
+
 def write_results(overrides: list[str]) -> list[Path]:
     """``runs.csv`` (one row per run), ``calibration.csv`` and ``curves.csv`` under ``results_dir``, plus a small
     ``summary.json`` of mIoU per protocol and method for ``dvc metrics show``."""
@@ -120,7 +143,9 @@ def write_results(overrides: list[str]) -> list[Path]:
     runs = collect_runs(runs_dir)
     written = [results_dir / "runs.csv", results_dir / "curves.csv", results_dir / "summary.json"]
     runs.to_csv(written[0], index=False)
-    load_curves(runs_dir).to_csv(written[1], index=False)
+    curves = load_curves(runs_dir)
+    curves.to_csv(written[1], index=False)
+    written += write_plot_tables(runs, curves, results_dir / "plots")
     summary: dict[str, Any] = {"profile": str(cfg.get("profile_name", "")) or None}
     for protocol, group in runs.groupby("protocol") if not runs.empty else []:
         summary[protocol] = {f"{row.method}" + (f"-x{row.multiplier:g}" if protocol == "extended" else ""): round(float(row.miou), 4) for row in group.itertuples()}

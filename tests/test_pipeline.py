@@ -87,6 +87,11 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
         assert (repo / "reports" / f"{name}.html").stat().st_size > 1000
     metrics = _dvc(repo, "metrics", "show")
     assert metrics.returncode == 0 and "compute_matched" in metrics.stdout
+    plots = _dvc(repo, "plots", "show", "-o", str(repo / "plots_html"))
+    assert plots.returncode == 0 and "WARNING" not in plots.stderr, plots.stderr
+    assert (repo / "results" / "smoke" / "plots" / "curves" / "kd.csv").exists()
+    experiments = _dvc(repo, "exp", "show", "--no-pager")
+    assert experiments.returncode == 0, experiments.stderr
 
     second = _dvc(repo, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
