@@ -173,9 +173,27 @@ def build(method_cfg: Mapping[str, Any], student_channels: Channels, teacher_cha
     return CompositeDistiller(built)
 
 
+def require_same_classes(method: str, student_channels: Channels, teacher_channels: Channels) -> int:
+    """The shared class count of student and teacher; a :class:`ConfigError` naming ``method`` if they differ."""
+    student, teacher = student_channels["logits"], teacher_channels["logits"]
+    if student != teacher:
+        raise ConfigError(f"{method} needs the same classes in student ({student}) and teacher ({teacher}); use models built for one dataset")
+    return int(student)
+
+
+def require_positive(method: str, **values: float) -> None:
+    """A :class:`ConfigError` naming ``method`` and the option for any value that is not > 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{method} {name} must be positive, got {value}")
+
+
 def zero_loss(like: Tensor) -> Tensor:
     """A scalar zero on ``like``'s device that still joins the autograd graph."""
     return like.sum() * 0.0
 
 
-__all__ = ["Channels", "CompositeDistiller", "Distiller", "available", "build", "build_term", "register", "zero_loss"]
+__all__ = [
+    "Channels", "CompositeDistiller", "Distiller", "available", "build", "build_term", "register",
+    "require_positive", "require_same_classes", "zero_loss",
+]

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes
 from kdrepro.distill.cwd import cwd_loss
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
@@ -123,13 +123,8 @@ class BoundaryPrivilegedKD(Distiller):
         ignore_index: int = 255,
     ):
         super().__init__()
-        if student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError(
-                f"bpkd needs the same classes in student ({student_channels['logits']}) "
-                f"and teacher ({teacher_channels['logits']})"
-            )
-        if temperature <= 0:
-            raise ConfigError(f"bpkd temperature must be positive, got {temperature}")
+        require_same_classes("bpkd", student_channels, teacher_channels)
+        require_positive("bpkd", temperature=temperature)
         if edge_kernel_size < 1 or edge_kernel_size % 2 == 0:
             raise ConfigError(f"bpkd edge_kernel_size must be a positive odd number, got {edge_kernel_size}")
         self.num_classes = student_channels["logits"]

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
 from kdrepro.distill.cirkd_memory import ClassEmbeddingQueues, gather_from_all_ranks
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_labels
@@ -275,8 +275,7 @@ def _check_options(
     """Raise :class:`ConfigError` for options that cannot work."""
     if feature not in student_channels or feature not in teacher_channels:
         raise ConfigError(f"cirkd feature {feature!r} is not produced by the models; use one of c3, c4, decoder")
-    if student_channels["logits"] != teacher_channels["logits"]:
-        raise ConfigError("cirkd needs the same number of classes in student and teacher")
+    require_same_classes("cirkd", student_channels, teacher_channels)
     names = (
         "contrast_temperature",
         "contrast_kd_temperature",

@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register
-from kdrepro.errors import ConfigError
+from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes
 from kdrepro.models.output import SegOutput, resize_logits
 
 PEARSON_EPS = 1e-8
@@ -98,13 +97,8 @@ class DIST(Distiller):
         aux_weight: float = 0.4,
     ):
         super().__init__()
-        if student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError(
-                f"dist needs the same classes in student ({student_channels['logits']}) "
-                f"and teacher ({teacher_channels['logits']})"
-            )
-        if temperature <= 0:
-            raise ConfigError(f"dist temperature must be positive, got {temperature}")
+        require_same_classes("dist", student_channels, teacher_channels)
+        require_positive("dist", temperature=temperature)
         self.weight = float(weight)
         self.inter_weight = float(inter_weight)
         self.intra_weight = float(intra_weight)

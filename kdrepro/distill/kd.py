@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register
-from kdrepro.errors import ConfigError
+from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes
 from kdrepro.models.output import SegOutput, resize_labels
 
 
@@ -53,12 +52,8 @@ class LogitKD(Distiller):
         ignore_index: int | None = None,
     ):
         super().__init__()
-        if student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError(
-                f"kd needs the same classes in student ({student_channels['logits']}) and teacher ({teacher_channels['logits']})"
-            )
-        if temperature <= 0:
-            raise ConfigError(f"kd temperature must be positive, got {temperature}")
+        require_same_classes("kd", student_channels, teacher_channels)
+        require_positive("kd", temperature=temperature)
         self.weight = float(weight)
         self.temperature = float(temperature)
         self.ignore_index = ignore_index

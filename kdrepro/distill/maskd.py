@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
 from kdrepro.train.distributed import average_gradients_if_distributed
@@ -146,11 +146,7 @@ class MaskedDistillation(Distiller):
         dice_weight: float = 1.0,
     ):
         super().__init__()
-        classes = teacher_channels["logits"]
-        if student_channels["logits"] != classes:
-            raise ConfigError(
-                f"maskd needs the same number of classes in student ({student_channels['logits']}) and teacher ({classes})"
-            )
+        classes = require_same_classes("maskd", student_channels, teacher_channels)
         if int(num_tokens) < 1 or int(pretrain_iterations) < 0 or pretrain_lr <= 0:
             raise ConfigError(
                 f"maskd: num_tokens must be >= 1, pretrain_iterations >= 0 and pretrain_lr > 0 "
