@@ -69,3 +69,24 @@ def test_two_process_gloo_matches_single_process(method, tiny_teacher, tmp_path)
     assert any(k.startswith("grad/distiller.") for k in single) or method == "kd"
     for key, value in single.items():
         assert torch.allclose(ddp[key], value, rtol=1e-4, atol=1e-6), f"{method}: {key} differs under DDP"
+
+
+def test_torchrun_trains_with_rank_zero_writing_the_run(tiny_teacher, tmp_path):
+    """The whole `kdrepro train` under torchrun (2 gloo processes): one run folder, written by rank 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    command = [str(torchrun), "--nproc_per_node=2", "-m", "kdrepro", "train", *tiny_teacher, "method=kd",
+               "loader.batch_size=4", "threads=1", f"out_dir={out}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["iterations"] == 4
+    # a global batch that leaves one image per process is refused with a one-line error before training
+    bad = subprocess.run([*command[:-2], "loader.batch_size=2", f"out_dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "must split into at least 2 images" in bad.stderr
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

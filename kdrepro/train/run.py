@@ -139,6 +139,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     if dist_context.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_context.local_rank)
+    batch = int(cfg.loader.batch_size)
+    if batch % dist_context.world_size or batch // dist_context.world_size < 2:
+        raise ConfigError(
+            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
+            f"{dist_context.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
+            f"{2 * dist_context.world_size}"
+        )
     torch.manual_seed(int(cfg.seed))
     train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
     val_loader = _eval_loader(cfg)
@@ -168,7 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
     if not dist_context.is_main:
         barrier(dist_context)  # pairs with rank 0's final checkpoint save
-        return {"rank": dist_context.rank, "iterations": step, "train_seconds": train_seconds}
+        return {"method": str(cfg.method.name), "miou": None, "iterations": step, "train_seconds": train_seconds,
+                "rank": dist_context.rank}
     metrics, _ = validate(trainer, cfg, val_loader)
     summary = summarize(trainer.timer.history, skip=min(5, max(len(trainer.timer.history) - 1, 0)))
     result = {
