@@ -19,6 +19,7 @@ import json
 import logging
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from kdrepro.data import build_dataset
 from kdrepro.errors import ConfigError
 from kdrepro.train.budget import whole_iterations
 from kdrepro.train.data import training_loader
-from kdrepro.train.timing import PHASES
+from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
 
 log = logging.getLogger("kdrepro.calibrate")
@@ -205,10 +206,6 @@ def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:
     count = trainer.distiller.pretrain_iterations
     if count == 0:
         return 0.0
-    import time
-
-    from kdrepro.train.timing import synchronize
-
     durations = []
     for _ in range(min(samples + 1, count)):
         images, labels = trainer.to_device(*next(batches))
