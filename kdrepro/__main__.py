@@ -1,3 +1,3 @@
-from kdrepro.cli import main
+from kdrepro.cli import run
 
-raise SystemExit(main())
+run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,6 +71,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", 2))
     return 0
+
+
+def run() -> None:
+    """Console entry point (``kdrepro``, ``python -m kdrepro``): :func:`main`, then a fast process exit.
+
+    Every output a command writes is complete (atomic renames, closed files) when :func:`main` returns, so the
+    interpreter's teardown (unloading torch, dvclive's and DVC's exit hooks: ~0.3-0.8 s measured per process, paid
+    by each of the ~40 processes of ``dvc repro``) buys nothing. Streams and log handlers are flushed and a
+    torch.distributed process group is destroyed first.
+    """
+    code = main()
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _info(overrides: list[str], positional: list[str]) -> None:
@@ -159,7 +178,8 @@ def _validate(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
 
     cfg = load_config(overrides)  # --params has been read and checked by now
-    print(f"ok: profile {cfg.profile_name}, methods {', '.join(cfg.calibrate.methods)}")
+    methods = [name for name in cfg.calibrate.methods if name != "none"]
+    print(f"ok: profile {cfg.profile_name}, student alone + {len(methods)} methods: {', '.join(methods)}")
 
 
 def _report_index(overrides: list[str], positional: list[str]) -> None:

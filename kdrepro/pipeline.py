@@ -8,7 +8,7 @@ params.yaml             Hydra override
 ======================  ===========================================
 ``profile``             ``profile=<name>``
 ``seed``                ``seed=<n>``
-``methods``             ``calibrate.methods=[a,b,...]``
+``methods``             ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
 ``calibrate.<key>``     ``calibrate.<key>=<value>``
 ======================  ===========================================
 
@@ -49,6 +49,11 @@ def read_params(path: Path) -> dict[str, Any]:
     methods = params.get("methods") or []
     if not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list of method config names")
+    if "none" in methods:
+        raise ConfigError(
+            f"{path}: methods lists `none`; the student alone is the `student` stage (it runs on every profile), "
+            "so remove none from methods"
+        )
     extended = params.get("extended") or {}
     all_methods = list(methods) + list(extended.get("methods") or [])
     unknown_methods = [name for name in all_methods if name not in options("method")]
@@ -76,7 +81,7 @@ def params_overrides(path: Path) -> list[str]:
     if "seed" in params:
         overrides.append(f"seed={int(params['seed'])}")
     if params.get("methods"):
-        overrides.append(f"calibrate.methods=[{','.join(params['methods'])}]")
+        overrides.append(f"calibrate.methods=[{','.join(['none', *params['methods']])}]")
     for key, value in (params.get("calibrate") or {}).items():
         if value is not None:  # null = keep the profile's choice
             overrides.append(f"calibrate.{key}={value}")

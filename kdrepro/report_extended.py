@@ -30,6 +30,24 @@ def budget_curve(runs: pd.DataFrame) -> pd.DataFrame:
     return rows[columns].sort_values(["method", "multiplier"]).reset_index(drop=True)
 
 
+def extension_choice(runs: pd.DataFrame) -> str:
+    """Markdown naming the best segmentation-specific method of this run's compute-matched table and whether it got
+    extended runs (the paper extends logit KD, feature KD and that method; ``params.yaml`` fixes the list before the
+    compute-matched results exist, so a different winner is flagged with the one-line fix)."""
+    matched = runs[(runs.protocol == "compute_matched") & runs.method.map(method_family).eq("segmentation-specific KD")]
+    extended = sorted(set(runs.loc[runs.protocol == "extended", "method"]))
+    listed = ", ".join(f"`{m}`" for m in extended) or "none"
+    if matched.empty:
+        return f"No segmentation-specific method has a compute-matched run; extended runs: {listed}."
+    best = matched.loc[matched.miou.idxmax()]
+    text = (f"Best segmentation-specific method of the compute-matched table: **`{best.method}`** "
+            f"({100 * best.miou:.2f} mIoU). Extended runs: {listed}.")
+    if best.method in extended:
+        return text
+    return (f"{text} **`{best.method}` has no extended runs**: to extend it as the paper does, put it in "
+            "`extended.methods` in params.yaml and run `dvc repro`.")
+
+
 def spread_labels(values: np.ndarray, min_gap: float) -> np.ndarray:
     """Label positions near ``values`` with at least ``min_gap`` between neighbours, order kept: labels that would
     collide are merged into a group spread evenly around the group's mean (so end-of-line labels never overlap)."""

@@ -35,7 +35,8 @@ def _copy_repository(destination: Path) -> Path:
 
 
 def _dvc(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # PYTHONPATH: the copy's own kdrepro package and configs, not the editable install's (which points at REPO)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo)}
     return subprocess.run([str(BIN / "dvc"), *arguments], cwd=repo, capture_output=True, text=True, env=env)
 
 
@@ -56,7 +57,9 @@ def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     _write_params(repo, profile=profile)
     dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
-    for stage in ("data", "teacher", "calibrate", "iter_matched@kd", "compute_matched@cwd", "extended@kd-2", "results"):
+    stages = ("data", "teacher", "student@iter_matched", "student@compute_matched", "calibrate", "iter_matched@kd",
+              "compute_matched@cwd", "extended@kd-2", "extended@cwd-8", "results")
+    for stage in stages:
         assert f'"{stage}"' in dag.stdout
     status = _dvc(repo, "status")
     assert status.returncode == 0, status.stderr
@@ -67,14 +70,14 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     _write_params(
         repo,
         profile="smoke",
-        methods=["none", "kd", "cwd"],
+        methods=["kd", "cwd"],
         calibrate={"warmup": 1, "rounds": 1, "iterations_per_round": 2, "reference_method": None},
         extended={"methods": ["kd"], "multipliers": ["2"]},
     )
     first = _dvc(repo, "repro")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     runs = (repo / "results" / "smoke" / "runs.csv").read_text()
-    for row in ("iter_matched/kd", "compute_matched/cwd", "extended/kd-2", "teacher"):
+    for row in ("iter_matched/kd", "compute_matched/cwd", "extended/kd-2", "teacher", "iter_matched/none", "compute_matched/none"):
         assert row in runs
     calibration = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
     assert calibration["matched"]["reference_method"] == "kd"
@@ -97,12 +100,37 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
 
+def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline_copy):
+    repo = pipeline_copy
+    finished = [repo / "runs" / "smoke" / "teacher" / "checkpoint.pt", repo / "runs" / "smoke" / "iter_matched" / "kd" / "metrics.json",
+                repo / "results" / "smoke" / "runs.csv", repo / "reports" / "index.html"]  # fmt: skip
+    assert all(path.exists() for path in finished), "run test_whole_pipeline_on_the_smoke_profile first"
+    config = repo / "kdrepro" / "conf" / "method" / "cwd.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("temperature: 4.0", "temperature: -4.0"))  # a user's typo
+    broken = _dvc(repo, "repro")
+    assert broken.returncode != 0
+    assert "cwd temperatures must be positive" in broken.stdout + broken.stderr
+    assert all(path.exists() for path in finished)
+    # a valid change to one method reruns that method's stages (and calibration, which re-measures only it)
+    config.write_text(original.replace("temperature: 4.0", "temperature: 2.0"))
+    changed = _dvc(repo, "repro")
+    config.write_text(original)
+    assert changed.returncode == 0, (changed.stdout + changed.stderr)[-4000:]
+    reran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"iter_matched@cwd", "compute_matched@cwd"} <= reran, reran
+    untouched = {"teacher", "student@iter_matched", "student@compute_matched", "iter_matched@kd", "compute_matched@kd", "extended@kd-2"}
+    assert not reran & untouched, reran
+    assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == ["kd", "none"]
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
         ("profile: marsscapes\n", "unknown profile 'marsscapes'"),
         ("profile: synthetic\nmethods: [kd, bogus]\n", "unknown method(s) ['bogus']"),
         ("profile: synthetic\nmethods: [kd\n", "is not valid YAML"),
+        ("profile: synthetic\nmethods: [none, kd]\n", "the student alone is the `student` stage"),
         ("profile: synthetic\nmethod: [kd]\n", "unknown key(s) ['method']"),
         ("profile: synthetic\nmethods: [kd]\nextended: {methods: [kd], multipliers: ['-2']}\n", "positive numbers"),
     ],

@@ -101,6 +101,16 @@ def test_budget_curve_puts_compute_matched_at_one(runs):
     assert "teacher" not in set(curve.method)
 
 
+def test_extension_choice_names_the_best_specific_method_and_flags_it_when_not_extended(runs):
+    text = report_extended.extension_choice(runs)
+    assert "**`cwd`** (72.00 mIoU)" in text and "Extended runs: `kd`." in text
+    assert "`cwd` has no extended runs" in text and "extended.methods" in text
+    with_cwd = pd.concat([runs, pd.DataFrame([run_row("extended", "cwd", 0.75, 200, 40.0, 2.0)])], ignore_index=True)
+    text = report_extended.extension_choice(with_cwd)
+    assert "Extended runs: `cwd`, `kd`." in text and "no extended runs" not in text
+    assert "No segmentation-specific" in report_extended.extension_choice(runs[runs.method != "cwd"])
+
+
 def test_published_numbers_and_sources():
     table = published_results()
     value = {(r.dataset, r.method, r.source): (r.miou, r.percent_of_teacher) for r in table.itertuples()}

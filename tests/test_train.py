@@ -107,6 +107,42 @@ def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
     assert run["iterations"] == matched["iterations"]["none"]
 
 
+def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(tiny_teacher, tmp_path):
+    from kdrepro.train.calibrate import calibrate
+
+    output = tmp_path / "calibration.json"
+    base = [*tiny_teacher, "calibrate.warmup=1", "calibrate.rounds=1", "calibrate.iterations_per_round=2",
+            "calibrate.reference_method=kd", f"calibrate.output={output}"]
+
+    def run(methods, *extra):
+        overrides = [*base, f"calibrate.methods=[{','.join(methods)}]", *extra]
+        return calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
+
+    first = run(["none", "kd", "cwd"])
+    folder = tmp_path / "calibration"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["budget.json", "cwd.json", "kd.json", "none.json"]
+    assert json.loads((folder / "budget.json").read_text())["budget_seconds"] == first["matched"]["budget_seconds"]
+    before = {p.name: p.read_bytes() for p in folder.glob("*.json")}
+
+    # cwd's temperature changes: only cwd is re-measured (with the anchor kd), the other files keep their bytes
+    overrides = [*base, "calibrate.methods=[none,kd,cwd]"]
+    second = calibrate(load_config(overrides), lambda name: load_config(
+        [*overrides, f"method={name}", *(["method.terms.cwd.temperature=2.0"] if name == "cwd" else [])]))
+    assert second["reused"] == ["kd", "none"]
+    assert second["methods"]["cwd"]["rescaled"]["anchor"] == "kd"
+    after = {p.name: p.read_bytes() for p in folder.glob("*.json")}
+    assert after["kd.json"] == before["kd.json"] and after["none.json"] == before["none.json"]
+    assert after["budget.json"] == before["budget.json"] and after["cwd.json"] != before["cwd.json"]
+
+    # a dropped method's file goes; incremental=false re-measures everything
+    third = run(["none", "kd"], "calibrate.incremental=false")
+    assert third["reused"] == [] and not (folder / "cwd.json").exists()
+    # training reads the folder form: budget.json + its own entry
+    run_metrics = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={folder}",
+                                     f"out_dir={tmp_path / 'run'}"]))
+    assert run_metrics["iterations"] == third["matched"]["iterations"]["none"]
+
+
 def test_seconds_budget_stops_on_training_time(tiny_teacher, tmp_path):
     metrics = train(load_config([*tiny_teacher, "method=none", "budget=seconds", "budget.seconds=0.5", f"out_dir={tmp_path}"]))
     assert metrics["train_seconds"] >= 0.5

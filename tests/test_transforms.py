@@ -1,22 +1,29 @@
 """Joint transforms: image/mask alignment, mmseg semantics (keep-ratio rescale, cat_max_ratio crop, padding,
-photometric distortion, normalisation) and determinism under torch's RNG."""
+photometric distortion, normalisation), determinism under an explicit generator, and the resize / hue kernels
+against torchvision's (the oracle: the runtime code does not import torchvision)."""
 
 import colorsys
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode
 
 from kdrepro.data.transforms import (
     CatMaxRatioCrop,
+    Compose,
     KeepRatioResize,
     PadToSize,
     PhotoMetricDistortion,
+    PhotometricParams,
+    RandomHorizontalFlip,
+    adjust_hue,
     eval_transform,
     keep_ratio_size,
+    resize_bilinear,
+    resize_nearest,
     scale_saturation,
     train_transform,
 )
@@ -32,7 +39,11 @@ def encoded_sample(height=32, width=64, block=8, seed=0):
     coarse = torch.randint(0, 19, (height // block, width // block), generator=generator)
     label = coarse.repeat_interleave(block, 0).repeat_interleave(block, 1).to(torch.uint8)
     image = PALETTE[label.long()].permute(2, 0, 1).contiguous()
-    return tv_tensors.Image(image), tv_tensors.Mask(label)
+    return image, label
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def decode(image: torch.Tensor) -> torch.Tensor:
@@ -67,8 +78,7 @@ def test_keep_ratio_size_follows_mmcv_rescale_rule():
 @pytest.mark.parametrize("seed", range(4))
 def test_random_resize_keeps_image_and_mask_aligned(seed):
     image, mask = encoded_sample(block=16, seed=seed)
-    torch.manual_seed(seed)
-    out_image, out_mask = KeepRatioResize((64, 32), (0.5, 2.0))(image, mask)
+    out_image, out_mask = KeepRatioResize((64, 32), (0.5, 2.0))(image, mask, gen(seed))
     assert out_image.shape[-2:] == out_mask.shape[-2:]
     assert out_image.dtype == torch.uint8 and out_mask.dtype == torch.uint8
     assert set(out_mask.unique().tolist()) <= set(mask.unique().tolist())  # nearest: no new label values
@@ -79,8 +89,7 @@ def test_random_resize_samples_the_ratio_range():
     image, mask = encoded_sample()
     sizes = set()
     for seed in range(20):
-        torch.manual_seed(seed)
-        out_image, _ = KeepRatioResize((64, 32), (0.5, 2.0))(image, mask)
+        out_image, _ = KeepRatioResize((64, 32), (0.5, 2.0))(image, mask, gen(seed))
         height, width = out_image.shape[-2:]
         assert 16 <= height <= 64 and width == pytest.approx(2 * height, abs=1)
         sizes.add(height)
@@ -90,22 +99,22 @@ def test_random_resize_samples_the_ratio_range():
 @pytest.mark.parametrize("seed", range(4))
 def test_crop_and_flip_move_image_and_mask_together(seed):
     image, mask = encoded_sample(seed=seed)
-    torch.manual_seed(seed)
-    out_image, out_mask = v2.Compose([CatMaxRatioCrop((24, 40), 0.75), v2.RandomHorizontalFlip(0.5)])(image, mask)
+    out_image, out_mask = Compose([CatMaxRatioCrop((24, 40), 0.75), RandomHorizontalFlip(0.5)])(image, mask, gen(seed))
     assert out_image.shape[-2:] == (24, 40) and out_mask.shape == (24, 40)
     assert torch.equal(decode(out_image), out_mask.long())  # exact: no interpolation involved
 
 
 def test_flip_mirrors_both():
     image, mask = encoded_sample()
-    out_image, out_mask = v2.RandomHorizontalFlip(1.0)(image, mask)
+    out_image, out_mask = RandomHorizontalFlip(1.0)(image, mask, gen(0))
     assert torch.equal(out_mask, mask.flip(-1)) and torch.equal(out_image, image.flip(-1))
+    kept_image, kept_mask = RandomHorizontalFlip(0.0)(image, mask, gen(0))
+    assert kept_image is image and kept_mask is mask
 
 
 def test_crop_is_a_window_of_the_input():
     image, mask = encoded_sample(seed=3)
-    torch.manual_seed(0)
-    out_image, out_mask = CatMaxRatioCrop((16, 16), 1.0)(image, mask)
+    out_image, out_mask = CatMaxRatioCrop((16, 16), 1.0)(image, mask, gen(0))
     matches = [
         (top, left)
         for top in range(32 - 16 + 1)
@@ -118,7 +127,7 @@ def test_crop_is_a_window_of_the_input():
 
 def test_crop_larger_than_image_keeps_whole_image_then_pad_fills_bottom_right():
     image, mask = encoded_sample(height=16, width=24)
-    out_image, out_mask = v2.Compose([CatMaxRatioCrop((32, 40), 0.75), PadToSize((32, 40), 0.0, 255)])(image, mask)
+    out_image, out_mask = Compose([CatMaxRatioCrop((32, 40), 0.75), PadToSize((32, 40), 0.0, 255)])(image, mask, gen(0))
     assert out_mask.shape == (32, 40)
     assert torch.equal(out_mask[:16, :24], mask) and torch.equal(out_image[:, :16, :24], image)
     assert (out_mask[16:] == 255).all() and (out_mask[:, 24:] == 255).all()
@@ -139,14 +148,12 @@ def _max_ratio(mask):
 
 
 def test_cat_max_ratio_redraws_dominated_crops():
-    mask = tv_tensors.Mask(_half_dominated_mask())
-    image = tv_tensors.Image(torch.zeros(3, 32, 64, dtype=torch.uint8))
+    mask = _half_dominated_mask()
+    image = torch.zeros(3, 32, 64, dtype=torch.uint8)
     ratios_with, ratios_without = [], []
     for seed in range(40):
-        torch.manual_seed(seed)
-        ratios_with.append(_max_ratio(CatMaxRatioCrop((16, 16), 0.75)(image, mask)[1]))
-        torch.manual_seed(seed)
-        ratios_without.append(_max_ratio(CatMaxRatioCrop((16, 16), 1.0)(image, mask)[1]))
+        ratios_with.append(_max_ratio(CatMaxRatioCrop((16, 16), 0.75)(image, mask, gen(seed))[1]))
+        ratios_without.append(_max_ratio(CatMaxRatioCrop((16, 16), 1.0)(image, mask, gen(seed))[1]))
     assert max(ratios_with) < 0.75
     assert max(ratios_without) >= 0.75  # without the rule, dominated crops do occur for these seeds
 
@@ -165,44 +172,65 @@ def test_cat_max_ratio_ignores_255_and_needs_two_classes():
 
 
 def test_cat_max_ratio_falls_back_to_an_unchecked_crop():
-    image, mask = tv_tensors.Image(torch.zeros(3, 32, 64, dtype=torch.uint8)), tv_tensors.Mask(torch.zeros(32, 64, dtype=torch.uint8))
-    torch.manual_seed(0)
-    out_image, out_mask = CatMaxRatioCrop((16, 16), 0.75)(image, mask)
+    image, mask = torch.zeros(3, 32, 64, dtype=torch.uint8), torch.zeros(32, 64, dtype=torch.uint8)
+    out_image, out_mask = CatMaxRatioCrop((16, 16), 0.75)(image, mask, gen(0))
     assert out_image.shape[-2:] == (16, 16) and out_mask.shape == (16, 16)
+
+
+def test_cat_max_ratio_draws_eleven_windows_when_every_check_fails():
+    """mmseg's loop: one draw, then up to 10 checked redraws; the last (11th) window is used unchecked."""
+    crop = CatMaxRatioCrop((16, 16), 0.75)
+    mask = torch.zeros(32, 64, dtype=torch.uint8)
+    generator = gen(0)
+    window = crop.window(32, 64, mask, generator)
+    replay = gen(0)
+    windows = [crop._random_window(32, 64, replay) for _ in range(11)]
+    assert window == windows[-1]
+    assert torch.equal(generator.get_state(), replay.get_state())  # exactly 11 draws, no more
 
 
 def test_photometric_distortion_changes_only_the_image():
     image, mask = encoded_sample()
     changed = 0
     for seed in range(8):
-        torch.manual_seed(seed)
-        out_image, out_mask = PhotoMetricDistortion()(image, mask)
-        assert torch.equal(out_mask, mask) and isinstance(out_mask, tv_tensors.Mask)
+        out_image, out_mask = PhotoMetricDistortion()(image, mask, gen(seed))
+        assert out_mask is mask
         assert out_image.dtype == torch.uint8 and out_image.shape == image.shape
         changed += int(not torch.equal(out_image, image))
     assert changed >= 6
 
 
 def test_photometric_brightness_is_additive_with_truncation():
-    image = tv_tensors.Image(torch.tensor([[[0, 100, 250]]] * 3, dtype=torch.uint8))
-    params = {"brightness": 10.7, "contrast_first": True, "contrast": None, "saturation": None, "hue": None}
-    out = PhotoMetricDistortion().transform(image, params)
-    assert out[0, 0].tolist() == [10, 110, 255]
-    params = {**params, "brightness": None, "contrast": 1.5}
-    assert PhotoMetricDistortion().transform(image, params)[0, 0].tolist() == [0, 150, 255]  # mmseg "contrast" = scale
+    image = torch.tensor([[[0, 100, 250]]] * 3, dtype=torch.uint8)
+    params = PhotometricParams(brightness=10.7, contrast_first=True, contrast=None, saturation=None, hue=None)
+    out = PhotoMetricDistortion.apply(image, params)
+    assert out.dtype == torch.uint8 and out[0, 0].tolist() == [10, 110, 255]
+    params = PhotometricParams(brightness=None, contrast_first=True, contrast=1.5, saturation=None, hue=None)
+    assert PhotoMetricDistortion.apply(image, params)[0, 0].tolist() == [0, 150, 255]  # mmseg "contrast" = scale
+
+
+def test_photometric_hue_shifts_opencv_steps_and_truncates():
+    image = torch.tensor([[[255]], [[0]], [[0]]], dtype=torch.uint8).expand(3, 2, 2)  # pure red, hue 0
+    params = PhotometricParams(brightness=None, contrast_first=True, contrast=None, saturation=None, hue=-18)
+    out = PhotoMetricDistortion.apply(image, params)  # 36 degrees back: (255, 0, 153) = magenta-red
+    expected = TF.adjust_hue(image.float() / 255, -0.1).mul(255).floor()
+    assert torch.equal(out.float(), expected) and out[:, 0, 0].tolist() == [255, 0, 153]
 
 
 def test_photometric_parameters_follow_mmseg_ranges():
     distortion = PhotoMetricDistortion()
-    torch.manual_seed(0)
-    draws = [distortion.make_params([]) for _ in range(400)]
-    brightness = [d["brightness"] for d in draws if d["brightness"] is not None]
-    hues = [d["hue"] for d in draws if d["hue"] is not None]
-    contrast = [d["contrast"] for d in draws if d["contrast"] is not None]
+    generator = gen(0)
+    draws = [distortion.draw(generator) for _ in range(400)]
+    brightness = [d.brightness for d in draws if d.brightness is not None]
+    hues = [d.hue for d in draws if d.hue is not None]
+    contrast = [d.contrast for d in draws if d.contrast is not None]
+    saturation = [d.saturation for d in draws if d.saturation is not None]
     assert 150 < len(brightness) < 250 and all(-32 <= b <= 32 for b in brightness)
-    assert all(-18 <= h < 18 for h in hues) and isinstance(hues[0], int)
-    assert all(0.5 <= c <= 1.5 for c in contrast)
-    assert 150 < sum(d["contrast_first"] for d in draws) < 250
+    assert 150 < len(hues) < 250 and all(-18 <= h < 18 for h in hues) and isinstance(hues[0], int)
+    assert {-18, 17} <= set(hues)
+    assert 150 < len(contrast) < 250 and all(0.5 <= c <= 1.5 for c in contrast)
+    assert 150 < len(saturation) < 250 and all(0.5 <= c <= 1.5 for c in saturation)
+    assert 150 < sum(d.contrast_first for d in draws) < 250
 
 
 def test_scale_saturation_matches_hsv():
@@ -224,7 +252,7 @@ def _cfg(**overrides):
 
 def test_normalisation_values():
     pixel = torch.tensor([200, 100, 50], dtype=torch.uint8)
-    image = tv_tensors.Image(pixel[:, None, None].expand(3, 4, 8).contiguous())
+    image = pixel[:, None, None].expand(3, 4, 8).contiguous()
     out = eval_transform(_cfg(test_scale=[8, 4]))(image)
     expected = (pixel.double() - torch.tensor(MEAN, dtype=torch.float64)) / torch.tensor(STD, dtype=torch.float64)
     assert out.dtype == torch.float32 and out.shape == (3, 4, 8)
@@ -240,8 +268,7 @@ def test_eval_transform_rescales_keeping_the_ratio():
 def test_train_transform_shapes_padding_and_alignment():
     image, mask = encoded_sample()
     cfg = _cfg(photometric=False, ratio_range=[0.5, 0.5], crop_size=[24, 40])  # 16x32 image: padded to 24x40
-    torch.manual_seed(0)
-    out_image, out_mask = train_transform(cfg)(image, mask)
+    out_image, out_mask = train_transform(cfg)(image, mask, gen(0))
     assert out_image.dtype == torch.float32 and out_mask.dtype == torch.int64
     assert out_image.shape == (3, 24, 40) and out_mask.shape == (24, 40)
     assert (out_mask[16:] == 255).all() and (out_image[:, 16:] == 0).all()  # padded after normalisation
@@ -250,12 +277,43 @@ def test_train_transform_shapes_padding_and_alignment():
     assert_aligned(restored[:, :16, :32].to(torch.uint8), out_mask[:16, :32], radius=1)
 
 
-def test_train_transform_is_deterministic_under_torch_seed():
+def test_train_transform_is_deterministic_under_its_generator():
     image, mask = encoded_sample()
     transform = train_transform(_cfg())
     outputs = []
     for seed in (5, 5, 6):
-        torch.manual_seed(seed)
-        outputs.append(transform(image, mask))
+        torch.manual_seed(seed + 100)  # the global RNG must play no part
+        outputs.append(transform(image, mask, gen(seed)))
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
     assert not torch.equal(outputs[0][0], outputs[2][0])
+
+
+def test_train_transform_leaves_the_global_rng_alone_and_needs_a_generator():
+    image, mask = encoded_sample()
+    state = torch.get_rng_state()
+    train_transform(_cfg())(image, mask, gen(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="torch.Generator"):
+        train_transform(_cfg())(image, mask)
+
+
+@pytest.mark.parametrize(
+    ("size", "out"), [((128, 256), (64, 128)), ((128, 256), (255, 511)), ((37, 53), (90, 17)), ((64, 128), (65, 130))]
+)
+def test_resize_kernels_match_torchvision(size, out):
+    generator = gen(sum(out))
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator)
+    mask = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+    expected = TF.resize(image, list(out), InterpolationMode.BILINEAR, antialias=False)
+    assert torch.equal(resize_bilinear(image, out), expected)
+    assert torch.equal(resize_nearest(mask, out), TF.resize_mask(mask, list(out)))
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.1, -1 / 180, 0.0, 0.05, 17 / 180, 0.3, 0.5])
+def test_adjust_hue_matches_torchvision(shift):
+    generator = gen(0)
+    image = torch.rand(3, 32, 48, generator=generator)
+    image[:, :4] = image[:1, :4]  # grey pixels: hue and saturation 0
+    image[:, 4:12] = image[:, 4:12].mul(255).floor() / 255  # uint8 levels, as the photometric distortion feeds it
+    image[:, 12:16, :8] = torch.tensor([1.0, 1.0, 0.0])[:, None, None]  # ties between max channels
+    torch.testing.assert_close(adjust_hue(image, shift), TF.adjust_hue(image, shift), rtol=0, atol=1e-5)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from kdrepro.errors import DatasetError
 
@@ -138,7 +137,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 class SegmentationDataset(Dataset):
     """Image/label pairs on disk -> ``(image float32 (3, H, W), label int64 (H, W))``.
 
-    Training mode (``joint_transform``) applies one torchvision v2 pipeline to the image and its mask together.
+    Training mode (``joint_transform``) applies one joint pipeline (:func:`kdrepro.data.transforms.train_transform`) to
+    the image and its mask together, drawing its randomness from a ``torch.Generator`` (:meth:`sample`).
     Evaluation mode (``image_transform``) follows mmsegmentation's test protocol: only the image is resized (to
     ``test_scale``) and normalised; the label keeps its original size and the evaluator upsamples the logits to it.
     Different images may then have different sizes, so evaluation loaders use batch size 1.
@@ -181,11 +181,17 @@ class SegmentationDataset(Dataset):
             label = self.label_map(label)
         return image, label
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, index: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``; training augmentation draws only from ``generator`` (unused in evaluation mode)."""
         image_array, label_array = self.load(index)
-        image = tv_tensors.Image(torch.from_numpy(image_array).permute(2, 0, 1).contiguous())
+        image = torch.from_numpy(image_array).permute(2, 0, 1).contiguous()
+        label = torch.from_numpy(label_array)
         if self.joint_transform is not None:
-            image, mask = self.joint_transform(image, tv_tensors.Mask(torch.from_numpy(label_array)))
-            return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
-        image = self.image_transform(image)
-        return image.as_subclass(torch.Tensor), torch.from_numpy(label_array).long()
+            return self.joint_transform(image, label, generator)
+        return self.image_transform(image), label.long()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``; training augmentation is seeded from torch's global RNG (one draw per item)."""
+        if self.joint_transform is None:
+            return self.sample(index, None)
+        return self.sample(index, torch.Generator().manual_seed(int(torch.randint(2**62, ()))))

@@ -86,18 +86,26 @@ def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
 
 
 def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0) -> Budget:
-    """The compute-matched iteration count of ``method_name`` from a calibration file."""
-    if not path.is_file():
-        raise ConfigError(f"calibration file {path} does not exist; run `kdrepro calibrate` first or set budget.calibration")
+    """The compute-matched iteration count of ``method_name`` from a calibration table: either the whole
+    ``calibration.json`` or the folder beside it (``budget.json`` + ``<method>.json``, what DVC stages depend on)."""
+    if not path.exists():
+        raise ConfigError(f"calibration {path} does not exist; run `kdrepro calibrate` first or set budget.calibration")
     try:
-        table = json.loads(path.read_text())
-        methods = table["methods"]
-        budget_seconds = float(table["matched"]["budget_seconds"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"calibration file {path} is malformed ({error}); re-run `kdrepro calibrate`") from error
+        if path.is_dir():
+            budget_seconds = float(json.loads((path / "budget.json").read_text())["budget_seconds"])
+            entry_path = path / f"{method_name}.json"
+            methods = {method_name: json.loads(entry_path.read_text())} if entry_path.is_file() else {}
+            known = sorted(p.stem for p in path.glob("*.json") if p.stem != "budget")
+        else:
+            table = json.loads(path.read_text())
+            methods = table["methods"]
+            budget_seconds = float(table["matched"]["budget_seconds"])
+            known = sorted(methods)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"calibration {path} is malformed or incomplete ({error}); re-run `kdrepro calibrate`") from error
     if method_name not in methods:
         raise ConfigError(
-            f"calibration file {path} has no entry for method {method_name!r} (it has: {', '.join(sorted(methods))}); "
+            f"calibration {path} has no entry for method {method_name!r} (it has: {', '.join(known)}); "
             f"add it to calibrate.methods and re-run `kdrepro calibrate`"
         )
     entry = methods[method_name]

@@ -10,11 +10,24 @@ The matched budget is ``reference_iterations × seconds_per_iteration(reference)
 reference being the slowest method by default, so no method trains below the standard schedule; each method then
 gets ``(budget − its pretrain_seconds) / its seconds_per_iteration`` iterations. FLOP-matched iteration counts (from
 ``torch.utils.flop_counter`` on one full training step) are written beside them as an alternative.
+
+Outputs: ``calibrate.output`` (``calibration.json``, the whole table, read by the reports) and, beside it, a folder
+of the same stem holding ``budget.json`` (reference method, iterations, budget seconds) and ``<method>.json`` (that
+method's entry). A training stage reads only ``budget.json`` and its own method's file, so DVC reruns only what a
+change touches.
+
+**Incremental re-calibration** (``calibrate.incremental``, default on): every entry carries a fingerprint of what
+sets its cost (the method's config, models, data shapes, precision, device, threads, protocol, kdrepro's model /
+method / training code). When the previous table exists, only methods whose fingerprint changed (or that are new)
+are measured, interleaved with the *anchor* (the previous reference method); their times are rescaled by
+``previous anchor seconds / anchor seconds now``, so drift between the two sessions cancels. Unchanged entries are
+kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=false``, everything is re-measured.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
@@ -25,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -130,6 +143,49 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     device = resolve_device(str(base_cfg.device))
     torch.manual_seed(int(base_cfg.seed))
     configs = {name: method_cfg(name) for name in names}
+    fingerprints = {name: fingerprint(cfg, device) for name, cfg in configs.items()}
+    output = Path(str(settings.output))
+    previous = _previous_methods(output) if settings.get("incremental", True) else {}
+    kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"))
+    to_measure = [name for name in names if name not in kept]
+    if to_measure and anchor is not None and anchor not in to_measure:
+        to_measure.append(anchor)
+    if kept:
+        log.info("unchanged since the last calibration: %s; measuring %s against %s", ", ".join(kept), ", ".join(to_measure) or "nothing", anchor)
+
+    measured = _measure(base_cfg, {name: configs[name] for name in to_measure}, device) if to_measure else {}
+    methods: dict[str, dict[str, Any]] = {}
+    scale = previous[anchor]["seconds_per_iteration"] / measured[anchor]["seconds_per_iteration"] if kept and anchor in measured else None
+    for name in names:
+        if name in kept:
+            methods[name] = previous[name]
+            continue
+        entry = _rescaled(measured[name], scale, anchor) if scale is not None else measured[name]
+        methods[name] = {**entry, "fingerprint": fingerprints[name]}
+    matched = matched_iterations(methods, int(base_cfg.reference_iterations), settings.get("reference_method"))
+    table = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": str(base_cfg.dataset.name),
+        "student": str(base_cfg.student.name),
+        "teacher": str(base_cfg.teacher.name) if any(method_uses_teacher(c.method) for c in configs.values()) else None,
+        "batch_size": int(base_cfg.loader.batch_size),
+        "crop_size": list(base_cfg.dataset.crop_size),
+        "precision": str(base_cfg.get("precision", "fp32")),
+        "hardware": _hardware(device),
+        "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
+        "reused": sorted(kept),
+        "methods": methods,
+        "matched": matched,
+    }
+    _write_json(output, table)
+    _write_per_method(output.with_suffix(""), methods, matched)
+    return table
+
+
+def _measure(base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch.device) -> dict[str, dict[str, Any]]:
+    """Interleaved timing of ``configs`` (one shared teacher, real data): one entry per method."""
+    settings = base_cfg.calibrate
+    names = list(configs)
     num_classes = int(base_cfg.dataset.num_classes)
     teacher = None
     if any(method_uses_teacher(cfg.method) for cfg in configs.values()):
@@ -140,13 +196,13 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         training_loader(train_set, int(base_cfg.loader.batch_size), int(base_cfg.seed), 0, int(base_cfg.loader.num_workers))
     )
 
-    pretrain_seconds = {name: _time_pretrain(trainer, batches, int(settings.iterations_per_round)) for name, trainer in trainers.items()}
-    for name in names:
+    for name in names:  # warm-up first: one-off costs (kernel selection, JIT, allocator growth) are not the method's
         for _ in range(int(settings.warmup)):
             trainers[name].timed_step(batches, 0.0)
         trainers[name].timer.history.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+    pretrain_seconds = {name: _time_pretrain(trainer, batches, int(settings.iterations_per_round)) for name, trainer in trainers.items()}
     peak_memory: dict[str, int | None] = dict.fromkeys(names)
     for round_index in range(int(settings.rounds)):
         for name in rotated_order(names, round_index):
@@ -179,26 +235,91 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
             "distiller_buffer_bytes": sum(b.numel() * b.element_size() for b in distiller.buffers()),
             "terms": {term: dict(options or {}) for term, options in (configs[name].method.get("terms") or {}).items()},
         }
-    matched = matched_iterations(methods, int(base_cfg.reference_iterations), settings.get("reference_method"))
-    table = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "dataset": str(base_cfg.dataset.name),
-        "student": str(base_cfg.student.name),
-        "teacher": str(base_cfg.teacher.name) if teacher is not None else None,
-        "batch_size": int(base_cfg.loader.batch_size),
-        "crop_size": list(base_cfg.dataset.crop_size),
-        "precision": str(base_cfg.get("precision", "fp32")),
-        "hardware": _hardware(device),
-        "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
-        "methods": methods,
-        "matched": matched,
-    }
-    output = Path(str(settings.output))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=2, default=_json_default))
-    tmp.replace(output)
-    return table
+    return methods
+
+
+#: Config keys that do not change what an iteration costs (paths, schedule lengths, logging, the command's own
+#: settings); everything else in a method's composed config is part of its fingerprint.
+_COST_NEUTRAL_KEYS = (
+    "out_dir", "teacher_checkpoint", "runs_dir", "results_dir", "calibrate", "evaluate", "import_teacher", "budget",
+    "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
+    "eval_batch_size", "seed", "profile_name",
+)
+_CODE_FOLDERS = ("models", "distill", "train", "data")
+
+
+def fingerprint(cfg: DictConfig, device: torch.device) -> str:
+    """A digest of what sets a method's cost per iteration: its composed config (minus cost-neutral keys), the
+    calibration protocol, the hardware and torch build, and kdrepro's model / method / training / data code."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    for key in _COST_NEUTRAL_KEYS:
+        config.pop(key, None)
+    config["dataset"] = {k: v for k, v in config.get("dataset", {}).items() if k not in ("root", "generate")}
+    protocol = {key: cfg.calibrate.get(key) for key in ("warmup", "rounds", "iterations_per_round")}
+    digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device)], sort_keys=True, default=str).encode())
+    package = Path(__file__).resolve().parents[1]
+    for folder in _CODE_FOLDERS:
+        for source in sorted((package / folder).rglob("*.py")):
+            digest.update(source.relative_to(package).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:
+    """Entries of an earlier calibration table at ``output`` ({} if there is none or it cannot be read)."""
+    try:
+        methods = json.loads(output.read_text())["methods"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: entry for name, entry in methods.items() if isinstance(entry, dict) and "fingerprint" in entry}
+
+
+def _reusable(previous: dict[str, dict[str, Any]], fingerprints: dict[str, str], reference: str | None) -> tuple[list[str], str | None]:
+    """(methods whose previous entry still holds, the anchor to rescale new measurements by) — nothing is reused if
+    the anchor (the configured reference, else the previous table's slowest method) changed."""
+    unchanged = [name for name, digest in fingerprints.items() if previous.get(name, {}).get("fingerprint") == digest]
+    if not unchanged:
+        return [], None
+    anchor = reference if reference is not None else max(previous, key=lambda name: previous[name]["seconds_per_iteration"])
+    if anchor not in unchanged:
+        return [], None
+    return unchanged, anchor
+
+
+def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any]:
+    """A fresh measurement expressed in the previous session's time scale (``scale`` = previous / current anchor)."""
+    out = dict(entry)
+    for key in ("seconds_per_iteration", "p25_seconds", "p75_seconds", "pretrain_seconds"):
+        out[key] = entry[key] * scale
+    out["phase_median_seconds"] = {phase: seconds * scale for phase, seconds in entry["phase_median_seconds"].items()}
+    out["rescaled"] = {"anchor": anchor, "scale": scale}
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any]) -> None:
+    """``budget.json`` and one ``<method>.json`` per method (stale files of dropped methods removed); a file whose
+    content is unchanged keeps its bytes, so DVC sees no change in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
+    files.update(methods)
+    for stale in folder.glob("*.json"):
+        if stale.stem not in files:
+            stale.unlink()
+    for name, data in files.items():
+        path = folder / f"{name}.json"
+        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
 
 
 def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:

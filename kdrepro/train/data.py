@@ -13,24 +13,26 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kdrepro.data.io import SegmentationDataset
+
 _EPOCH_STRIDE = 1_000_003
 
 
 class SeededAugmentation(Dataset):
-    """Wraps a dataset; item ``(epoch, index)`` runs the transforms under a generator seeded for that sample."""
+    """Wraps a dataset; item ``(epoch, index)`` is ``dataset.sample(index, generator)`` with a fresh generator seeded
+    ``seed * 7919 + epoch * 1_000_003 + index``, so the sample never touches torch's global RNG."""
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: SegmentationDataset, seed: int):
         self.dataset = dataset
         self.seed = int(seed)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 7919 + epoch * _EPOCH_STRIDE + index)
-            return self.dataset[index]
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch * _EPOCH_STRIDE + index)
+        return self.dataset.sample(index, generator)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -62,10 +64,15 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def training_loader(
-    dataset: Dataset, batch_size: int, seed: int, start_iteration: int = 0, num_workers: int = 0, pin_memory: bool = False
+    dataset: SegmentationDataset,
+    batch_size: int,
+    seed: int,
+    start_iteration: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding ``(images, labels)`` batches forever, from ``start_iteration`` on."""
-    sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_iteration)  # type: ignore[arg-type]
+    sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_iteration)
     return DataLoader(
         SeededAugmentation(dataset, seed),
         batch_sampler=sampler,
