@@ -153,7 +153,12 @@ def write_results(overrides: list[str]) -> list[Path]:
     written += write_plot_tables(runs, curves, results_dir / "plots")
     summary: dict[str, Any] = {"profile": str(cfg.get("profile_name", "")) or None}
     for protocol, group in runs.groupby("protocol") if not runs.empty else []:
-        summary[protocol] = {f"{row.method}" + (f"-x{row.multiplier:g}" if protocol == "extended" else ""): round(float(row.miou), 4) for row in group.itertuples()}
+        summary[protocol] = {
+            f"{row.method}" + (f"-x{row.multiplier:g}" if protocol == "extended" else ""): (
+                round(float(row.miou), 4) if row.miou == row.miou else None  # a diverged run (NaN): null in the JSON
+            )
+            for row in group.itertuples()
+        }
     written[2].write_text(json.dumps(summary, indent=2))
     calibration = runs_dir / "calibration.json"
     if calibration.exists():

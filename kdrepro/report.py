@@ -300,6 +300,7 @@ def matched_table(runs: pd.DataFrame) -> pd.DataFrame:
         table[f"delta_kd_{tag}"] = delta_to(table[f"miou_{tag}"], table.method)
     table["rank_change"] = table["rank_iter"] - table["rank_compute"]
     table["family"] = table.method.map(method_family)
+    table["note"] = table.method.map(_divergence_notes(students))
     table = table.sort_values(["miou_compute", "miou_iter"], ascending=False, na_position="last")
     teacher = runs[runs.protocol == "teacher"]
     if not teacher.empty:
@@ -307,6 +308,17 @@ def matched_table(runs: pd.DataFrame) -> pd.DataFrame:
         family = "teacher" if pd.isna(iterations) else f"teacher ({int(iterations):,} it)"
         table = pd.concat([table, pd.DataFrame([{"method": "teacher", "family": family, "miou_iter": miou, "miou_compute": miou}])])
     return table.reset_index(drop=True)
+
+
+def _divergence_notes(students: pd.DataFrame) -> dict[str, str]:
+    """Per method, which protocol's run diverged and at which step (runs recorded with ``on_nonfinite=record``)."""
+    if "diverged_at" not in students:
+        return {}
+    diverged = students.dropna(subset=["diverged_at"])
+    notes: dict[str, list[str]] = {}
+    for row in diverged.itertuples():
+        notes.setdefault(row.method, []).append(f"diverged at step {int(row.diverged_at)} ({PROTOCOL_LABELS[row.protocol]})")
+    return {method: "; ".join(parts) for method, parts in notes.items()}
 
 
 def matched_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -322,6 +334,8 @@ def matched_display(table: pd.DataFrame) -> pd.DataFrame:
         columns[(label, "rank")] = table[f"rank_{tag}"]
         columns[(label, f"Δ {REFERENCE_METHOD} (pp)")] = table[f"delta_kd_{tag}"]
     columns[("", "rank change")] = table.rank_change
+    if table.get("note", pd.Series(dtype=object)).notna().any():
+        columns[("", "note")] = table.note
     frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame
@@ -343,6 +357,8 @@ def matched_summary(table: pd.DataFrame) -> str:
         lines.append(line + ".")
     moved = students.dropna(subset=["rank_change"])
     lines.append(f"- {int((moved.rank_change != 0).sum())} of {len(moved)} methods change rank between the two protocols.")
+    for row in students.dropna(subset=["note"]).itertuples() if "note" in students else []:
+        lines.append(f"- `{row.method}`: {row.note} — a non-finite loss (no mIoU; lower optim.lr or the method's weights).")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def extension_choice(runs: pd.DataFrame) -> str:
     extended runs (the paper extends logit KD, feature KD and that method; ``params.yaml`` fixes the list before the
     compute-matched results exist, so a different winner is flagged with the one-line fix)."""
     matched = runs[(runs.protocol == "compute_matched") & runs.method.map(method_family).eq("segmentation-specific KD")]
+    matched = matched.dropna(subset=["miou"])
     extended = sorted(set(runs.loc[runs.protocol == "extended", "method"]))
     listed = ", ".join(f"`{m}`" for m in extended) or "none"
     if matched.empty:

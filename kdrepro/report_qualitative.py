@@ -46,7 +46,7 @@ def pick_columns(runs: pd.DataFrame, runs_dir: str | Path) -> list[Column]:
         teacher = runs[runs.protocol == "teacher"]
         columns.append(Column(f"teacher\n(mIoU {100 * teacher.miou.iloc[0]:.1f})" if len(teacher) else "teacher", runs_dir / "teacher"))
     for protocol in ("compute_matched", "iter_matched"):
-        students = runs[runs.protocol == protocol]
+        students = runs[(runs.protocol == protocol) & runs.miou.notna()]  # diverged runs keep no checkpoint
         if students.empty:
             continue
         label = protocol.replace("_", "-")

@@ -39,6 +39,7 @@ def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any]:
         "method": "teacher" if protocol == "teacher" else method,
         "multiplier": multiplier,
         "miou": metrics.get("miou"),
+        "diverged_at": (metrics.get("diverged") or {}).get("step"),  # on_nonfinite=record: the step of the NaN/inf
         "pixel_accuracy": metrics.get("pixel_accuracy"),
         "iterations": metrics.get("iterations"),
         "train_seconds": metrics.get("train_seconds"),
@@ -59,6 +60,8 @@ def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    for column in ("miou", "pixel_accuracy", "diverged_at", "train_seconds"):  # None (a diverged run) -> NaN
+        frame[column] = pd.to_numeric(frame[column])
     teacher = frame.loc[frame.protocol == "teacher", "miou"]
     if len(teacher):
         frame["percent_of_teacher"] = 100.0 * frame["miou"] / float(teacher.iloc[0])

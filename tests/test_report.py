@@ -91,6 +91,20 @@ def test_matched_summary_names_best_methods_and_kd_rank(runs):
     assert "3 of 3 methods change rank" in text
 
 
+def test_diverged_run_has_no_rank_and_is_named_in_table_and_summary(runs):
+    runs = runs.copy()
+    runs["diverged_at"] = np.nan
+    diverged = (runs.protocol == "iter_matched") & (runs.method == "cwd")
+    runs.loc[diverged, ["miou", "miou_percent", "percent_of_teacher", "diverged_at"]] = [np.nan, np.nan, np.nan, 30]
+    table = report.matched_table(runs)
+    cwd = table[table.method == "cwd"].iloc[0]
+    assert pd.isna(cwd.rank_iter) and cwd.rank_compute == 3 and cwd.note == "diverged at step 30 (iteration-matched)"
+    assert ("", "note") in report.matched_display(table).columns
+    summary = report.matched_summary(table)
+    assert "`cwd`: diverged at step 30 (iteration-matched)" in summary and "best `kd` (72.00 mIoU)" in summary
+    report.styled(report.matched_display(table)).to_html()  # renders with the missing value
+
+
 def test_budget_curve_puts_compute_matched_at_one(runs):
     curve = report_extended.budget_curve(runs)
     kd = curve[curve.method == "kd"]

@@ -157,6 +157,22 @@ def test_non_finite_loss_names_step_and_term(tiny_teacher, tmp_path):
         train(load_config([*tiny_teacher, "method=kd", "method.terms.kd.temperature=1e-40", "budget.iterations=3", f"out_dir={tmp_path}"]))
 
 
+def test_on_nonfinite_record_writes_a_diverged_result_instead_of_failing(tiny_teacher, tmp_path):
+    from kdrepro.results import collect_runs
+
+    out = tmp_path / "runs" / "iter_matched" / "kd"
+    overrides = [*tiny_teacher, "method=kd", "method.terms.kd.temperature=1e-40", "on_nonfinite=record", f"out_dir={out}"]
+    metrics = train(load_config(overrides))
+    assert metrics["miou"] is None and metrics["diverged"]["step"] == 0 and metrics["diverged"]["terms"] == ["kd"]
+    assert json.loads((out / "metrics.json").read_text())["diverged"]["step"] == 0
+    assert not (out / "checkpoint.pt").exists()  # non-finite weights are not kept
+    assert train(load_config(overrides))["diverged"]["step"] == 0  # a rerun is a no-op, not a retry
+    row = collect_runs(tmp_path / "runs").iloc[0]
+    assert row.diverged_at == 0 and row.miou != row.miou  # NaN
+    with pytest.raises(ConfigError, match="on_nonfinite=error or on_nonfinite=record"):
+        train(load_config([*overrides[:-2], "on_nonfinite=ignore", f"out_dir={tmp_path / 'x'}"]))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -28,12 +28,12 @@ from kdrepro.train.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rn
 from kdrepro.train.data import training_loader
 from kdrepro.train.distributed import any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import Trainer, resolve_device
+from kdrepro.train.trainer import NonFiniteLossError, Trainer, resolve_device
 
 log = logging.getLogger("kdrepro.train")
 
 #: Config keys that do not change what a run computes (may differ when resuming or re-running).
-RUNTIME_KEYS = ("out_dir", "device", "threads", "checkpoint_every_seconds", "log_every")
+RUNTIME_KEYS = ("out_dir", "device", "threads", "checkpoint_every_seconds", "log_every", "on_nonfinite")
 
 
 class Interrupted(KdreproError):
@@ -130,9 +130,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     finished = check_out_dir(out_dir, cfg)
     if finished is not None:
-        log.info("%s already holds this finished run (mIoU %.4f); nothing to do", out_dir, finished["miou"])
+        log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
         return finished
     budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    if str(cfg.get("on_nonfinite", "error")) not in ("error", "record"):
+        raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r}: use on_nonfinite=error or on_nonfinite=record")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     dist_context = init_from_environment(str(cfg.device))
@@ -172,7 +174,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not pretrained:
             train_seconds += _pretrain(trainer, train_set, cfg, flag)
             pretrained = True
-        step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
+        try:
+            step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
+        except NonFiniteLossError as error:
+            if str(cfg.get("on_nonfinite", "error")) != "record":
+                raise
+            if not dist_context.is_main:
+                return {"method": str(cfg.method.name), "miou": None, "diverged": {"step": error.step}, "rank": dist_context.rank}
+            return _record_divergence(cfg, out_dir, error, live)
     if not dist_context.is_main:
         barrier(dist_context)  # pairs with rank 0's final checkpoint save
         return {"method": str(cfg.method.name), "miou": None, "iterations": step, "train_seconds": train_seconds,
@@ -198,6 +207,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     live.end()
     write_json_atomic(out_dir / "metrics.json", result)
     log.info("%s: mIoU %.4f after %d iterations, %.1f train seconds", out_dir, metrics.miou, step, train_seconds)
+    return result
+
+
+def _outcome(metrics: dict[str, Any]) -> str:
+    if metrics.get("diverged"):
+        return f"diverged at step {metrics['diverged']['step']}"
+    return f"mIoU {metrics['miou']:.4f}"
+
+
+def _record_divergence(cfg: DictConfig, out_dir: Path, error: NonFiniteLossError, live) -> dict[str, Any]:
+    """``on_nonfinite=record``: a diverged run is a result (mIoU null, the step and terms recorded), not a failed
+    stage, so the other methods' runs and the reports still get built. The weights are non-finite: no checkpoint."""
+    result = {
+        "method": str(cfg.method.name),
+        "miou": None,
+        "diverged": {"step": error.step, "terms": error.terms, "message": str(error)},
+        "iterations": error.step,
+        "train_seconds": None,
+        "precision": str(cfg.get("precision", "fp32")),
+    }
+    if live is not None:
+        live.summary.update({"diverged_at_step": error.step})
+        live.end()
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    write_json_atomic(out_dir / "metrics.json", result)
+    log.warning("%s: %s; recorded as diverged (on_nonfinite=record)", out_dir, error)
     return result
 
 

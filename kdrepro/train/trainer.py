@@ -30,7 +30,12 @@ from kdrepro.train.timing import PhaseTimer, synchronize
 
 
 class NonFiniteLossError(KdreproError):
-    """A loss became NaN or infinite."""
+    """A loss became NaN or infinite at ``step`` in ``terms``."""
+
+    def __init__(self, message: str, step: int = 0, terms: list[str] | None = None):
+        super().__init__(message)
+        self.step = step
+        self.terms = list(terms or [])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,7 +241,9 @@ class Trainer:
         bad = [name for name, value in result.losses.items() if not math.isfinite(float(value.detach()))]
         raise NonFiniteLossError(
             f"loss became non-finite at step {step_index} in term(s) {', '.join(bad) or 'total'}; "
-            "lower optim.lr or the term's weight (the last good checkpoint is kept)"
+            "lower optim.lr or the term's weight (the last good checkpoint is kept)",
+            step=step_index,
+            terms=bad,
         )
 
     def pretrain_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
