@@ -8,6 +8,7 @@ params.yaml             Hydra override
 ======================  ===========================================
 ``profile``             ``profile=<name>``
 ``seed``                ``seed=<n>``
+``reference_iterations``  ``reference_iterations=<n>`` (null = the profile's schedule)
 ``methods``             ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
 ``calibrate.<key>``     ``calibrate.<key>=<value>``
 ======================  ===========================================
@@ -26,7 +27,7 @@ import yaml
 from kdrepro.config import load_config, options
 from kdrepro.errors import ConfigError
 
-PARAM_KEYS = {"profile", "seed", "methods", "calibrate", "extended"}
+PARAM_KEYS = {"profile", "seed", "reference_iterations", "methods", "calibrate", "extended"}
 
 
 def read_params(path: Path) -> dict[str, Any]:
@@ -46,6 +47,9 @@ def read_params(path: Path) -> dict[str, Any]:
     profile = params.get("profile", "synthetic")
     if profile not in options("profile"):
         raise ConfigError(f"{path}: unknown profile {profile!r}; use one of {', '.join(options('profile'))}")
+    reference = params.get("reference_iterations")
+    if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 1):
+        raise ConfigError(f"{path}: reference_iterations must be a positive whole number or null, got {reference!r}")
     methods = params.get("methods") or []
     if not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list of method config names")
@@ -80,6 +84,8 @@ def params_overrides(path: Path) -> list[str]:
     overrides = [f"profile={params.get('profile', 'synthetic')}"]
     if "seed" in params:
         overrides.append(f"seed={int(params['seed'])}")
+    if params.get("reference_iterations") is not None:
+        overrides.append(f"reference_iterations={int(params['reference_iterations'])}")
     if params.get("methods"):
         overrides.append(f"calibrate.methods=[{','.join(['none', *params['methods']])}]")
     for key, value in (params.get("calibrate") or {}).items():

@@ -131,6 +131,7 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
         ("profile: synthetic\nmethods: [kd, bogus]\n", "unknown method(s) ['bogus']"),
         ("profile: synthetic\nmethods: [kd\n", "is not valid YAML"),
         ("profile: synthetic\nmethods: [none, kd]\n", "the student alone is the `student` stage"),
+        ("profile: synthetic\nreference_iterations: 0\n", "reference_iterations must be a positive whole number"),
         ("profile: synthetic\nmethod: [kd]\n", "unknown key(s) ['method']"),
         ("profile: synthetic\nmethods: [kd]\nextended: {methods: [kd], multipliers: ['-2']}\n", "positive numbers"),
     ],
@@ -141,3 +142,18 @@ def test_bad_params_file_is_one_line_error(tmp_path, capsys, params, message):
     assert main(["validate", "--params", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_params_file_maps_to_hydra_overrides(tmp_path):
+    from kdrepro.config import load_config
+    from kdrepro.pipeline import params_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: smoke\nseed: 3\nreference_iterations: 7\nmethods: [kd, cwd]\ncalibrate: {rounds: 2, warmup: null}\n")
+    overrides = params_overrides(path)
+    assert overrides == ["profile=smoke", "seed=3", "reference_iterations=7", "calibrate.methods=[none,kd,cwd]", "calibrate.rounds=2"]
+    cfg = load_config(overrides)
+    assert cfg.reference_iterations == 7 and cfg.budget.iterations == 7 and list(cfg.calibrate.methods) == ["none", "kd", "cwd"]
+    assert cfg.calibrate.warmup == 1  # null keeps the profile's value
+    path.write_text("profile: smoke\n")
+    assert load_config(params_overrides(path)).reference_iterations == 4  # the smoke profile's schedule
