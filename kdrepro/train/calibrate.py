@@ -27,6 +27,7 @@ kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=fal
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import flop_registry
 from kdrepro.data import build_dataset
 from kdrepro.errors import ConfigError
 from kdrepro.train.budget import whole_iterations
+from kdrepro.train.checkpoint import write_text_atomic
 from kdrepro.train.data import training_loader
 from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
@@ -177,7 +179,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "methods": methods,
         "matched": matched,
     }
-    _write_json(output, table)
+    write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
     _write_per_method(output.with_suffix(""), methods, matched)
     return table
 
@@ -258,12 +260,20 @@ def fingerprint(cfg: DictConfig, device: torch.device) -> str:
     config["dataset"] = {k: v for k, v in config.get("dataset", {}).items() if k not in ("root", "generate")}
     protocol = {key: cfg.calibrate.get(key) for key in ("warmup", "rounds", "iterations_per_round")}
     digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device)], sort_keys=True, default=str).encode())
+    digest.update(_code_digest())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    """sha256 over kdrepro's model / method / training / data sources (read once per process)."""
+    digest = hashlib.sha256()
     package = Path(__file__).resolve().parents[1]
     for folder in _CODE_FOLDERS:
         for source in sorted((package / folder).rglob("*.py")):
             digest.update(source.relative_to(package).as_posix().encode())
             digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.digest()
 
 
 def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:
@@ -297,13 +307,6 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
 def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any]) -> None:
     """``budget.json`` and one ``<method>.json`` per method (stale files of dropped methods removed); a file whose
     content is unchanged keeps its bytes, so DVC sees no change in it."""
@@ -317,9 +320,7 @@ def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched:
         path = folder / f"{name}.json"
         text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_text_atomic(path, text)
 
 
 def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:

@@ -19,6 +19,15 @@ from kdrepro.errors import WeightsError
 FORMAT_VERSION = 1
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via ``<path>.tmp`` + ``os.replace``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to ``path`` via ``<path>.tmp`` + ``os.replace`` (atomic on POSIX)."""
     path = Path(path)

@@ -24,7 +24,14 @@ from kdrepro.data import build_dataset, class_names
 from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.evaluate import evaluate
 from kdrepro.train.budget import Budget, resolve_budget
-from kdrepro.train.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rng_state, rng_state, save_atomic
+from kdrepro.train.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_atomic,
+    write_text_atomic,
+)
 from kdrepro.train.data import training_loader
 from kdrepro.train.distributed import any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.train.timing import PHASES, summarize, synchronize
@@ -237,9 +244,7 @@ def _record_divergence(cfg: DictConfig, out_dir: Path, error: NonFiniteLossError
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _open_live(out_dir: Path, resumed: bool):
