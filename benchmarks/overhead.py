@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from kdrepro.config import load_config
+from kdrepro.distributed import DistributedContext
 from kdrepro.models import build_segmentor
-from kdrepro.train.distributed import DistributedContext
 from kdrepro.train.run import _log_step, _open_live, _save
 from kdrepro.train.trainer import Trainer
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdrepro.config import load_config
-from kdrepro.train.distributed import DistributedContext, shard
+from kdrepro.distributed import DistributedContext, shard
 from kdrepro.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

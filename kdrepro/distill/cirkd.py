@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
-from kdrepro.distill.cirkd_memory import ClassEmbeddingQueues, gather_from_all_ranks
+from kdrepro.distill.cirkd_memory import ClassEmbeddingQueues
+from kdrepro.distributed import gather_from_all_ranks
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_labels
 

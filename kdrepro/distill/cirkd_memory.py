@@ -44,27 +44,8 @@ Deviations from the released code, each deliberate:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-def distributed_world_size() -> int:
-    """World size of the default process group, or 1 when ``torch.distributed`` is unavailable or uninitialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-@torch.no_grad()
-def gather_from_all_ranks(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0 (rank order); the tensor itself on a single process."""
-    world_size = distributed_world_size()
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 def sample_without_replacement(counts: Tensor, max_samples: int) -> Tensor:
@@ -124,7 +105,7 @@ class ClassEmbeddingQueues(nn.Module):
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Add one batch: ``embeddings`` ``(B, D, h, w)`` L2-normalised teacher features, ``labels`` ``(B, h, w)``.
 
-        Pass the *gathered* batch under DDP (see :func:`gather_from_all_ranks`). Runs in fp32 outside autocast.
+        Pass the *gathered* batch under DDP (see :func:`kdrepro.distributed.gather_from_all_ranks`). Runs in fp32 outside autocast.
         """
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             pixels = embeddings.flatten(2).transpose(1, 2).to(self.pixel_queue.dtype)  # (B, N, D)
@@ -194,4 +175,4 @@ def _last_write_per_slot(linear_slot: Tensor) -> Tensor:
     return last.scatter_reduce_(0, inverse, order, reduce="amax")
 
 
-__all__ = ["ClassEmbeddingQueues", "distributed_world_size", "gather_from_all_ranks", "sample_without_replacement"]
+__all__ = ["ClassEmbeddingQueues", "sample_without_replacement"]

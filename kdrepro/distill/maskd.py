@@ -69,9 +69,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
+from kdrepro.distributed import average_gradients_if_distributed
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
-from kdrepro.train.distributed import average_gradients_if_distributed
 
 IGNORE_INDEX = 255
 

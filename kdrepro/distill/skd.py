@@ -67,9 +67,9 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distributed import average_gradients_if_distributed
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
-from kdrepro.train.distributed import average_gradients_if_distributed
 
 LOSS_TYPES = ("wgan-gp", "hinge")
 

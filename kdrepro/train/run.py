@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.data import build_dataset, class_names
+from kdrepro.distributed import any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.evaluate import evaluate
 from kdrepro.train.budget import Budget, resolve_budget
@@ -33,7 +34,6 @@ from kdrepro.train.checkpoint import (
     write_text_atomic,
 )
 from kdrepro.train.data import training_loader
-from kdrepro.train.distributed import any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.train.timing import PHASES, summarize, synchronize
 from kdrepro.train.trainer import NonFiniteLossError, Trainer, resolve_device
 
@@ -132,7 +132,7 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
 
-    Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.train.distributed`).
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
     out_dir = Path(cfg.out_dir)
     finished = check_out_dir(out_dir, cfg)

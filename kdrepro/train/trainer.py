@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdrepro import distill
+from kdrepro.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.train.budget import poly_lr
 from kdrepro.train.checkpoint import load_checkpoint
-from kdrepro.train.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.train.timing import PhaseTimer, synchronize
 
 
@@ -124,7 +124,7 @@ class Trainer:
         if self.context.enabled and cfg.get("sync_bn"):
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         #: what the step calls: the student, or its DistributedDataParallel wrapper under torchrun
-        self.model = wrap_student(self.student, self.context, device, sync_bn=False)
+        self.model = wrap_student(self.student, self.context, device)
         self.teacher: nn.Module | None = None
         if method_uses_teacher(cfg.method):
             self.teacher = teacher if teacher is not None else load_teacher(cfg, self.num_classes, device)

@@ -1,13 +1,17 @@
 """Multi-process training with ``torchrun`` (DDP): process group, sharding of the global batch, gradient sync.
 
+A leaf module (it imports torch only) shared by the training loop (:mod:`kdrepro.train`) and the methods
+(:mod:`kdrepro.distill`).
+
 ``kdrepro train`` run under ``torchrun --nproc_per_node=N`` detects ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``, joins a
 process group (NCCL on GPUs, gloo on CPU) and trains with ``loader.batch_size`` as the **global** batch: every rank
 draws the same global batch from the seeded sampler and keeps its contiguous slice (rank ``r`` of ``W`` takes images
 ``[r·B/W, (r+1)·B/W)``, so gathered tensors come back in the global batch's order), and a run's data stream
 does not depend on the number of processes. The student is wrapped in ``DistributedDataParallel`` (gradients averaged
 during backward); a method's own trainable modules (projectors, embedding heads) have their gradients averaged after
-backward by :func:`average_gradients`. ``sync_bn=true`` converts BatchNorm to SyncBatchNorm (the published CIRKD
-setup). Only rank 0 logs, evaluates and writes checkpoints; every rank resumes from the same checkpoint.
+backward by :func:`average_gradients`, and modules with their own optimizer (SKD's critic, MasKD's tokens) by
+:func:`average_gradients_if_distributed`. Only rank 0 logs, evaluates and writes checkpoints; every rank resumes from
+the same checkpoint.
 """
 
 from __future__ import annotations
@@ -60,11 +64,17 @@ def shard(batch: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     return batch[context.rank * per_rank : (context.rank + 1) * per_rank]
 
 
-def wrap_student(student: nn.Module, context: DistributedContext, device: torch.device, sync_bn: bool) -> nn.Module:
+def current_context() -> DistributedContext:
+    """The process group this process has joined, or a single-process context when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistributedContext()
+
+
+def wrap_student(student: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:
+    """The student in ``DistributedDataParallel`` under torchrun; the student itself in a single process."""
     if not context.enabled:
         return student
-    if sync_bn:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)  # BN buffers stay rank-local, as in mmseg
 
@@ -111,5 +121,18 @@ def barrier(context: DistributedContext) -> None:
 def average_gradients_if_distributed(parameters: Iterable[nn.Parameter]) -> None:
     """For a method's separately optimised modules (SKD's discriminator, MasKD's tokens): keep them identical on
     every rank by averaging their gradients before their own optimizer step (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        average_gradients(parameters, DistributedContext(dist.get_rank(), dist.get_world_size()))
+    average_gradients(parameters, current_context())
+
+
+@torch.no_grad()
+def gather_from_all_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order); the tensor itself on a single process.
+
+    Every rank must pass an equally shaped tensor (e.g. ``drop_last=True`` batches).
+    """
+    context = current_context()
+    if not context.enabled:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(context.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
