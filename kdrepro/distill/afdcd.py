@@ -62,9 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_feature, require_positive
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
+from kdrepro.models.output import SegOutput, resize_logits
 
 FEATURE = "c4"
 
@@ -183,11 +183,13 @@ class AugmentationFreeDCD(Distiller):
         max_grad_norm: float | None = 15.0,
     ):
         super().__init__()
+        require_feature("afdcd", FEATURE, student_channels, teacher_channels)
+        require_positive("afdcd", temperature=temperature)
         student_width, teacher_width = student_channels[FEATURE], teacher_channels[FEATURE]
         if teacher_width % int(num_groups):
             raise ConfigError(f"afdcd: num_groups={num_groups} must divide the teacher's c4 channels ({teacher_width})")
-        if not 0.0 <= mask_ratio < 1.0 or temperature <= 0:
-            raise ConfigError(f"afdcd: need 0 <= mask_ratio < 1 and temperature > 0 (got {mask_ratio}, {temperature})")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ConfigError(f"afdcd: need 0 <= mask_ratio < 1, got {mask_ratio}")
         patch = [int(patch_size)] * 2 if isinstance(patch_size, int) else [int(size) for size in patch_size]
         if len(patch) != 2 or min(patch) < 1:
             raise ConfigError(f"afdcd: patch_size must be a positive int or [height, width], got {patch_size}")
@@ -207,10 +209,7 @@ class AugmentationFreeDCD(Distiller):
     def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
         teacher_feature = teacher.features[FEATURE].detach()
         student_feature = student.features[FEATURE]
-        if student_feature.shape[-2:] != teacher_feature.shape[-2:]:
-            student_feature = F.interpolate(
-                student_feature, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False
-            )
+        student_feature = resize_logits(student_feature, tuple(teacher_feature.shape[-2:]))
         aligned = self.align(student_feature)
         batch, _, height, width = aligned.shape
         keep = spatial_keep_mask(batch, height, width, self.mask_ratio, self.random_mask, aligned.device)

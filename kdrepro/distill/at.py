@@ -34,9 +34,9 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_feature, require_positive
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
+from kdrepro.models.output import SegOutput, resize_logits
 
 
 def spatial_attention(features: Tensor, p: float = 2.0) -> Tensor:
@@ -56,8 +56,8 @@ def attention_map(features: Tensor, p: float = 2.0, size: tuple[int, int] | None
         size: if given and different from ``(h, w)``, the attention map is bilinearly resized to it first.
     """
     attention = spatial_attention(features, p)
-    if size is not None and tuple(attention.shape[-2:]) != tuple(size):
-        attention = F.interpolate(attention[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    if size is not None:
+        attention = resize_logits(attention[:, None], size)[:, 0]
     return F.normalize(attention.flatten(1), p=2.0, dim=1)
 
 
@@ -95,11 +95,8 @@ class AttentionTransfer(Distiller):
         if not names:
             raise ConfigError("at: `features` is empty; list feature names such as [c3, c4]")
         for name in names:
-            if name not in student_channels or name not in teacher_channels:
-                known = ", ".join(sorted(key for key in student_channels if key != "logits"))
-                raise ConfigError(f"at: unknown feature {name!r}; choose among {known}")
-        if p <= 0:
-            raise ConfigError(f"at: p must be positive, got {p}")
+            require_feature("at", name, student_channels, teacher_channels)
+        require_positive("at", p=p)
         self.weight = float(weight)
         self.features = names
         self.p = float(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrepro.errors import ConfigError
@@ -173,19 +174,28 @@ def build(method_cfg: Mapping[str, Any], student_channels: Channels, teacher_cha
     return CompositeDistiller(built)
 
 
-def require_same_classes(method: str, student_channels: Channels, teacher_channels: Channels) -> int:
-    """The shared class count of student and teacher; a :class:`ConfigError` naming ``method`` if they differ."""
+def require_same_classes(
+    method: str, student_channels: Channels, teacher_channels: Channels, fix: str = "use models built for one dataset"
+) -> int:
+    """The shared class count of student and teacher; a :class:`ConfigError` naming ``method`` and ``fix`` if not."""
     student, teacher = student_channels["logits"], teacher_channels["logits"]
     if student != teacher:
-        raise ConfigError(f"{method} needs the same classes in student ({student}) and teacher ({teacher}); use models built for one dataset")
+        raise ConfigError(f"{method} needs the same classes in student ({student}) and teacher ({teacher}); {fix}")
     return int(student)
 
 
-def require_positive(method: str, **values: float) -> None:
-    """A :class:`ConfigError` naming ``method`` and the option for any value that is not > 0."""
+def require_feature(method: str, feature: str, student_channels: Channels, teacher_channels: Channels) -> None:
+    """A :class:`ConfigError` naming ``method`` if student or teacher does not produce the feature map ``feature``."""
+    if feature == "logits" or feature not in student_channels or feature not in teacher_channels:
+        known = ", ".join(sorted(name for name in student_channels if name in teacher_channels and name != "logits"))
+        raise ConfigError(f"{method} feature {feature!r} is not produced by the models; use one of {known}")
+
+
+def require_positive(method: str, **values: float | None) -> None:
+    """A :class:`ConfigError` naming ``method`` and the option for any value that is not > 0 (``None``: unset, skipped)."""
     for name, value in values.items():
-        if not value > 0:
-            raise ConfigError(f"{method} {name} must be positive, got {value}")
+        if value is not None and not value > 0:
+            raise ConfigError(f"{method} option {name} must be positive, got {value}; fix it in the method config")
 
 
 def zero_loss(like: Tensor) -> Tensor:
@@ -193,7 +203,20 @@ def zero_loss(like: Tensor) -> Tensor:
     return like.sum() * 0.0
 
 
+def softmax_kl_terms(student_scores: Tensor, teacher_scores: Tensor, dim: int, temperature: float = 1.0) -> Tensor:
+    """The elementwise terms ``p_t · (log p_t − log p_s)`` of ``KL(softmax(t/T) ‖ softmax(s/T))`` along ``dim``.
+
+    Not reduced: summing them over ``dim`` gives the KL of every distribution, and each method reduces the rest its
+    own way (pixel mean, per-image sum, total). ``T = 1`` divides by nothing.
+    """
+    if temperature != 1.0:
+        student_scores, teacher_scores = student_scores / temperature, teacher_scores / temperature
+    log_p_student = F.log_softmax(student_scores, dim=dim)
+    log_p_teacher = F.log_softmax(teacher_scores, dim=dim)
+    return log_p_teacher.exp() * (log_p_teacher - log_p_student)
+
+
 __all__ = [
-    "Channels", "CompositeDistiller", "Distiller", "available", "build", "build_term", "register",
-    "require_positive", "require_same_classes", "zero_loss",
+    "Channels", "CompositeDistiller", "Distiller", "available", "build", "build_term", "register", "require_feature",
+    "require_positive", "require_same_classes", "softmax_kl_terms", "zero_loss",
 ]

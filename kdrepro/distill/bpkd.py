@@ -49,7 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes
+from kdrepro.distill.base import (
+    Channels,
+    Distiller,
+    register,
+    require_positive,
+    require_same_classes,
+    softmax_kl_terms,
+)
 from kdrepro.distill.cwd import cwd_loss
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
@@ -91,9 +98,8 @@ def edge_masks(
 
 def bpkd_edge_loss(student_logits: Tensor, teacher_logits: Tensor, masks: Tensor, temperature: float = 4.0) -> Tensor:
     """``L_E``: pixel-wise τ²·KL of the edge-masked logits, pooled per class by ``M_E`` / ``n_c`` (BPKD step 3)."""
-    log_p_student = F.log_softmax(student_logits * masks / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits * masks / temperature, dim=1)
-    pixel_kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True) * temperature**2
+    terms = softmax_kl_terms(student_logits * masks, teacher_logits * masks, dim=1, temperature=temperature)
+    pixel_kl = terms.sum(dim=1, keepdim=True) * temperature**2
     edge_area = masks.sum(dim=(2, 3)).clamp_min(1.0)
     per_class = (pixel_kl * masks).sum(dim=(2, 3)) / edge_area
     return per_class.sum(dim=1).mean()

@@ -60,11 +60,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
+from kdrepro.distill.base import (
+    Channels,
+    Distiller,
+    register,
+    require_feature,
+    require_positive,
+    require_same_classes,
+    softmax_kl_terms,
+)
 from kdrepro.distill.cirkd_memory import ClassEmbeddingQueues
 from kdrepro.distributed import gather_from_all_ranks
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput, resize_labels
+from kdrepro.models.output import SegOutput, resize_labels, resize_logits
 
 
 def _relation_kl_sum(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -74,11 +82,10 @@ def _relation_kl_sum(student: Tensor, teacher: Tensor, temperature: float) -> Te
     def relations(features: Tensor) -> Tensor:
         rows = features.transpose(2, 3).reshape(groups, size * pixels, -1)  # (groups, G·N, C)
         similarity = torch.bmm(rows, rows.transpose(1, 2))  # (groups, G·N, G·N): block (i, j) = A^{ij}
-        return similarity.view(groups, size, pixels, size, pixels) / temperature
+        return similarity.view(groups, size, pixels, size, pixels)
 
-    log_p_student = F.log_softmax(relations(student), dim=-1)  # softmax within each N-column block
-    log_p_teacher = F.log_softmax(relations(teacher), dim=-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+    # softmax within each N-column block
+    return softmax_kl_terms(relations(student), relations(teacher), dim=-1, temperature=temperature).sum()
 
 
 def minibatch_pixel_pair_loss(
@@ -97,10 +104,7 @@ def minibatch_pixel_pair_loss(
         pair_group_size: images per pairing group (released runs: 2 per GPU); ``None`` = the whole batch.
         pooling: 2×2 average pooling first (released option ``pooling``, off by default).
     """
-    if student_features.shape[-2:] != teacher_features.shape[-2:]:
-        student_features = F.interpolate(
-            student_features, size=teacher_features.shape[-2:], mode="bilinear", align_corners=False
-        )
+    student_features = resize_logits(student_features, tuple(teacher_features.shape[-2:]))
     if pooling:
         student_features = F.avg_pool2d(student_features, kernel_size=2, stride=2, ceil_mode=True)
         teacher_features = F.avg_pool2d(teacher_features, kernel_size=2, stride=2, ceil_mode=True)
@@ -141,9 +145,8 @@ def memory_contrast_loss(
         valid: optional ``(M,)`` bool mask; the mean runs over valid anchors only.
     """
     scale = temperature * kd_temperature
-    log_p_student = F.log_softmax(student_anchors @ contrast.T / scale, dim=1)
-    log_p_teacher = F.log_softmax(teacher_anchors @ contrast.T / scale, dim=1)
-    per_anchor = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    per_anchor = softmax_kl_terms(student_anchors @ contrast.T, teacher_anchors @ contrast.T, dim=1, temperature=scale)
+    per_anchor = per_anchor.sum(dim=1)
     if valid is None:
         return per_anchor.mean() * kd_temperature**2
     weights = valid.to(per_anchor.dtype)
@@ -255,8 +258,7 @@ class CIRKD(Distiller):
         teacher_embed = F.normalize(teacher_feature, dim=1)
         self.memory.enqueue(gather_from_all_ranks(teacher_embed), gather_from_all_ranks(labels))
         student_embed = self.embed_head(student_feature)
-        if student_embed.shape[-2:] != size:
-            student_embed = F.interpolate(student_embed, size=size, mode="bilinear", align_corners=False)
+        student_embed = resize_logits(student_embed, size)
         student_anchors = F.normalize(student_embed, dim=1).permute(0, 2, 3, 1).reshape(-1, teacher_embed.shape[1])
         teacher_anchors = teacher_embed.permute(0, 2, 3, 1).reshape(-1, teacher_embed.shape[1])
         valid = ((labels != self.ignore_index) & (labels >= 0) & (labels < self.memory.num_classes)).flatten()
@@ -274,8 +276,7 @@ def _check_options(
     feature: str, student_channels: Channels, teacher_channels: Channels, *numbers: float | None
 ) -> None:
     """Raise :class:`ConfigError` for options that cannot work."""
-    if feature not in student_channels or feature not in teacher_channels:
-        raise ConfigError(f"cirkd feature {feature!r} is not produced by the models; use one of c3, c4, decoder")
+    require_feature("cirkd", feature, student_channels, teacher_channels)
     require_same_classes("cirkd", student_channels, teacher_channels)
     names = (
         "contrast_temperature",
@@ -287,9 +288,7 @@ def _check_options(
         "pixels_per_image",
         "pair_group_size",
     )
-    for name, value in zip(names, numbers, strict=True):
-        if value is not None and value <= 0:
-            raise ConfigError(f"cirkd option {name} must be positive, got {value}; fix it in the method config")
+    require_positive("cirkd", **dict(zip(names, numbers, strict=True)))
     pixel_memory_size, pixels_per_image = numbers[2], numbers[6]
     if pixel_memory_size < pixels_per_image:
         raise ConfigError(

@@ -45,10 +45,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import (
+    Channels,
+    Distiller,
+    register,
+    require_feature,
+    require_positive,
+    require_same_classes,
+    softmax_kl_terms,
+)
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
 
@@ -72,9 +79,7 @@ def cwd_loss(
             f"cwd_loss needs equal shapes, got {tuple(student_maps.shape)} and {tuple(teacher_maps.shape)}"
         )
     batch, num_channels = student_maps.shape[:2]
-    log_p_student = F.log_softmax(student_maps.flatten(2) / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_maps.flatten(2) / temperature, dim=-1)
-    kl_sum = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+    kl_sum = softmax_kl_terms(student_maps.flatten(2), teacher_maps.flatten(2), dim=-1, temperature=temperature).sum()
     return kl_sum * temperature**2 / (batch * (channels or num_channels))
 
 
@@ -107,8 +112,7 @@ class ChannelWiseDistillation(Distiller):
         projector_norm: bool = False,
     ):
         super().__init__()
-        if temperature <= 0 or (feature_temperature is not None and feature_temperature <= 0):
-            raise ConfigError(f"cwd temperatures must be positive, got {temperature} / {feature_temperature}")
+        require_positive("cwd", temperature=temperature, feature_temperature=feature_temperature)
         if weight <= 0 and feature_weight <= 0:
             raise ConfigError("cwd needs weight > 0 (logits) or feature_weight > 0 (features); both are 0")
         if feature_normalization not in ("teacher_channels", "student_channels"):
@@ -122,17 +126,13 @@ class ChannelWiseDistillation(Distiller):
         self.feature_temperature = float(feature_temperature or temperature)
         self.feature_normalization = feature_normalization
         self.projector: nn.Module | None = None
-        if self.weight > 0 and student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError(
-                f"cwd on logits needs equal classes (student {student_channels['logits']}, "
-                f"teacher {teacher_channels['logits']}); set weight: 0 to distil features only"
-            )
+        if self.weight > 0:
+            require_same_classes("cwd on logits", student_channels, teacher_channels, "set weight: 0 to distil features only")
         if self.feature_weight > 0:
             self._build_projector(student_channels, teacher_channels, projector_norm)
 
     def _build_projector(self, student_channels: Channels, teacher_channels: Channels, with_norm: bool) -> None:
-        if self.feature not in student_channels or self.feature not in teacher_channels:
-            raise ConfigError(f"cwd feature {self.feature!r} is not produced by the models; use one of c3, c4, decoder")
+        require_feature("cwd", self.feature, student_channels, teacher_channels)
         self.student_feature_channels = student_channels[self.feature]
         if student_channels[self.feature] != teacher_channels[self.feature]:
             self.projector = _projector(student_channels[self.feature], teacher_channels[self.feature], with_norm)

@@ -15,17 +15,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register
-from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
+from kdrepro.distill.base import Channels, Distiller, register, require_feature
+from kdrepro.models.output import SegOutput, resize_logits
 
 
 def fitnet_loss(projected_student: Tensor, teacher_feature: Tensor) -> Tensor:
     """Mean squared error between the regressed student feature and the teacher feature (same shape)."""
-    if projected_student.shape[-2:] != teacher_feature.shape[-2:]:
-        projected_student = F.interpolate(
-            projected_student, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False
-        )
+    projected_student = resize_logits(projected_student, tuple(teacher_feature.shape[-2:]))
     return F.mse_loss(projected_student, teacher_feature)
 
 
@@ -42,8 +38,7 @@ class FitNet(Distiller):
         batch_norm: bool = True,
     ):
         super().__init__()
-        if feature not in student_channels or feature not in teacher_channels:
-            raise ConfigError(f"fitnet feature {feature!r} is not produced by the models; use one of c3, c4, decoder")
+        require_feature("fitnet", feature, student_channels, teacher_channels)
         self.weight = float(weight)
         self.feature = feature
         layers: list[nn.Module] = [nn.Conv2d(student_channels[feature], teacher_channels[feature], 1, bias=not batch_norm)]

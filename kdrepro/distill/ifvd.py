@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register
-from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput, resize_labels
+from kdrepro.distill.base import Channels, Distiller, register, require_feature, require_same_classes
+from kdrepro.models.output import SegOutput, resize_labels, resize_logits
 
 PROTOTYPE_EPS = 1e-6  # added to the pixel count of a class, as in the release
 COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity's default, used by the release
@@ -93,9 +92,7 @@ def ifvd_loss(student_features: Tensor, teacher_features: Tensor, labels: Tensor
     """``mean_{b,i} (M^s − M^t)²`` over all pixels (unlabelled ones contribute 0), unweighted."""
     student_map = ifv_map(student_features.float(), labels, num_classes)
     teacher_map = ifv_map(teacher_features.float(), labels, num_classes)
-    if student_map.shape != teacher_map.shape:
-        size = tuple(teacher_map.shape[-2:])
-        student_map = F.interpolate(student_map[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    student_map = resize_logits(student_map[:, None], tuple(teacher_map.shape[-2:]))[:, 0]
     return (student_map - teacher_map).pow(2).mean()
 
 
@@ -112,13 +109,10 @@ class IntraClassFeatureVariation(Distiller):
 
     def __init__(self, student_channels: Channels, teacher_channels: Channels, weight: float = 200.0, feature: str = "decoder"):
         super().__init__()
-        if feature not in student_channels or feature not in teacher_channels:
-            raise ConfigError(f"ifvd: unknown feature {feature!r}; use one of c3, c4, decoder")
-        if student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError("ifvd: student and teacher must predict the same number of classes")
+        require_feature("ifvd", feature, student_channels, teacher_channels)
+        self.num_classes = require_same_classes("ifvd", student_channels, teacher_channels)
         self.weight = float(weight)
         self.feature = feature
-        self.num_classes = int(student_channels["logits"])
 
     def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
         loss = ifvd_loss(student.features[self.feature], teacher.features[self.feature], target, self.num_classes)

@@ -13,10 +13,17 @@ ignored pixels are excluded.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes
+from kdrepro.distill.base import (
+    Channels,
+    Distiller,
+    register,
+    require_positive,
+    require_same_classes,
+    softmax_kl_terms,
+    zero_loss,
+)
 from kdrepro.models.output import SegOutput, resize_labels
 
 
@@ -29,13 +36,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
         temperature: softmax temperature ``T``.
         valid: optional ``(B, h, w)`` bool mask of the pixels that count.
     """
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    per_pixel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    per_pixel = softmax_kl_terms(student_logits, teacher_logits, dim=1, temperature=temperature).sum(dim=1)
     if valid is not None:
         per_pixel = per_pixel[valid]
         if per_pixel.numel() == 0:
-            return student_logits.sum() * 0.0
+            return zero_loss(student_logits)
     return per_pixel.mean() * temperature**2
 
 

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrepro.distill.base import Channels, Distiller, register, require_same_classes
+from kdrepro.distill.base import Channels, Distiller, register, require_positive, require_same_classes, zero_loss
 from kdrepro.distributed import average_gradients_if_distributed
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
@@ -89,7 +89,7 @@ def mask_dice_loss(masks: Tensor) -> Tensor:
     """
     batch, tokens = masks.shape[:2]
     if tokens < 2:
-        return masks.sum() * 0.0
+        return zero_loss(masks)
     flat = masks.flatten(2)
     overlap = flat @ flat.transpose(1, 2)
     energy = flat.pow(2).sum(-1)
@@ -109,7 +109,7 @@ def masked_task_loss(teacher_logits: Tensor, masks: Tensor, target: Tensor, igno
     masked_scores = teacher_logits * masks.sum(dim=1, keepdim=True)
     masked_scores = resize_logits(masked_scores, tuple(target.shape[-2:]))
     if not bool((target != ignore_index).any()):
-        return masked_scores.sum() * 0.0
+        return zero_loss(masked_scores)
     return F.cross_entropy(masked_scores, target, ignore_index=ignore_index)
 
 
@@ -147,11 +147,9 @@ class MaskedDistillation(Distiller):
     ):
         super().__init__()
         classes = require_same_classes("maskd", student_channels, teacher_channels)
-        if int(num_tokens) < 1 or int(pretrain_iterations) < 0 or pretrain_lr <= 0:
-            raise ConfigError(
-                f"maskd: num_tokens must be >= 1, pretrain_iterations >= 0 and pretrain_lr > 0 "
-                f"(got {num_tokens}, {pretrain_iterations}, {pretrain_lr})"
-            )
+        require_positive("maskd", num_tokens=int(num_tokens), pretrain_lr=pretrain_lr)
+        if int(pretrain_iterations) < 0:
+            raise ConfigError(f"maskd pretrain_iterations must be >= 0, got {pretrain_iterations}")
         self.weight = float(weight)
         self.aux_weight = float(aux_weight)
         self.needs_teacher_aux = self.aux_weight > 0

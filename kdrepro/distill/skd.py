@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from kdrepro.distill.base import Channels, Distiller, register
+from kdrepro.distill.base import Channels, Distiller, register, require_feature, require_same_classes, softmax_kl_terms
 from kdrepro.distributed import average_gradients_if_distributed
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput, resize_logits
@@ -78,9 +78,7 @@ LOSS_TYPES = ("wgan-gp", "hinge")
 def pixelwise_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """SKD pixel-wise term: ``Σ_b Σ_i KL(softmax(t) ‖ softmax(s)) / (h·w)`` (per-image pixel mean, summed over B)."""
     student_logits = resize_logits(student_logits, tuple(teacher_logits.shape[-2:]))
-    log_p_student = F.log_softmax(student_logits.float(), dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float(), dim=1)
-    per_pixel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    per_pixel = softmax_kl_terms(student_logits.float(), teacher_logits.float(), dim=1).sum(dim=1)
     height, width = per_pixel.shape[-2:]
     return per_pixel.sum() / (height * width)
 
@@ -257,9 +255,7 @@ class HolisticDistiller(Distiller):
         d_min_input_size: int = 64,
     ):
         super().__init__()
-        num_classes = int(student_channels["logits"])
-        if num_classes != int(teacher_channels["logits"]):
-            raise ConfigError(f"adv: student has {num_classes} classes, teacher {teacher_channels['logits']}; they must match")
+        num_classes = require_same_classes("adv", student_channels, teacher_channels)
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"adv: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if d_lr_schedule not in ("poly", "constant"):
@@ -368,10 +364,8 @@ class StructuredKD(Distiller):
         holistic: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        if feature not in student_channels or feature not in teacher_channels:
-            raise ConfigError(f"skd: unknown feature {feature!r}; use one of c3, c4, decoder")
-        if student_channels["logits"] != teacher_channels["logits"]:
-            raise ConfigError("skd: student and teacher must predict the same number of classes")
+        require_feature("skd", feature, student_channels, teacher_channels)
+        require_same_classes("skd", student_channels, teacher_channels)
         if not 0 < pool_scale <= 1:
             raise ConfigError(f"skd: pool_scale must be in (0, 1], got {pool_scale}")
         self.weight = float(weight)
