@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,18 +82,28 @@ def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
     if kind == "calibrated":
         multiplier = _positive(budget_cfg.get("multiplier", 1.0), "budget.multiplier", "use e.g. 1, 2, 4 or 8")
         path = budget_cfg.get("calibration")
-        return calibrated_budget(Path(str(path)), method_name, multiplier)
+        world_size = None if budget_cfg.get("allow_world_size_mismatch", False) else running_world_size()
+        return calibrated_budget(Path(str(path)), method_name, multiplier, world_size)
     raise ConfigError(f"unknown budget kind {kind!r}; use budget=iterations, budget=seconds or budget=calibrated")
 
 
-def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0) -> Budget:
+def running_world_size() -> int:
+    """The number of processes of this run: torchrun's ``WORLD_SIZE``, 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, world_size: int | None = None) -> Budget:
     """The compute-matched iteration count of ``method_name`` from a calibration table: either the whole
-    ``calibration.json`` or the folder beside it (``budget.json`` + ``<method>.json``, what DVC stages depend on)."""
+    ``calibration.json`` or the folder beside it (``budget.json`` + ``<method>.json``, what DVC stages depend on).
+
+    With ``world_size`` given, a calibration measured with another number of processes is refused (DDP's
+    communication is part of every iteration's cost); tables from before the world size was recorded count as 1."""
     if not path.exists():
         raise ConfigError(f"calibration {path} does not exist; run `kdrepro calibrate` first or set budget.calibration")
     try:
         if path.is_dir():
-            budget_seconds = float(json.loads((path / "budget.json").read_text())["budget_seconds"])
+            budget_file = json.loads((path / "budget.json").read_text())
+            budget_seconds, measured_world = float(budget_file["budget_seconds"]), int(budget_file.get("world_size", 1))
             entry_path = path / f"{method_name}.json"
             methods = {method_name: json.loads(entry_path.read_text())} if entry_path.is_file() else {}
             known = sorted(p.stem for p in path.glob("*.json") if p.stem != "budget")
@@ -100,9 +111,16 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0) -> 
             table = json.loads(path.read_text())
             methods = table["methods"]
             budget_seconds = float(table["matched"]["budget_seconds"])
+            measured_world = int(table.get("world_size", 1))
             known = sorted(methods)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"calibration {path} is malformed or incomplete ({error}); re-run `kdrepro calibrate`") from error
+    if world_size is not None and measured_world != world_size:
+        launcher = f"torchrun --nproc_per_node={world_size} -m kdrepro" if world_size > 1 else "kdrepro"
+        raise ConfigError(
+            f"calibration {path} was measured with {measured_world} process(es) but this run has {world_size}; "
+            f"re-calibrate with `{launcher} calibrate ...` or set budget.allow_world_size_mismatch=true"
+        )
     if method_name not in methods:
         raise ConfigError(
             f"calibration {path} has no entry for method {method_name!r} (it has: {', '.join(known)}); "

@@ -1,6 +1,6 @@
 """``kdrepro calibrate``: measure each method's cost per training iteration on this hardware, then match budgets.
 
-Protocol (DESIGN §5): every method is built (one shared frozen teacher), warmed up, then timed in interleaved rounds
+Protocol: every method is built (one shared frozen teacher), warmed up, then timed in interleaved rounds
 ``A B C, B C A, C A B, ...`` of a few iterations each, with real data, by the *same* code the training loop runs
 (:meth:`Trainer.timed_step`). Machine drift (up to ~25 % over half an hour on the 2-core CPUs) therefore hits every
 method alike, and the median over all timed iterations is robust to stragglers. A method's pre-training stage (e.g.
@@ -22,6 +22,14 @@ method / training code). When the previous table exists, only methods whose fing
 are measured, interleaved with the *anchor* (the previous reference method); their times are rescaled by
 ``previous anchor seconds / anchor seconds now``, so drift between the two sessions cancels. Unchanged entries are
 kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=false``, everything is re-measured.
+
+**Under torchrun** (``torchrun --nproc_per_node=N -m kdrepro calibrate ...``) every rank builds the same trainers
+(DDP students, each rank on its slice of the global batch, exactly as ``kdrepro train`` under torchrun) and runs the
+same rounds in lockstep, with a barrier around every timed block; each iteration's timings are reduced to their
+maximum over ranks (the pace of a DDP run is its slowest rank's; see :func:`_measure`), FLOPs are summed over ranks,
+and rank 0 writes the files. The table and ``budget.json`` record ``world_size``; a compute-matched run under another
+number of processes is refused unless ``budget.allow_world_size_mismatch=true`` (:mod:`kdrepro.train.budget`), since
+DDP's communication is part of every iteration's cost.
 """
 
 from __future__ import annotations
@@ -44,8 +52,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from kdrepro.data import build_dataset
+from kdrepro.distributed import DistributedContext, barrier, init_from_environment, shard
 from kdrepro.errors import ConfigError
 from kdrepro.train.budget import whole_iterations
+from kdrepro.train.calibrate_ranks import (
+    check_global_batch,
+    device_memory_bytes,
+    from_rank_zero,
+    peak_rss_bytes,
+    rank_device,
+    reduce_over_ranks,
+    slowest_rank_history,
+)
 from kdrepro.train.checkpoint import write_text_atomic
 from kdrepro.train.data import training_loader
 from kdrepro.train.timing import PHASES, synchronize
@@ -112,8 +130,10 @@ class AtenFlopCounter(TorchDispatchMode):
 
 
 def _flops_per_iteration(trainer: Trainer, batches) -> int:
-    """FLOPs of one full training step (teacher forward, student forward + backward, KD terms, method step)."""
-    images, labels = trainer.to_device(*next(batches))
+    """FLOPs of one full training step (teacher forward, student forward + backward, KD terms, method step) on the
+    global batch: under torchrun each rank counts its slice and the counts are summed."""
+    images, labels = next(batches)
+    images, labels = trainer.to_device(shard(images, trainer.context), shard(labels, trainer.context))
     counter = AtenFlopCounter()
     trainer.teacher_grad_context = torch.no_grad
     try:
@@ -121,7 +141,7 @@ def _flops_per_iteration(trainer: Trainer, batches) -> int:
             trainer.step(images, labels, progress=0.0)
     finally:
         trainer.teacher_grad_context = torch.inference_mode
-    return counter.total
+    return int(reduce_over_ranks(counter.total, trainer.context, trainer.device, "sum"))
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -142,12 +162,15 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
             raise ConfigError(f"calibrate.{key} must be at least 1, got {settings[key]}")
     if base_cfg.get("threads"):
         torch.set_num_threads(int(base_cfg.threads))
-    device = resolve_device(str(base_cfg.device))
+    context = init_from_environment(str(base_cfg.device))
+    device = rank_device(resolve_device(str(base_cfg.device)), context)
+    check_global_batch(int(base_cfg.loader.batch_size), context)
     torch.manual_seed(int(base_cfg.seed))
     configs = {name: method_cfg(name) for name in names}
-    fingerprints = {name: fingerprint(cfg, device) for name, cfg in configs.items()}
+    fingerprints = {name: fingerprint(cfg, device, context.world_size) for name, cfg in configs.items()}
     output = Path(str(settings.output))
     previous = _previous_methods(output) if settings.get("incremental", True) else {}
+    previous = from_rank_zero(previous, context)  # every rank measures the same methods, in the same order
     kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"))
     to_measure = [name for name in names if name not in kept]
     if to_measure and anchor is not None and anchor not in to_measure:
@@ -155,7 +178,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     if kept:
         log.info("unchanged since the last calibration: %s; measuring %s against %s", ", ".join(kept), ", ".join(to_measure) or "nothing", anchor)
 
-    measured = _measure(base_cfg, {name: configs[name] for name in to_measure}, device) if to_measure else {}
+    measured = _measure(base_cfg, {name: configs[name] for name in to_measure}, device, context) if to_measure else {}
     methods: dict[str, dict[str, Any]] = {}
     scale = previous[anchor]["seconds_per_iteration"] / measured[anchor]["seconds_per_iteration"] if kept and anchor in measured else None
     for name in names:
@@ -173,26 +196,40 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "batch_size": int(base_cfg.loader.batch_size),
         "crop_size": list(base_cfg.dataset.crop_size),
         "precision": str(base_cfg.get("precision", "fp32")),
-        "hardware": _hardware(device),
+        "hardware": _hardware(device, context.world_size),
+        "world_size": context.world_size,
+        "device_memory_bytes": device_memory_bytes(device),
+        "process_peak_rss_bytes": peak_rss_bytes(),
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
         "reused": sorted(kept),
         "methods": methods,
         "matched": matched,
     }
-    write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
-    _write_per_method(output.with_suffix(""), methods, matched)
+    if context.is_main:
+        write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
+        _write_per_method(output.with_suffix(""), methods, matched, context.world_size)
+    barrier(context)  # no rank returns before the files exist
     return table
 
 
-def _measure(base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch.device) -> dict[str, dict[str, Any]]:
-    """Interleaved timing of ``configs`` (one shared teacher, real data): one entry per method."""
+def _measure(
+    base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch.device, context: DistributedContext
+) -> dict[str, dict[str, Any]]:
+    """Interleaved timing of ``configs`` (one shared teacher, real data): one entry per method.
+
+    Under torchrun every rank runs the same rounds in lockstep on its slice of the global batch, as training does
+    (DDP student, gradient all-reduce in every backward). Each timed block starts and ends with a barrier. A DDP
+    iteration ends when its slowest rank does (the next all-reduce waits for it), so a training run advances at the
+    pace of the slowest rank: each iteration's timings are reduced with the *max over ranks* before the medians.
+    Rank 0's own clock would hide a straggler (e.g. a GPU sharing its PCIe switch or a slower CPU socket).
+    """
     settings = base_cfg.calibrate
     names = list(configs)
     num_classes = int(base_cfg.dataset.num_classes)
     teacher = None
     if any(method_uses_teacher(cfg.method) for cfg in configs.values()):
         teacher = load_teacher(base_cfg, num_classes, device)
-    trainers = {name: Trainer(cfg, device, teacher) for name, cfg in configs.items()}
+    trainers = {name: Trainer(cfg, device, teacher, context=context) for name, cfg in configs.items()}
     train_set = build_dataset(base_cfg.dataset, "train", train_transforms=True)
     batches = iter(
         training_loader(train_set, int(base_cfg.loader.batch_size), int(base_cfg.seed), 0, int(base_cfg.loader.num_workers))
@@ -204,21 +241,24 @@ def _measure(base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch
         trainers[name].timer.history.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+    barrier(context)
     pretrain_seconds = {name: _time_pretrain(trainer, batches, int(settings.iterations_per_round)) for name, trainer in trainers.items()}
     peak_memory: dict[str, int | None] = dict.fromkeys(names)
     for round_index in range(int(settings.rounds)):
         for name in rotated_order(names, round_index):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            barrier(context)
             for _ in range(int(settings.iterations_per_round)):
                 trainers[name].timed_step(batches, 0.0)
+            barrier(context)
             if device.type == "cuda":
                 peak_memory[name] = max(peak_memory[name] or 0, torch.cuda.max_memory_allocated(device))
         log.info("calibration round %d/%d done", round_index + 1, int(settings.rounds))
 
     methods: dict[str, dict[str, Any]] = {}
     for name, trainer in trainers.items():
-        history = trainer.timer.history
+        history = slowest_rank_history(trainer.timer.history, context, device)
         totals = [record["total"] for record in history]
         median = statistics.median(totals)
         distiller = trainer.distiller
@@ -230,8 +270,8 @@ def _measure(base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch
             "samples": len(totals),
             "phase_median_seconds": {phase: statistics.median(r[phase] for r in history) for phase in PHASES},
             "pretrain_iterations": distiller.pretrain_iterations,
-            "pretrain_seconds": pretrain_seconds[name],
-            "peak_memory_bytes": peak_memory[name],
+            "pretrain_seconds": reduce_over_ranks(pretrain_seconds[name], context, device, "max"),
+            "peak_memory_bytes": None if peak_memory[name] is None else int(reduce_over_ranks(peak_memory[name], context, device, "max")),
             "flops_per_iteration": _flops_per_iteration(trainer, batches),
             "distiller_parameters": sum(p.numel() for p in distiller.parameters()),
             "distiller_buffer_bytes": sum(b.numel() * b.element_size() for b in distiller.buffers()),
@@ -245,21 +285,22 @@ def _measure(base_cfg: DictConfig, configs: dict[str, DictConfig], device: torch
 _COST_NEUTRAL_KEYS = (
     "out_dir", "teacher_checkpoint", "runs_dir", "results_dir", "calibrate", "evaluate", "import_teacher", "budget",
     "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
-    "eval_batch_size", "seed", "profile_name",
+    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs",
 )
 _CODE_FOLDERS = ("models", "distill", "train", "data")
 
 
-def fingerprint(cfg: DictConfig, device: torch.device) -> str:
+def fingerprint(cfg: DictConfig, device: torch.device, world_size: int = 1) -> str:
     """A digest of what sets a method's cost per iteration: its composed config (minus cost-neutral keys), the
-    calibration protocol, the hardware and torch build, and kdrepro's model / method / training / data code."""
+    calibration protocol, the hardware, torch build and number of processes, and kdrepro's model / method /
+    training / data code."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     for key in _COST_NEUTRAL_KEYS:
         config.pop(key, None)
     config["dataset"] = {k: v for k, v in config.get("dataset", {}).items() if k not in ("root", "generate")}
     protocol = {key: cfg.calibrate.get(key) for key in ("warmup", "rounds", "iterations_per_round")}
-    digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device)], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device, world_size)], sort_keys=True, default=str).encode())
     digest.update(_code_digest())
     return digest.hexdigest()[:16]
 
@@ -307,11 +348,12 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     return out
 
 
-def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any]) -> None:
-    """``budget.json`` and one ``<method>.json`` per method (stale files of dropped methods removed); a file whose
-    content is unchanged keeps its bytes, so DVC sees no change in it."""
+def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1) -> None:
+    """``budget.json`` (with the world size it was measured at) and one ``<method>.json`` per method (stale files
+    of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no change in it."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
+    files["budget"]["world_size"] = world_size
     files.update(methods)
     for stale in folder.glob("*.json"):
         if stale.stem not in files:
@@ -339,15 +381,19 @@ def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:
     return statistics.median(durations[1:] or durations) * count
 
 
-def _hardware(device: torch.device) -> dict[str, Any]:
+def _hardware(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """What the cost depends on beyond the config (the world size only when > 1: one-process fingerprints keep the
+    values they had before calibration ran under torchrun)."""
     info: dict[str, Any] = {
-        "device": str(device),
+        "device": str(device) if device.type != "cuda" or world_size == 1 else "cuda",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if world_size > 1:
+        info["world_size"] = world_size
     return info
 
 
