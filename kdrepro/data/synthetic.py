@@ -1,4 +1,4 @@
-"""Procedural street scenes written in the Cityscapes layout: the embedded profile's dataset (DESIGN.md section 6).
+"""Procedural street scenes in the Cityscapes layout: the embedded profile's dataset (no download, same loader).
 
 Every image is a perspective street (pinhole camera 1.5 m above a flat ground plane): sky, a far skyline closing the
 street, road with lane marks, curbs and sidewalks, side planes along both sidewalks split into buildings (windows in

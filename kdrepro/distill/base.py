@@ -34,14 +34,10 @@ class Distiller(nn.Module):
       pre-training on the frozen teacher); the loop runs it inside the training clock, so budgets pay for it.
 
     Attributes:
-        uses_teacher: ``False`` for the student-alone baseline, which lets the loop skip the teacher forward.
-        uses_labels: whether ``forward`` reads the label map (for documentation and sanity checks only).
         needs_teacher_aux: the method reads the teacher's auxiliary logits, so the loop keeps the teacher's FCN
             auxiliary head on in eval mode (e.g. MasKD's 0.4-weighted aux term).
     """
 
-    uses_teacher: bool = True
-    uses_labels: bool = False
     needs_teacher_aux: bool = False
     pretrain_iterations: int = 0
 
@@ -124,8 +120,6 @@ class CompositeDistiller(Distiller):
     def __init__(self, terms: Mapping[str, Distiller]):
         super().__init__()
         self.terms = nn.ModuleDict(dict(terms))
-        self.uses_teacher = any(term.uses_teacher for term in self.terms.values())
-        self.uses_labels = any(term.uses_labels for term in self.terms.values())
         self.needs_teacher_aux = any(term.needs_teacher_aux for term in self.terms.values())
         self.pretrain_iterations = max((term.pretrain_iterations for term in self.terms.values()), default=0)
 

@@ -115,8 +115,6 @@ def bpkd_body_loss(student_logits: Tensor, teacher_logits: Tensor, masks: Tensor
 class BoundaryPrivilegedKD(Distiller):
     """BPKD on the logits; returns ``{"bpkd_edge": λ·λ_E·L_E, "bpkd_body": λ·λ_B·L_B}``."""
 
-    uses_labels = True
-
     def __init__(
         self,
         student_channels: Channels,

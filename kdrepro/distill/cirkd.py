@@ -171,8 +171,6 @@ class CIRKD(Distiller):
     ``cirkd_minibatch_pixel``, ``cirkd_memory_pixel``, ``cirkd_memory_region`` (each already weighted).
     """
 
-    uses_labels = True
-
     def __init__(
         self,
         student_channels: Channels,

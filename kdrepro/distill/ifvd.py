@@ -105,8 +105,6 @@ class IntraClassFeatureVariation(Distiller):
         feature: ``SegOutput.features`` entry (``decoder``, the release's PSP output).
     """
 
-    uses_labels = True
-
     def __init__(self, student_channels: Channels, teacher_channels: Channels, weight: float = 200.0, feature: str = "decoder"):
         super().__init__()
         require_feature("ifvd", feature, student_channels, teacher_channels)

@@ -62,7 +62,6 @@ class LogitKD(Distiller):
         self.weight = float(weight)
         self.temperature = float(temperature)
         self.ignore_index = ignore_index
-        self.uses_labels = ignore_index is not None
 
     def forward(self, student: SegOutput, teacher: SegOutput, target: Tensor) -> dict[str, Tensor]:
         valid = None

@@ -16,23 +16,9 @@ from kdrepro.distill.afdcd import (
     spatial_keep_mask,
 )
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
 
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
-
-
-def make_output(batch: int, channels: dict[str, int], seed: int, grad: bool = False, size: int = 16) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).requires_grad_(grad)
-
-    return SegOutput(
-        logits=rand(batch, channels["logits"], 8, 8),
-        features={"c3": rand(batch, channels["c3"], size, size), "c4": rand(batch, channels["c4"], size, size),
-                  "decoder": rand(batch, channels["decoder"], size, size)},
-    )
 
 
 def explicit_omni_contrastive(student, teacher, temperature, groups, patch):
@@ -133,10 +119,10 @@ def test_generator_sizes_follow_teacher_channels():
     assert isinstance(same.align, torch.nn.Identity)
 
 
-def test_forward_value_gradients_and_clipping():
+def test_forward_value_gradients_and_clipping(seg_output):
     torch.manual_seed(0)
     distiller = AugmentationFreeDCD(STUDENT, TEACHER, contrast_weight=1.0, feature_weight=1.0, max_grad_norm=1e-3)
-    student, teacher = make_output(2, STUDENT, seed=1, grad=True), make_output(2, TEACHER, seed=2)
+    student, teacher = seg_output(STUDENT, batch=2, seed=1, grad=True, size=16), seg_output(TEACHER, batch=2, seed=2, size=16)
     torch.manual_seed(5)
     losses = distiller(student, teacher, torch.zeros(2, 64, 64, dtype=torch.long))
     assert set(losses) == {"afdcd_fd", "afdcd_ctr"}
@@ -155,24 +141,24 @@ def test_forward_value_gradients_and_clipping():
     assert total_norm.item() == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_batch_size_one_and_default_weights():
+def test_batch_size_one_and_default_weights(seg_output):
     torch.manual_seed(0)
     distiller = build_term("afdcd", {}, STUDENT, TEACHER)
-    losses = distiller(make_output(1, STUDENT, seed=3, grad=True), make_output(1, TEACHER, seed=4), None)
+    losses = distiller(seg_output(STUDENT, batch=1, seed=3, grad=True, size=16), seg_output(TEACHER, batch=1, seed=4, size=16), None)
     assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values())
     assert distiller.feature_weight == 2e-6 and distiller.contrast_weight == 5e-3
 
 
-def test_tiny_embedded_maps_still_give_a_loss():
+def test_tiny_embedded_maps_still_give_a_loss(seg_output):
     torch.manual_seed(0)
     distiller = AugmentationFreeDCD(STUDENT, TEACHER)  # c4 8x8 -> pooled 2x2 < 4x4 patch
-    losses = distiller(make_output(1, STUDENT, 1, True, size=8), make_output(1, TEACHER, 2, size=8), None)
+    losses = distiller(seg_output(STUDENT, batch=1, seed=1, grad=True, size=8), seg_output(TEACHER, batch=1, seed=2, size=8), None)
     assert torch.isfinite(losses["afdcd_ctr"]) and losses["afdcd_ctr"].item() > 0
 
 
-def test_random_mask_is_seeded_by_global_rng():
+def test_random_mask_is_seeded_by_global_rng(seg_output):
     distiller = AugmentationFreeDCD(STUDENT, TEACHER)
-    student, teacher = make_output(2, STUDENT, seed=1), make_output(2, TEACHER, seed=2)
+    student, teacher = seg_output(STUDENT, batch=2, seed=1, size=16), seg_output(TEACHER, batch=2, seed=2, size=16)
     values = []
     for seed in (11, 11, 12):
         torch.manual_seed(seed)
@@ -180,13 +166,13 @@ def test_random_mask_is_seeded_by_global_rng():
     assert values[0] == values[1] != values[2]
 
 
-def test_state_dict_round_trip():
+def test_state_dict_round_trip(seg_output):
     torch.manual_seed(0)
     original = AugmentationFreeDCD(STUDENT, TEACHER)
     torch.manual_seed(1)
     restored = AugmentationFreeDCD(STUDENT, TEACHER)
     restored.load_state_dict(original.state_dict())
-    student, teacher = make_output(1, STUDENT, seed=1), make_output(1, TEACHER, seed=2)
+    student, teacher = seg_output(STUDENT, batch=1, seed=1, size=16), seg_output(TEACHER, batch=1, seed=2, size=16)
     torch.manual_seed(3)
     first = original(student, teacher, None)
     torch.manual_seed(3)

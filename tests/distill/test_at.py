@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kdrepro.distill import build, build_term
 from kdrepro.distill.at import at_loss, attention_map
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
-
-
-def outputs(channels: dict[str, int], batch: int = 2, size: int = 8, grad: bool = False, seed: int = 0) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-    features = {
-        name: torch.randn(batch, count, size, size, generator=generator).requires_grad_(grad)
-        for name, count in channels.items()
-        if name != "logits"
-    }
-    logits = torch.randn(batch, channels["logits"], size, size, generator=generator).requires_grad_(grad)
-    return SegOutput(logits=logits, features=features)
 
 
 def reference_at_loss(student: torch.Tensor, teacher: torch.Tensor) -> float:
@@ -80,9 +66,9 @@ def test_student_map_is_resized_to_teacher_size():
     assert torch.isfinite(loss) and loss.item() == pytest.approx(manual.item(), rel=1e-6)
 
 
-def test_distiller_weights_and_sums_layers_and_gradients_reach_student():
+def test_distiller_weights_and_sums_layers_and_gradients_reach_student(seg_output):
     distiller = build_term("at", {"weight": 1000.0, "features": ["c3", "c4"]}, STUDENT, TEACHER)
-    student, teacher = outputs(STUDENT, grad=True), outputs(TEACHER, seed=1)
+    student, teacher = seg_output(STUDENT, grad=True), seg_output(TEACHER, seed=1)
     loss = distiller(student, teacher, torch.zeros(2, 64, 64, dtype=torch.long))["at"]
     expected = 1000.0 * sum(at_loss(student.features[n], teacher.features[n]) for n in ("c3", "c4"))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -90,24 +76,24 @@ def test_distiller_weights_and_sums_layers_and_gradients_reach_student():
     for name in ("c3", "c4"):
         assert student.features[name].grad is not None and student.features[name].grad.abs().sum() > 0
     assert student.features["decoder"].grad is None
-    assert not distiller.uses_labels and list(distiller.parameters()) == []
+    assert list(distiller.parameters()) == []
 
 
-def test_batch_size_one_and_zero_for_identical_outputs():
+def test_batch_size_one_and_zero_for_identical_outputs(seg_output):
     distiller = build_term("at", {}, STUDENT, STUDENT)
-    student = outputs(STUDENT, batch=1, grad=True)
+    student = seg_output(STUDENT, batch=1, grad=True)
     twin = SegOutput(student.logits.detach(), features={k: v.detach() for k, v in student.features.items()})
     assert distiller(student, twin, torch.zeros(1, 64, 64, dtype=torch.long))["at"].item() == pytest.approx(0.0, abs=1e-9)
-    other = outputs(STUDENT, batch=1, seed=3)
+    other = seg_output(STUDENT, batch=1, seed=3)
     loss = distiller(student, other, torch.zeros(1, 64, 64, dtype=torch.long))["at"]
     assert torch.isfinite(loss) and loss.item() > 0
 
 
-def test_deterministic_and_state_dict_round_trip():
+def test_deterministic_and_state_dict_round_trip(seg_output):
     first = build_term("at", {"features": ["decoder"], "weight": 10.0}, STUDENT, TEACHER)
     second = build_term("at", {"features": ["decoder"], "weight": 10.0}, STUDENT, TEACHER)
     second.load_state_dict(first.state_dict())
-    student, teacher, target = outputs(STUDENT, seed=4), outputs(TEACHER, seed=5), torch.zeros(2, 64, 64, dtype=torch.long)
+    student, teacher, target = seg_output(STUDENT, seed=4), seg_output(TEACHER, seed=5), torch.zeros(2, 64, 64, dtype=torch.long)
     assert torch.equal(first(student, teacher, target)["at"], second(student, teacher, target)["at"])
 
 
@@ -117,9 +103,9 @@ def test_bad_options_raise_config_error(options):
         build_term("at", options, STUDENT, TEACHER)
 
 
-def test_configs_build_with_documented_defaults():
-    paper = build(OmegaConf.load(METHOD_DIR / "at.yaml"), STUDENT, TEACHER).terms["at"]
+def test_configs_build_with_documented_defaults(method_yaml):
+    paper = build(method_yaml("at"), STUDENT, TEACHER).terms["at"]
     assert (paper.weight, paper.features, paper.p) == (1000.0, ["c3", "c4"], 2.0)
-    published = build(OmegaConf.load(METHOD_DIR / "at_published.yaml"), STUDENT, TEACHER)
+    published = build(method_yaml("at_published"), STUDENT, TEACHER)
     assert set(published.terms) == {"kd", "at"}
     assert (published.terms["at"].weight, published.terms["at"].features) == (10000.0, ["decoder"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from kdrepro.distill.cwd import cwd_loss
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 CHANNELS = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER_CHANNELS = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
 IGNORE = 255
@@ -154,7 +152,6 @@ def make_labels(batch: int = 2) -> torch.Tensor:
 def test_distiller_terms_gradients_and_zero_for_equal_logits() -> None:
     torch.manual_seed(4)
     distiller = build_term("bpkd", {}, CHANNELS, TEACHER_CHANNELS)
-    assert distiller.uses_labels
     student, teacher, labels = make_output(grad=True), make_output(), make_labels()
     losses = distiller(student, teacher, labels)
     assert set(losses) == {"bpkd_edge", "bpkd_body"}
@@ -189,8 +186,8 @@ def test_bad_options_raise_config_error(options: dict) -> None:
         build_term("bpkd", options, CHANNELS, TEACHER_CHANNELS)
 
 
-def test_method_config() -> None:
-    config = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / "bpkd.yaml"))
+def test_method_config(method_yaml) -> None:
+    config = OmegaConf.to_container(method_yaml("bpkd"))
     assert config["terms"]["bpkd"]["edge_weight"] == 50.0 and config["terms"]["bpkd"]["body_weight"] == 20.0
     built = build(config, CHANNELS, TEACHER_CHANNELS).terms["bpkd"]
     assert (built.temperature, built.edge_kernel_size, built.ignore_index) == (4.0, 7, 255)

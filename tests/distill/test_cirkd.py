@@ -21,7 +21,6 @@ from kdrepro.models.output import SegOutput
 
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 SMALL = {"pixel_memory_size": 40, "region_memory_size": 8}
 
 

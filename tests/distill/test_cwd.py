@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from kdrepro.distill.cwd import cwd_loss
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 STUDENT_CHANNELS = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER_CHANNELS = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
 
@@ -171,12 +169,12 @@ def test_bad_options_raise_config_error(options: dict) -> None:
         build_term("cwd", options, STUDENT_CHANNELS, TEACHER_CHANNELS)
 
 
-def test_method_configs_hold_the_released_defaults() -> None:
-    authors = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / "cwd.yaml"))
+def test_method_configs_hold_the_released_defaults(method_yaml) -> None:
+    authors = OmegaConf.to_container(method_yaml("cwd"))
     assert authors["terms"]["cwd"]["weight"] == 3.0 and authors["terms"]["cwd"]["temperature"] == 4.0
-    mmrazor = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / "cwd_mmrazor.yaml"))
+    mmrazor = OmegaConf.to_container(method_yaml("cwd_mmrazor"))
     assert mmrazor["terms"]["cwd"] == {"weight": 5.0, "temperature": 1.0}
-    published = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / "cwd_published.yaml"))
+    published = OmegaConf.to_container(method_yaml("cwd_published"))
     assert set(published["terms"]) == {"kd", "cwd", "adv"}
     assert published["terms"]["cwd"]["feature_weight"] == 50.0 and published["terms"]["kd"]["weight"] == 1.0
     for config in (authors, mmrazor):

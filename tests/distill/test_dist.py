@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,6 @@ from kdrepro.distill.dist import dist_loss, inter_class_relation, intra_class_re
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 CHANNELS = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER_CHANNELS = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
 
@@ -126,8 +123,8 @@ def test_bad_options_raise_config_error() -> None:
         build_term("dist", {}, CHANNELS, {**TEACHER_CHANNELS, "logits": 150})
 
 
-def test_method_config_holds_the_released_defaults() -> None:
-    config = OmegaConf.to_container(OmegaConf.load(METHOD_DIR / "dist.yaml"))
+def test_method_config_holds_the_released_defaults(method_yaml) -> None:
+    config = OmegaConf.to_container(method_yaml("dist"))
     assert config["terms"]["dist"] == {
         "weight": 1.0,
         "inter_weight": 1.0,

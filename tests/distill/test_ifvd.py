@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kdrepro.distill import build, build_term
 from kdrepro.distill.ifvd import class_prototypes, ifv_map, ifvd_loss
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
-
-
-def outputs(channels: dict[str, int], batch: int = 2, grad: bool = False, seed: int = 0) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-    features = {
-        name: torch.randn(batch, count, 8, 8, generator=generator).requires_grad_(grad)
-        for name, count in channels.items()
-        if name != "logits"
-    }
-    logits = torch.randn(batch, channels["logits"], 8, 8, generator=generator).requires_grad_(grad)
-    return SegOutput(logits=logits, features=features)
 
 
 def block_labels(batch: int, num_classes: int, seed: int = 0, ignore_fraction: float = 0.2) -> torch.Tensor:
@@ -98,8 +83,8 @@ def test_loss_hand_normalisation_counts_every_pixel():
     assert loss.item() == pytest.approx((difference[labelled].sum() / difference.numel()).item(), rel=1e-6)
 
 
-def test_ignored_pixels_do_not_affect_the_loss():
-    student, teacher = outputs(STUDENT, seed=1), outputs(TEACHER, seed=2)
+def test_ignored_pixels_do_not_affect_the_loss(seg_output):
+    student, teacher = seg_output(STUDENT, seed=1), seg_output(TEACHER, seed=2)
     labels = block_labels(2, 19, seed=6, ignore_fraction=0.4)
     ignored = (labels[:, ::8, ::8] == 255)[:, None].expand_as(student.features["decoder"])
     changed = student.features["decoder"].clone()
@@ -119,11 +104,11 @@ def test_zero_for_identical_features_and_all_ignored_labels():
     assert loss.item() == pytest.approx(0.0, abs=1e-12) and torch.isfinite(features.grad).all()
 
 
-def test_distiller_weight_gradients_and_batch_one():
+def test_distiller_weight_gradients_and_batch_one(seg_output):
     distiller = build_term("ifvd", {}, STUDENT, TEACHER)
-    assert distiller.uses_labels and distiller.weight == 200.0
+    assert distiller.weight == 200.0
     for batch in (2, 1):
-        student, teacher = outputs(STUDENT, batch=batch, grad=True), outputs(TEACHER, batch=batch, seed=1)
+        student, teacher = seg_output(STUDENT, batch=batch, grad=True), seg_output(TEACHER, batch=batch, seed=1)
         labels = block_labels(batch, 19, seed=8)
         loss = distiller(student, teacher, labels)["ifvd"]
         expected = 200.0 * ifvd_loss(student.features["decoder"], teacher.features["decoder"], labels, 19)
@@ -133,11 +118,11 @@ def test_distiller_weight_gradients_and_batch_one():
         assert student.features["c3"].grad is None and student.logits.grad is None
 
 
-def test_deterministic_and_state_dict_round_trip():
+def test_deterministic_and_state_dict_round_trip(seg_output):
     first = build_term("ifvd", {"weight": 20.0}, STUDENT, TEACHER)
     second = build_term("ifvd", {"weight": 20.0}, STUDENT, TEACHER)
     second.load_state_dict(first.state_dict())
-    student, teacher, labels = outputs(STUDENT), outputs(TEACHER, seed=1), block_labels(2, 19)
+    student, teacher, labels = seg_output(STUDENT), seg_output(TEACHER, seed=1), block_labels(2, 19)
     assert torch.equal(first(student, teacher, labels)["ifvd"], second(student, teacher, labels)["ifvd"])
 
 
@@ -147,10 +132,10 @@ def test_bad_options_raise_config_error(options):
         build_term("ifvd", options, STUDENT, TEACHER)
 
 
-def test_configs_build_with_documented_defaults():
-    ifvd = build(OmegaConf.load(METHOD_DIR / "ifvd.yaml"), STUDENT, TEACHER).terms
+def test_configs_build_with_documented_defaults(method_yaml):
+    ifvd = build(method_yaml("ifvd"), STUDENT, TEACHER).terms
     assert set(ifvd) == {"ifvd"} and ifvd["ifvd"].weight == 200.0 and ifvd["ifvd"].feature == "decoder"
-    cfg = OmegaConf.load(METHOD_DIR / "ifvd_published.yaml")
+    cfg = method_yaml("ifvd_published")
     cfg.terms.adv.d_conv_dim = 8
     published = build(cfg, STUDENT, TEACHER).terms
     assert set(published) == {"kd", "ifvd", "adv"}

@@ -11,24 +11,9 @@ import torch
 from kdrepro.distill import build_term
 from kdrepro.distill.maskd import MaskedDistillation, mask_dice_loss, maskd_loss, masked_task_loss, receptive_masks
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
 
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
-
-
-def make_output(batch: int, channels: dict[str, int], seed: int, grad: bool = False, aux: bool = True) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).requires_grad_(grad)
-
-    return SegOutput(
-        logits=rand(batch, channels["logits"], 8, 8),
-        aux_logits=rand(batch, channels["logits"], 8, 8) if aux else None,
-        features={"c3": rand(batch, channels["c3"], 8, 8), "c4": rand(batch, channels["c4"], 8, 8),
-                  "decoder": rand(batch, channels["decoder"], 8, 8)},
-    )
 
 
 def make_labels(batch: int, seed: int = 0) -> torch.Tensor:
@@ -104,9 +89,9 @@ def test_masked_task_loss_explicit_with_ignored_pixels():
     assert masked_task_loss(logits, masks, torch.full_like(target, 255)).item() == 0.0
 
 
-def test_forward_losses_gradients_and_frozen_tokens():
+def test_forward_losses_gradients_and_frozen_tokens(seg_output):
     distiller = make_maskd()
-    student, teacher = make_output(2, STUDENT, seed=1, grad=True), make_output(2, TEACHER, seed=2)
+    student, teacher = seg_output(STUDENT, batch=2, seed=1, grad=True, aux=True), seg_output(TEACHER, batch=2, seed=2, aux=True)
     losses = distiller(student, teacher, make_labels(2))
     assert set(losses) == {"maskd", "maskd_aux"}
     masks = receptive_masks(distiller.tokens.detach(), teacher.logits)
@@ -118,18 +103,18 @@ def test_forward_losses_gradients_and_frozen_tokens():
     assert distiller.separately_optimized_parameters() == [distiller.tokens]
 
 
-def test_student_equal_to_teacher_gives_zero_and_missing_teacher_aux_skips_term():
+def test_student_equal_to_teacher_gives_zero_and_missing_teacher_aux_skips_term(seg_output):
     distiller = make_maskd()
-    teacher = make_output(1, TEACHER, seed=4, aux=False)
+    teacher = seg_output(TEACHER, batch=1, seed=4, aux=False)
     losses = distiller(teacher, teacher, make_labels(1))
     assert set(losses) == {"maskd"} and losses["maskd"].item() == 0.0
 
 
-def test_pretrain_step_moves_only_tokens_with_poly_learning_rate():
+def test_pretrain_step_moves_only_tokens_with_poly_learning_rate(seg_output):
     distiller = make_maskd(pretrain_iterations=4)
     assert distiller.pretrain_iterations == 4
-    student = make_output(1, STUDENT, seed=1, grad=True)
-    teacher, labels = make_output(1, TEACHER, seed=2), make_labels(1)
+    student = seg_output(STUDENT, batch=1, seed=1, grad=True, aux=True)
+    teacher, labels = seg_output(TEACHER, batch=1, seed=2, aux=True), make_labels(1)
     before = distiller.tokens.detach().clone()
     logs = distiller.pretrain_step(teacher, labels)
     assert set(logs) == {"mask_task_loss", "mask_dice_loss", "mask_lr"} and logs["mask_lr"] == pytest.approx(0.1)
@@ -139,9 +124,9 @@ def test_pretrain_step_moves_only_tokens_with_poly_learning_rate():
     assert distiller.pretrain_learning_rate() == pytest.approx(0.1 * (1 - 2 / 4) ** 0.9)
 
 
-def test_pretrain_first_step_is_plain_sgd_on_the_mask_objective():
+def test_pretrain_first_step_is_plain_sgd_on_the_mask_objective(seg_output):
     distiller = make_maskd(pretrain_weight_decay=0.0)
-    teacher, labels = make_output(2, TEACHER, seed=5), make_labels(2, seed=5)
+    teacher, labels = seg_output(TEACHER, batch=2, seed=5, aux=True), make_labels(2, seed=5)
     tokens = distiller.tokens.detach().clone().requires_grad_(True)
     masks = receptive_masks(tokens, teacher.logits)
     (masked_task_loss(teacher.logits, masks, labels) + mask_dice_loss(masks)).backward()
@@ -149,8 +134,8 @@ def test_pretrain_first_step_is_plain_sgd_on_the_mask_objective():
     torch.testing.assert_close(distiller.tokens.detach(), tokens.detach() - 0.1 * tokens.grad)
 
 
-def test_state_round_trip_restores_tokens_and_optimizer_momentum():
-    teacher, labels = make_output(2, TEACHER, seed=6), make_labels(2, seed=6)
+def test_state_round_trip_restores_tokens_and_optimizer_momentum(seg_output):
+    teacher, labels = seg_output(TEACHER, batch=2, seed=6, aux=True), make_labels(2, seed=6)
     original = make_maskd(seed=0)
     for _ in range(2):
         original.pretrain_step(teacher, labels)

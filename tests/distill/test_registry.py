@@ -1,4 +1,4 @@
-"""One battery over every method config and every registered term (STYLE.md: timm-style registry tests)."""
+"""One battery over every method config and every registered term, as timm tests every registered model."""
 
 import copy
 
@@ -29,19 +29,6 @@ def method_cfg(name: str) -> dict:
     return cfg
 
 
-def outputs(channels: dict, batch: int = 2, size: int = 8, requires_grad: bool = False, seed: int = 0) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-
-    def tensor(c: int) -> torch.Tensor:
-        return torch.randn(batch, c, size, size, generator=generator).requires_grad_(requires_grad)
-
-    return SegOutput(
-        logits=tensor(channels["logits"]),
-        aux_logits=None,
-        features={name: tensor(c) for name, c in channels.items() if name != "logits"},
-    )
-
-
 def target(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 19, (batch, size, size), generator=generator)
@@ -63,9 +50,9 @@ def test_every_config_names_registered_terms():
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
-def test_finite_loss_and_gradients_reach_student_and_method(name):
+def test_finite_loss_and_gradients_reach_student_and_method(seg_output, name):
     distiller = build(name)
-    student, teacher = outputs(STUDENT, requires_grad=True, seed=1), outputs(TEACHER, seed=2)
+    student, teacher = seg_output(STUDENT, grad=True, seed=1), seg_output(TEACHER, seed=2)
     with torch.no_grad():  # teachers run without autograd
         teacher = SegOutput(teacher.logits.clone(), None, {k: v.clone() for k, v in teacher.features.items()})
     for _ in range(max(distiller.pretrain_iterations and 1, 0)):
@@ -84,19 +71,19 @@ def test_finite_loss_and_gradients_reach_student_and_method(name):
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
-def test_batch_size_one(name):
+def test_batch_size_one(seg_output, name):
     distiller = build(name)
-    losses = distiller(outputs(STUDENT, batch=1, requires_grad=True), outputs(TEACHER, batch=1, seed=3), target(batch=1))
+    losses = distiller(seg_output(STUDENT, batch=1, grad=True), seg_output(TEACHER, batch=1, seed=3), target(batch=1))
     assert all(torch.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
-def test_deterministic_with_seed_and_state_dict_round_trip(name):
+def test_deterministic_with_seed_and_state_dict_round_trip(seg_output, name):
     first = build(name)
     second = build(name)
     second.load_state_dict(copy.deepcopy(first.state_dict()))
     second.load_extra_state(copy.deepcopy(first.extra_state()))
-    student, teacher, labels = outputs(STUDENT, seed=4), outputs(TEACHER, seed=5), target(seed=6)
+    student, teacher, labels = seg_output(STUDENT, seed=4), seg_output(TEACHER, seed=5), target(seed=6)
     torch.manual_seed(123)
     a = first(student, teacher, labels)
     torch.manual_seed(123)
@@ -107,9 +94,9 @@ def test_deterministic_with_seed_and_state_dict_round_trip(name):
 
 
 @pytest.mark.parametrize("term", sorted(ZERO_WHEN_EQUAL & set(distill.available())))
-def test_zero_loss_when_student_equals_teacher(term):
+def test_zero_loss_when_student_equals_teacher(seg_output, term):
     distiller = distill.build({"name": term, "terms": {term: {}}}, TEACHER, TEACHER)
-    same = outputs(TEACHER, seed=7)
+    same = seg_output(TEACHER, seed=7)
     losses = distiller(same, same, target())
     for name, value in losses.items():
         assert float(value) == pytest.approx(0.0, abs=1e-5), f"{term}: {name} = {float(value)} for identical outputs"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from kdrepro.distill import build, build_term
@@ -24,23 +22,10 @@ from kdrepro.distill.skd import (
     pixelwise_loss,
 )
 from kdrepro.errors import ConfigError
-from kdrepro.models.output import SegOutput
 
-METHOD_DIR = Path(__file__).resolve().parents[1] / "kdrepro" / "conf" / "method"
 STUDENT = {"c3": 16, "c4": 32, "decoder": 8, "logits": 19}
 TEACHER = {"c3": 64, "c4": 128, "decoder": 32, "logits": 19}
 SMALL_CRITIC = {"d_conv_dim": 8}
-
-
-def outputs(channels: dict[str, int], batch: int = 2, size: int = 8, grad: bool = False, seed: int = 0) -> SegOutput:
-    generator = torch.Generator().manual_seed(seed)
-    features = {
-        name: torch.randn(batch, count, size, size, generator=generator).requires_grad_(grad)
-        for name, count in channels.items()
-        if name != "logits"
-    }
-    logits = torch.randn(batch, channels["logits"], size, size, generator=generator).requires_grad_(grad)
-    return SegOutput(logits=logits, features=features)
 
 
 def labels(batch: int = 2) -> torch.Tensor:
@@ -164,10 +149,10 @@ def test_gradient_penalty_of_a_linear_critic_is_closed_form():
     assert torch.allclose(critic.weight.grad, expected_grad.detach(), atol=1e-5)
 
 
-def test_adv_student_term_and_critic_step():
+def test_adv_student_term_and_critic_step(seg_output):
     torch.manual_seed(0)
     adv = build_term("adv", {**SMALL_CRITIC, "weight": 0.001}, STUDENT, TEACHER)
-    student, teacher = outputs(STUDENT, grad=True), outputs(TEACHER, seed=1)
+    student, teacher = seg_output(STUDENT, grad=True), seg_output(TEACHER, seed=1)
     critic_before = copy.deepcopy(adv.discriminator)  # each forward advances the spectral-norm power iteration
     loss = adv(student, teacher, labels())["adv"]
     assert loss.item() == pytest.approx(-0.001 * critic_before(student.logits).mean().item(), rel=1e-5)
@@ -184,16 +169,16 @@ def test_adv_student_term_and_critic_step():
     assert adv.current_d_lr(None) == pytest.approx(4e-4)
 
 
-def test_hinge_critic_has_no_penalty_and_constant_lr():
+def test_hinge_critic_has_no_penalty_and_constant_lr(seg_output):
     adv = build_term("adv", {**SMALL_CRITIC, "loss_type": "hinge", "d_lr_schedule": "constant"}, STUDENT, TEACHER)
-    logs = adv.extra_step(outputs(STUDENT).detach(), outputs(TEACHER, seed=1), progress=0.9)
+    logs = adv.extra_step(seg_output(STUDENT).detach(), seg_output(TEACHER, seed=1), progress=0.9)
     assert logs["d_gradient_penalty"] == 0.0 and logs["d_lr"] == pytest.approx(4e-4)
 
 
-def test_adv_state_round_trip_gives_identical_next_step():
+def test_adv_state_round_trip_gives_identical_next_step(seg_output):
     torch.manual_seed(0)
     first = build_term("adv", SMALL_CRITIC, STUDENT, TEACHER)
-    student, teacher = outputs(STUDENT, batch=1).detach(), outputs(TEACHER, batch=1, seed=1)
+    student, teacher = seg_output(STUDENT, batch=1).detach(), seg_output(TEACHER, batch=1, seed=1)
     first.extra_step(student, teacher)
     second = build_term("adv", SMALL_CRITIC, STUDENT, TEACHER)
     second.load_state_dict(first.state_dict())
@@ -207,10 +192,10 @@ def test_adv_state_round_trip_gives_identical_next_step():
 
 
 # -------------------------------------------------------------------------------------------------------- skd term
-def test_skd_terms_are_weighted_and_reach_the_student():
+def test_skd_terms_are_weighted_and_reach_the_student(seg_output):
     torch.manual_seed(0)
     skd = build_term("skd", {"holistic": SMALL_CRITIC}, STUDENT, TEACHER)
-    student, teacher = outputs(STUDENT, grad=True), outputs(TEACHER, seed=1)
+    student, teacher = seg_output(STUDENT, grad=True), seg_output(TEACHER, seed=1)
     losses = skd(student, teacher, labels())
     assert set(losses) == {"pixelwise", "pairwise", "holistic"}
     assert losses["pixelwise"].item() == pytest.approx(10.0 * pixelwise_loss(student.logits, teacher.logits).item(), rel=1e-6)
@@ -224,9 +209,9 @@ def test_skd_terms_are_weighted_and_reach_the_student():
     assert "d_loss" in skd.extra_step(student.detach(), teacher, progress=0.0)
 
 
-def test_skd_zero_loss_for_identical_outputs_and_batch_one():
+def test_skd_zero_loss_for_identical_outputs_and_batch_one(seg_output):
     skd = build_term("skd", {"holistic_weight": 0.0}, STUDENT, STUDENT)
-    student = outputs(STUDENT, batch=1, grad=True)
+    student = seg_output(STUDENT, batch=1, grad=True)
     twin = student.detach()
     losses = skd(student, twin, labels(1))
     assert skd.holistic is None and set(losses) == {"pixelwise", "pairwise"}
@@ -234,12 +219,12 @@ def test_skd_zero_loss_for_identical_outputs_and_batch_one():
     assert skd.extra_step(student.detach(), twin) == {} and skd.extra_state() == {}
 
 
-def test_skd_is_deterministic_under_a_seed():
+def test_skd_is_deterministic_under_a_seed(seg_output):
     results = []
     for _ in range(2):
         torch.manual_seed(3)
         skd = build_term("skd", {"holistic": SMALL_CRITIC}, STUDENT, TEACHER)
-        student, teacher = outputs(STUDENT).detach(), outputs(TEACHER, seed=1)
+        student, teacher = seg_output(STUDENT).detach(), seg_output(TEACHER, seed=1)
         skd.extra_step(student, teacher)
         results.append(skd(student, teacher, labels())["holistic"])
     assert torch.equal(results[0], results[1])
@@ -256,9 +241,9 @@ def test_bad_options_raise_config_error(name, options):
         build_term(name, options, STUDENT, TEACHER)
 
 
-def test_configs_build_with_documented_defaults():
+def test_configs_build_with_documented_defaults(method_yaml):
     def load(name: str):
-        cfg = OmegaConf.load(METHOD_DIR / f"{name}.yaml")
+        cfg = method_yaml(name)
         for options in cfg.terms.values():
             if "holistic" in options:
                 options.holistic.d_conv_dim = 8
