@@ -8,7 +8,10 @@ inside the method's measured cost. The training loop knows nothing about any par
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
@@ -82,18 +85,55 @@ class Distiller(nn.Module):
 
 DistillerFactory = Callable[..., Distiller]
 _REGISTRY: dict[str, DistillerFactory] = {}
+_SOURCES: dict[str, Path | None] = {}  # name -> file that defined the registered factory, read when it registered
+_FIXED_ARGUMENTS = ("student_channels", "teacher_channels")
 
 
 def register(name: str) -> Callable[[DistillerFactory], DistillerFactory]:
-    """Class decorator: make a method buildable by ``name`` (``kdrepro.distill.build``)."""
+    """Make a method buildable by ``name``: ``@register("name")`` on a :class:`Distiller` subclass, or
+    ``register("name")(factory)`` for a class or a function returning a Distiller. Returns the factory unchanged.
+
+    ``name`` is the term name that method configs list under ``terms:``; it must be a Python identifier and unique.
+    Registering the same definition again (a module reloaded, or one file imported under two module names) replaces
+    it; another definition under a taken name is a :class:`ConfigError`.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"distillation method name {name!r} must be a Python identifier, e.g. 'my_method'")
 
     def decorator(factory: DistillerFactory) -> DistillerFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"distillation method {name!r} is registered twice")
-        _REGISTRY[name] = factory
+        if not callable(factory) or (isinstance(factory, type) and not issubclass(factory, Distiller)):
+            raise ConfigError(
+                f"register({name!r}) needs a subclass of kdrepro.distill.Distiller (or a function returning one), "
+                f"got {factory!r}"
+            )
+        previous, source = _REGISTRY.get(name), _source_file(factory)
+        if previous is not None and not _same_definition(previous, _SOURCES.get(name), factory, source):
+            raise ConfigError(
+                f"distillation method {name!r} is already registered by {_origin(previous)}; register "
+                f"{_origin(factory)} under another name and list that name under terms: in its method config"
+            )
+        _REGISTRY[name], _SOURCES[name] = factory, source
         return factory
 
     return decorator
+
+
+def _origin(factory: DistillerFactory) -> str:
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+
+
+def _source_file(factory: DistillerFactory) -> Path | None:
+    module = sys.modules.get(getattr(factory, "__module__", ""))
+    path = getattr(module, "__file__", None)
+    return Path(path).resolve() if path else None
+
+
+def _same_definition(first: DistillerFactory, first_source: Path | None, second: DistillerFactory, second_source: Path | None) -> bool:
+    """Whether two factories are one definition: same qualified name, and same module or same source file."""
+    if getattr(first, "__qualname__", None) != getattr(second, "__qualname__", None):
+        return False
+    same_module = getattr(first, "__module__", None) == getattr(second, "__module__", None)
+    return same_module or (first_source is not None and first_source == second_source)
 
 
 def available() -> list[str]:
@@ -103,12 +143,40 @@ def available() -> list[str]:
 
 def build_term(name: str, options: Mapping[str, Any], student_channels: Channels, teacher_channels: Channels) -> Distiller:
     """Build one registered method from its options (``weight`` and method-specific keys)."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown distillation method {name!r}; known methods: {', '.join(available())}")
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError(
+            f"unknown distillation method {name!r}; known methods: {', '.join(available())}. A method of your own "
+            f"registers itself with @kdrepro.distill.register({name!r}) when its module is imported: list the folder "
+            "that holds it under plugins"
+        )
+    _check_options(name, factory, options)
     try:
-        return _REGISTRY[name](student_channels=dict(student_channels), teacher_channels=dict(teacher_channels), **options)
+        built = factory(student_channels=dict(student_channels), teacher_channels=dict(teacher_channels), **options)
     except TypeError as error:
         raise ConfigError(f"bad options for distillation method {name!r}: {error}") from error
+    if not isinstance(built, Distiller):
+        raise ConfigError(f"distillation method {name!r} ({_origin(factory)}) returned {type(built).__name__}, not a Distiller")
+    return built
+
+
+def _check_options(name: str, factory: DistillerFactory, options: Mapping[str, Any]) -> None:
+    """A :class:`ConfigError` listing the valid options if ``options`` do not fit the factory's signature."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature: the call itself will tell
+        return
+    try:
+        signature.bind(**dict.fromkeys(_FIXED_ARGUMENTS), **options)
+    except TypeError as error:
+        valid = [
+            parameter.name
+            for parameter in signature.parameters.values()
+            if parameter.name not in _FIXED_ARGUMENTS and parameter.kind is not parameter.VAR_KEYWORD
+        ]
+        raise ConfigError(
+            f"bad options for distillation method {name!r}: {error}; valid options: {', '.join(valid) or 'none'}"
+        ) from error
 
 
 class CompositeDistiller(Distiller):
