@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from kdrepro.config import load_config
-from kdrepro.distributed import DistributedContext
+from kdrepro.io import save_checkpoint
 from kdrepro.models import build_segmentor
-from kdrepro.train.run import _log_step, _open_live, _save
+from kdrepro.train.run import RunState, checkpoint_state, log_step, open_live
 from kdrepro.train.trainer import Trainer
 
 
@@ -71,18 +71,17 @@ def main(overrides: list[str]) -> None:
     bare_median, harness_median = statistics.median(bare_times), statistics.median(harness_times)
 
     with tempfile.TemporaryDirectory() as folder:
-        live = _open_live(Path(folder) / "run", resumed=False)
+        live = open_live(Path(folder) / "run", resumed=False)
         result, _ = trainer.timed_step(batches, 0.0)
         log_times = []
         for step in range(20):
             start = time.perf_counter()
-            _log_step(live, result, 0.01, 1.0, step)
+            log_step(live, result, 0.01, 1.0, step)
             log_times.append(time.perf_counter() - start)
-        context = {"cfg": cfg, "trainer": trainer, "path": Path(folder) / "checkpoint.pt", "dist": DistributedContext()}
         save_times = []
         for _ in range(3):
             start = time.perf_counter()
-            _save(context, 1, 1.0, True)
+            save_checkpoint(checkpoint_state(trainer, cfg, RunState(1, 1.0, True)), Path(folder) / "checkpoint.pt")
             save_times.append(time.perf_counter() - start)
     log_per_iteration = statistics.median(log_times) / max(int(cfg.log_every), 1)
     save_per_iteration = statistics.median(save_times) * bare_median / float(cfg.checkpoint_every_seconds)

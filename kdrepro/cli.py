@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kdrepro.errors import KdreproError
+from kdrepro.errors import KdreproError, raise_on_signals
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(error, "exit_code", 2))
     return 0
 
+    except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
+        print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
+        return int(getattr(error, "exit_code", 130))
 
 def run() -> None:
     """Console entry point (``kdrepro``, ``python -m kdrepro``): :func:`main`, then a fast process exit.
@@ -83,6 +86,7 @@ def run() -> None:
     """
     code = main()
     distributed = sys.modules.get("torch.distributed")
+    raise_on_signals()
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
     logging.shutdown()
@@ -145,7 +149,7 @@ def _evaluate(overrides: list[str], positional: list[str]) -> None:
 
 def _import_teacher(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
-    from kdrepro.evaluate_cli import import_teacher
+    from kdrepro.models.weights import import_teacher
 
     if len(positional) != 1:
         raise KdreproError("import-teacher takes exactly one mmsegmentation checkpoint path, e.g. kdrepro import-teacher pspnet.pth")

@@ -7,12 +7,10 @@ the label; pixels labelled ``ignore_index`` are skipped. Inference is ``whole`` 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -124,11 +122,3 @@ def evaluate(
     model.train(was_training)
     return metrics_from_confusion(matrix), matrix
 
-
-def write_metrics(path: Path, metrics: SegMetrics, class_names: Sequence[str] | None = None, **extra) -> None:
-    """Write metrics JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({**metrics.to_json(class_names), **extra}, indent=2))
-    tmp.replace(path)

@@ -98,7 +98,7 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
     """Import ``teacher_import`` if set, else train ``model@teacher`` alone for ``teacher_iterations``."""
     cfg = load_config(overrides)
     if cfg.get("teacher_import"):
-        from kdrepro.evaluate_cli import import_teacher
+        from kdrepro.models.weights import import_teacher
 
         output = Path(str(cfg.out_dir)) / "checkpoint.pt"
         cfg.import_teacher.output = str(output)

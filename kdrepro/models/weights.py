@@ -18,16 +18,14 @@ the ImageNet classifier ``fc.*`` is ignored. A ``state_dict``/``model`` wrapper,
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from kdrepro.errors import WeightsError
+from kdrepro.io import read_torch_file, save_checkpoint
 
 #: mmsegmentation ``EncoderDecoder`` top-level module -> ours. Inside each module our names equal mmseg's
 #: (``ResNetV1c`` stem/layers, mmcv ``ConvModule`` conv/bn, ``psp_modules.N.1``, ``image_pool.1``,
@@ -46,8 +44,9 @@ SHOWN_KEYS = 5
 def read_state_dict(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` of a checkpoint file or an already loaded checkpoint dict.
 
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a DDP ``module.`` prefix. Files are read with
-    ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a DDP ``module.`` prefix. Files are read by
+    :func:`kdrepro.io.read_torch_file`: tensors, containers and NumPy data are built, OpenMMLab bookkeeping objects
+    (mmengine's ``message_hub``) become inert placeholders, and nothing in the file is executed.
     """
     checkpoint = _load_file(Path(source)) if isinstance(source, (str, Path)) else source
     name = str(source) if isinstance(source, (str, Path)) else "the given state dict"
@@ -70,15 +69,7 @@ def read_state_dict(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, T
 def _load_file(path: Path) -> Any:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; check the path (model.pretrained / the argument)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise WeightsError(
-            f"{path} holds Python objects other than tensors, which kdrepro does not unpickle; if you trust the file, "
-            f"re-save only its weights: torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)"
-        ) from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise WeightsError(f"cannot read weights file {path}: {' '.join(str(error).split())[:200]}") from error
+    return read_torch_file(path)
 
 
 def _first(keys: Iterable[str]) -> str:
@@ -200,3 +191,21 @@ def import_mmseg_checkpoint(
         mapped[our_key] = value
     load_strict(model, mapped, name, "segmentor (mmseg import)")
     return meta
+
+
+def import_teacher(cfg: Any, mmseg_path: Path) -> Path:
+    """``kdrepro import-teacher``: map an mmsegmentation PSPNet/DeepLabV3 checkpoint onto ``model@teacher`` (strictly)
+    and save it as a kdrepro checkpoint at ``cfg.import_teacher.output``."""
+    from omegaconf import OmegaConf
+
+    from kdrepro.models import build_segmentor
+    from kdrepro.train.checkpoint import FORMAT_VERSION
+
+    model_cfg = OmegaConf.to_container(cfg.teacher, resolve=True)
+    model = build_segmentor(model_cfg, int(cfg.dataset.num_classes))
+    import_mmseg_checkpoint(mmseg_path, model)
+    output = Path(str(cfg.import_teacher.output))
+    state = {"format": FORMAT_VERSION, "model": model.state_dict(), "num_classes": int(cfg.dataset.num_classes),
+             "model_cfg": model_cfg, "finished": True, "source": str(mmseg_path)}
+    save_checkpoint(state, output)
+    return output

@@ -54,6 +54,7 @@ from torch.utils.flop_counter import flop_registry
 from kdrepro.data import build_dataset
 from kdrepro.distributed import DistributedContext, barrier, init_from_environment, shard
 from kdrepro.errors import ConfigError
+from kdrepro.io import write_text_atomic
 from kdrepro.train.budget import whole_iterations
 from kdrepro.train.calibrate_ranks import (
     check_global_batch,
@@ -64,7 +65,6 @@ from kdrepro.train.calibrate_ranks import (
     reduce_over_ranks,
     slowest_rank_history,
 )
-from kdrepro.train.checkpoint import write_text_atomic
 from kdrepro.train.data import training_loader
 from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device

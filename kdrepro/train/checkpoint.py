@@ -1,61 +1,30 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, then renamed over the old one.
+"""What a training checkpoint holds besides the weights: the RNG states, in plain types.
 
-A crash or a kill during a save therefore never leaves a truncated ``checkpoint.pt``: the previous complete one
-stays until the new one is whole.
+Checkpoints are written and read by :mod:`kdrepro.io` (atomic writes, a reader that never executes pickled code).
+The RNG states are stored as tensors, ints and floats only, so a kdrepro checkpoint also loads with
+``torch.load(weights_only=True)``; checkpoints of older kdrepro versions (NumPy state as an array) still resume.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdrepro.errors import WeightsError
-
 FORMAT_VERSION = 1
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via ``<path>.tmp`` + ``os.replace``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` via ``<path>.tmp`` + ``os.replace`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a kdrepro checkpoint; a missing or unreadable file is a one-line :class:`WeightsError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist; train it first (e.g. `kdrepro train`) or fix the path")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise WeightsError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); re-create it") from error
-    if not isinstance(state, dict) or "model" not in state:
-        raise WeightsError(f"{path} is not a kdrepro checkpoint (no 'model' entry); use `kdrepro import-teacher` for mmseg files")
-    return state
 
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may touch."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)),
+        "python": (version, list(internal), gauss),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,7 +32,10 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

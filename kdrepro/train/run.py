@@ -1,19 +1,26 @@
 """``kdrepro train``: one budgeted, resumable, honestly timed training run.
 
-Run folder (``out_dir``): ``config.yaml`` (resolved config), ``checkpoint.pt`` (atomic, every
-``checkpoint_every_seconds`` of wall time and at the end), ``dvclive/`` (every loss term, lr, train seconds, periodic
-mIoU) and, once finished, ``metrics.json`` (mIoU, iterations, train seconds, phase split). Rerunning the same command
-resumes an interrupted run and is a no-op for a finished one; a folder holding a run of a *different* config is
-refused. SIGINT/SIGTERM write a checkpoint and exit with status 130/143.
+Run folder (``out_dir``): ``config.yaml`` (resolved config), ``inputs.json`` (content hashes of the teacher
+checkpoint and calibration files), ``checkpoint.pt`` (atomic, every ``checkpoint_every_seconds`` of wall time, on a
+signal, and when training ends, *before* the final evaluation), ``dvclive/`` (every loss term, what a method's own
+extra/pre-training step returns, lr, train seconds, periodic mIoU) and, once evaluated, ``metrics.json`` (mIoU,
+iterations, train seconds, phase split).
+
+Rerunning the same command resumes an interrupted run (an interrupt during the final evaluation costs only the
+evaluation) and is a no-op for a finished one. One process at a time writes a folder (:class:`RunLock`). A folder
+holding a run of a *different* config or of changed input files is refused, or moved aside with
+``on_config_change=archive`` (see :mod:`kdrepro.train.run_folder`). SIGINT/SIGTERM at any moment end the command
+with one line and status 130/143 (see :mod:`kdrepro.train.signals`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,93 +28,200 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.data import build_dataset, class_names
-from kdrepro.distributed import any_rank, barrier, broadcast_float, init_from_environment
-from kdrepro.errors import ConfigError, KdreproError
+from kdrepro.distributed import DistributedContext, any_rank, barrier, broadcast_float, init_from_environment
+from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
+from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
-from kdrepro.train.checkpoint import (
-    FORMAT_VERSION,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_atomic,
-    write_text_atomic,
-)
+from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
 from kdrepro.train.data import training_loader
+from kdrepro.train.run_folder import (
+    INPUTS_NAME,
+    RunLock,
+    claim,
+    input_files,
+    input_hashes,
+    record_start,
+    trim_live_logs,
+)
+from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import NonFiniteLossError, Trainer, resolve_device
+from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher, resolve_device
 
 log = logging.getLogger("kdrepro.train")
 
-#: Config keys that do not change what a run computes (may differ when resuming or re-running).
-RUNTIME_KEYS = ("out_dir", "device", "threads", "checkpoint_every_seconds", "log_every", "on_nonfinite")
+
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint restores."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    pretrained: bool = False
+    saved_step: int | None = None  # the step of the checkpoint on disk
 
 
-class Interrupted(KdreproError):
-    """SIGINT / SIGTERM arrived; a checkpoint was written."""
+@dataclass
+class Run:
+    """Everything one training run works with."""
 
-    def __init__(self, signum: int, step: int, path: Path):
-        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved to {path}, rerun to resume")
-        self.exit_code = 128 + signum
+    cfg: DictConfig
+    out_dir: Path
+    budget: Budget
+    trainer: Trainer
+    dist: DistributedContext
+    signals: Signals
+    train_set: Any
+    val_loader: Any
+    live: Any = None
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    @property
+    def method(self) -> str:
+        return str(self.cfg.method.name)
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of a config that defines a run's result."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    for key in RUNTIME_KEYS:
-        container.pop(key, None)
-    container.get("loader", {}).pop("num_workers", None)
-    container.pop("calibrate", None)
-    return container
+def check_options(cfg: DictConfig) -> None:
+    """Refuse unknown run options, and say which given ones are ignored, before anything is built."""
+    if str(cfg.get("on_nonfinite", "error")) not in ("error", "record"):
+        raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r}: use on_nonfinite=error or on_nonfinite=record")
+    if cfg.get("teacher_checkpoint") and not method_uses_teacher(cfg.method):
+        log.warning("method %s trains the student alone: teacher_checkpoint=%s is ignored (not read)",
+                    cfg.method.name, cfg.teacher_checkpoint)
 
 
-def check_out_dir(out_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """Refuse a folder holding a different run; return the finished metrics of the same run, if any."""
-    saved = out_dir / "config.yaml"
-    if not saved.exists():
-        if (out_dir / "checkpoint.pt").exists() or (out_dir / "metrics.json").exists():
-            raise ConfigError(f"{out_dir} holds a run without config.yaml; choose another out_dir or delete it")
-        return None
-    previous = identity(OmegaConf.load(saved))
-    current = identity(cfg)
-    if previous != current:
-        differing = sorted(_diff_keys(previous, current))
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
+
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
+    """
+    check_options(cfg)
+    out_dir = Path(cfg.out_dir)
+    with Signals() as signals, contextlib.ExitStack() as stack:
+        watch_parent()
+        dist = init_from_environment(str(cfg.device))
+        device = resolve_device(str(cfg.device))
+        if dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
+        inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
+        finished = claim(out_dir, cfg, inputs, lock) if dist.is_main else None
+        if any_rank(finished is not None, dist, device):
+            if finished is not None:
+                log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
+            return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
+        with storage_errors(out_dir / "checkpoint.pt"):
+            run = _start(cfg, out_dir, dist, device, signals, inputs)
+            return _train_and_evaluate(run)
+
+
+def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,
+           inputs: dict) -> Run:
+    """Build the run and restore its checkpoint, if any (signals raise at once meanwhile)."""
+    budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    _check_batch(int(cfg.loader.batch_size), dist)
+    torch.manual_seed(int(cfg.seed))
+    train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
+    val_loader = _eval_loader(cfg)
+    trainer = Trainer(cfg, device, context=dist)
+    run = Run(cfg, out_dir, budget, trainer, dist, signals, train_set, val_loader)
+    resumed = run.checkpoint_path.exists()
+    if resumed:
+        _resume(run)
+    elif dist.is_main:
+        record_start(out_dir, cfg, inputs)
+    if dist.is_main:
+        if resumed and cfg.get("allow_changed_inputs", False):
+            write_json_atomic(out_dir / INPUTS_NAME, inputs)
+        for stale in out_dir.glob("*.tmp"):  # a write killed by SIGKILL; we hold the lock, nobody else writes
+            stale.unlink()
+        run.live = open_live(out_dir, resumed)
+        if resumed:
+            trim_live_logs(out_dir / "dvclive", run.state.step)
+    return run
+
+
+def _check_batch(batch: int, dist: DistributedContext) -> None:
+    if batch % dist.world_size or batch // dist.world_size < 2:
         raise ConfigError(
-            f"{out_dir} holds a run of a different config (differs in {', '.join(differing[:5])}); "
-            "use another out_dir, or delete the folder to start over"
+            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
+            f"{dist.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
+            f"{2 * dist.world_size}"
         )
-    metrics = out_dir / "metrics.json"
-    return json.loads(metrics.read_text()) if metrics.exists() else None
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys: set[str] = set()
-        for key in set(a) | set(b):
-            keys |= _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return keys
-    return set() if a == b else {prefix.rstrip(".")}
+def _resume(run: Run) -> None:
+    state = load_checkpoint(run.checkpoint_path)
+    run.trainer.load_state_dict(state)
+    restore_rng_state(state["rng"])
+    run.state = RunState(int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"]), int(state["step"]))
+    run.trainer.timer.history = [dict(zip(state["timing_keys"], row, strict=True)) for row in state["timing"].tolist()]
+    log.info("resuming %s at step %d (%.1f train seconds)", run.out_dir, run.state.step, run.state.train_seconds)
 
 
-class SignalFlag:
-    """Remembers the first SIGINT/SIGTERM so the loop can stop cleanly after the current iteration."""
+def _train_and_evaluate(run: Run) -> dict[str, Any]:
+    run.state.pretrained = run.state.pretrained or run.trainer.distiller.pretrain_iterations == 0
+    run.signals.deferred()
+    if not run.state.pretrained:
+        run.state.train_seconds += _pretrain(run)
+        run.state.pretrained = True
+    try:
+        _train_to_budget(run)
+    except NonFiniteLossError as error:
+        if str(run.cfg.get("on_nonfinite", "error")) != "record":
+            raise
+        if not run.dist.is_main:
+            return {"method": run.method, "miou": None, "diverged": {"step": error.step}, "rank": run.dist.rank}
+        return _record_divergence(run, error)
+    if run.state.saved_step != run.state.step:
+        _save(run)  # the final checkpoint comes before the evaluation: an interrupt there costs only the evaluation
+    if run.signals.pending:
+        raise Interrupted(run.signals.signum or signal.SIGTERM, f"interrupted by signal {run.signals.signum} after "
+                          f"training ended at step {run.state.step}; checkpoint saved, rerun to evaluate it")
+    if not run.dist.is_main:
+        return {"method": run.method, "miou": None, "iterations": run.state.step,
+                "train_seconds": run.state.train_seconds, "rank": run.dist.rank}
+    return _evaluate_and_record(run)
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> SignalFlag:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
+def _evaluate_and_record(run: Run) -> dict[str, Any]:
+    message = (f"during the final evaluation; the trained weights (step {run.state.step}) are saved in "
+               f"{run.checkpoint_path}, rerun the same command to evaluate them")
+    with run.signals.immediate_phase(message):
+        metrics, _ = validate(run.trainer, run.cfg, run.val_loader)
+    result = _result(run, metrics)
+    run.live.log_metric("val/miou", metrics.miou, plot=False)
+    run.live.summary.update({"miou": metrics.miou, "iterations": run.state.step, "train_seconds": run.state.train_seconds})
+    run.live.end()
+    write_json_atomic(run.out_dir / "metrics.json", result)
+    log.info("%s: mIoU %.4f after %d iterations, %.1f train seconds", run.out_dir, metrics.miou, run.state.step,
+             run.state.train_seconds)
+    return result
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
 
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+def _result(run: Run, metrics: Any) -> dict[str, Any]:
+    history = run.trainer.timer.history
+    summary = summarize(history, skip=min(5, max(len(history) - 1, 0)))
+    budget = run.budget
+    return {
+        **metrics.to_json(class_names(run.cfg.dataset)),
+        "method": run.method,
+        "iterations": run.state.step,
+        "train_seconds": run.state.train_seconds,
+        "seconds_per_iteration": summary.get("median", {}).get("total"),
+        "phase_median_seconds": {k: v for k, v in summary.get("median", {}).items() if k in PHASES},
+        "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
+        "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
+        "precision": str(run.cfg.get("precision", "fp32")),
+        "device": str(run.trainer.device),
+        "world_size": run.dist.world_size,
+    }
 
 
 def _eval_loader(cfg: DictConfig):
@@ -129,185 +243,112 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
     )
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
-
-    Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
-    """
-    out_dir = Path(cfg.out_dir)
-    finished = check_out_dir(out_dir, cfg)
-    if finished is not None:
-        log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
-        return finished
-    budget = resolve_budget(cfg.budget, str(cfg.method.name))
-    if str(cfg.get("on_nonfinite", "error")) not in ("error", "record"):
-        raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r}: use on_nonfinite=error or on_nonfinite=record")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    dist_context = init_from_environment(str(cfg.device))
-    device = resolve_device(str(cfg.device))
-    if dist_context.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_context.local_rank)
-    batch = int(cfg.loader.batch_size)
-    if batch % dist_context.world_size or batch // dist_context.world_size < 2:
-        raise ConfigError(
-            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
-            f"{dist_context.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
-            f"{2 * dist_context.world_size}"
-        )
-    torch.manual_seed(int(cfg.seed))
-    train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
-    val_loader = _eval_loader(cfg)
-    trainer = Trainer(cfg, device, context=dist_context)
-
-    checkpoint_path = out_dir / "checkpoint.pt"
-    step, train_seconds, pretrained, history = 0, 0.0, trainer.distiller.pretrain_iterations == 0, []
-    resumed = checkpoint_path.exists()
-    if resumed:
-        state = load_checkpoint(checkpoint_path)
-        trainer.load_state_dict(state)
-        restore_rng_state(state["rng"])
-        step, train_seconds, pretrained = int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"])
-        history = [dict(zip(state["timing_keys"], row, strict=True)) for row in state["timing"].tolist()]
-        log.info("resuming %s at step %d (%.1f train seconds)", out_dir, step, train_seconds)
-    elif dist_context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.timer.history = history
-
-    live = _open_live(out_dir, resumed) if dist_context.is_main else None
-    context = {"cfg": cfg, "budget": budget, "trainer": trainer, "path": checkpoint_path, "dist": dist_context}
-    with SignalFlag() as flag:
-        if not pretrained:
-            train_seconds += _pretrain(trainer, train_set, cfg, flag)
-            pretrained = True
-        try:
-            step, train_seconds = _loop(trainer, train_set, val_loader, cfg, budget, step, train_seconds, live, flag, context)
-        except NonFiniteLossError as error:
-            if str(cfg.get("on_nonfinite", "error")) != "record":
-                raise
-            if not dist_context.is_main:
-                return {"method": str(cfg.method.name), "miou": None, "diverged": {"step": error.step}, "rank": dist_context.rank}
-            return _record_divergence(cfg, out_dir, error, live)
-    if not dist_context.is_main:
-        barrier(dist_context)  # pairs with rank 0's final checkpoint save
-        return {"method": str(cfg.method.name), "miou": None, "iterations": step, "train_seconds": train_seconds,
-                "rank": dist_context.rank}
-    metrics, _ = validate(trainer, cfg, val_loader)
-    summary = summarize(trainer.timer.history, skip=min(5, max(len(trainer.timer.history) - 1, 0)))
-    result = {
-        **metrics.to_json(class_names(cfg.dataset)),
-        "method": str(cfg.method.name),
-        "iterations": step,
-        "train_seconds": train_seconds,
-        "seconds_per_iteration": summary.get("median", {}).get("total"),
-        "phase_median_seconds": {k: v for k, v in summary.get("median", {}).items() if k in PHASES},
-        "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
-        "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
-        "precision": str(cfg.get("precision", "fp32")),
-        "device": str(device),
-        "world_size": dist_context.world_size,
-    }
-    _save(context, step, train_seconds, True, finished=True, metrics=result)
-    live.log_metric("val/miou", metrics.miou, plot=False)
-    live.summary.update({"miou": metrics.miou, "iterations": step, "train_seconds": train_seconds})
-    live.end()
-    write_json_atomic(out_dir / "metrics.json", result)
-    log.info("%s: mIoU %.4f after %d iterations, %.1f train seconds", out_dir, metrics.miou, step, train_seconds)
-    return result
-
-
 def _outcome(metrics: dict[str, Any]) -> str:
     if metrics.get("diverged"):
         return f"diverged at step {metrics['diverged']['step']}"
     return f"mIoU {metrics['miou']:.4f}"
 
 
-def _record_divergence(cfg: DictConfig, out_dir: Path, error: NonFiniteLossError, live) -> dict[str, Any]:
+def _record_divergence(run: Run, error: NonFiniteLossError) -> dict[str, Any]:
     """``on_nonfinite=record``: a diverged run is a result (mIoU null, the step and terms recorded), not a failed
-    stage, so the other methods' runs and the reports still get built. The weights are non-finite: no checkpoint."""
+    stage, so the other methods' runs and the reports still get built. Its checkpoint is removed: the run is over."""
     result = {
-        "method": str(cfg.method.name),
+        "method": run.method,
         "miou": None,
         "diverged": {"step": error.step, "terms": error.terms, "message": str(error)},
         "iterations": error.step,
         "train_seconds": None,
-        "precision": str(cfg.get("precision", "fp32")),
+        "precision": str(run.cfg.get("precision", "fp32")),
     }
-    if live is not None:
-        live.summary.update({"diverged_at_step": error.step})
-        live.end()
-    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
-    write_json_atomic(out_dir / "metrics.json", result)
-    log.warning("%s: %s; recorded as diverged (on_nonfinite=record)", out_dir, error)
+    run.live.summary.update({"diverged_at_step": error.step})
+    run.live.end()
+    run.checkpoint_path.unlink(missing_ok=True)
+    write_json_atomic(run.out_dir / "metrics.json", result)
+    log.warning("%s: %s; recorded as diverged (on_nonfinite=record), its checkpoint removed", run.out_dir, error)
     return result
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def _open_live(out_dir: Path, resumed: bool):
+def open_live(out_dir: Path, resumed: bool):
     from dvclive import Live
 
     return Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=resumed, report=None)
 
 
-def _pretrain(trainer: Trainer, train_set, cfg: DictConfig, flag: SignalFlag) -> float:
-    """The method's pre-training stage (e.g. MasKD's mask tokens), inside the training clock."""
-    loader = iter(training_loader(train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
+def _pretrain(run: Run) -> float:
+    """The method's pre-training stage (e.g. MasKD's mask tokens), inside the training clock; what each pre-training
+    step returns is logged as ``pretrain/<term>.<name>``."""
+    trainer, cfg = run.trainer, run.cfg
+    loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
     synchronize(trainer.device)
     start = time.perf_counter()
-    for _ in range(trainer.distiller.pretrain_iterations):
+    for index in range(trainer.distiller.pretrain_iterations):
         images, labels = trainer.to_device(*next(loader))
-        trainer.pretrain_step(images, labels)
-        if flag.signum is not None:
-            raise KdreproError(f"interrupted by signal {flag.signum} during {cfg.method.name} pre-training; rerun to restart it")
+        logs = trainer.pretrain_step(images, labels)
+        if run.live is not None and ((index + 1) % max(int(cfg.log_every), 1) == 0):
+            run.live.step = index + 1
+            for name, value in logs.items():
+                run.live.log_metric(f"pretrain/{name}", float(value))
+        if run.signals.pending:
+            raise Interrupted(run.signals.signum or signal.SIGTERM, f"interrupted by signal {run.signals.signum} during "
+                              f"{run.method} pre-training; nothing of it was saved, rerun to restart it")
     synchronize(trainer.device)
     return time.perf_counter() - start
 
 
-def _loop(trainer, train_set, val_loader, cfg, budget: Budget, step, train_seconds, live, flag, context):
-    loader = iter(
-        training_loader(
-            train_set, int(cfg.loader.batch_size), int(cfg.seed), step, int(cfg.loader.num_workers), trainer.device.type == "cuda"
-        )
-    )
-    dist = context["dist"]
-    log_every, eval_every = max(int(cfg.log_every), 1), int(cfg.eval_every)
+def _train_to_budget(run: Run) -> None:
+    state, cfg, trainer = run.state, run.cfg, run.trainer
+    loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed), state.step,
+                                  int(cfg.loader.num_workers), trainer.device.type == "cuda"))
     last_save = time.monotonic()
-    progress_bar = _progress(budget, step)
-    while not budget.exhausted(step, train_seconds):
-        result, wall = trainer.timed_step(loader, budget.progress(step, train_seconds), step)
-        train_seconds += wall
-        if budget.seconds is not None:  # every rank must stop at the same step
-            train_seconds = broadcast_float(train_seconds, dist, trainer.device)
-        step += 1
+    progress_bar = _progress(run.budget, state.step)
+    while not run.budget.exhausted(state.step, state.train_seconds):
+        result = _step(run, loader)
         if progress_bar is not None:
             progress_bar.update(1)
-        if live is not None and (step % log_every == 0 or budget.exhausted(step, train_seconds)):
-            _log_step(live, result, trainer.last_lr, train_seconds, step)
-        if eval_every and step % eval_every == 0 and not budget.exhausted(step, train_seconds):
-            if live is not None:
-                metrics, _ = validate(trainer, cfg, val_loader)
-                live.log_metric("val/miou", metrics.miou)
-            barrier(dist)
-        if any_rank(flag.signum is not None, dist, trainer.device):
-            _save(context, step, train_seconds, True)
-            raise Interrupted(flag.signum or signal.SIGTERM, step, context["path"])
+        _log_and_validate(run, result)
+        if any_rank(run.signals.pending, run.dist, trainer.device):
+            _save(run)
+            signum = run.signals.signum or signal.SIGTERM
+            raise Interrupted(signum, f"interrupted by signal {signum} at step {state.step}; checkpoint saved to "
+                              f"{run.checkpoint_path}, rerun the same command to resume")
         if time.monotonic() - last_save > float(cfg.checkpoint_every_seconds):
-            _save(context, step, train_seconds, True)
+            _save(run)
             last_save = time.monotonic()
     if progress_bar is not None:
         progress_bar.close()
-    return step, train_seconds
 
 
-def _log_step(live, result, lr: float, train_seconds: float, step: int) -> None:
+def _step(run: Run, loader) -> StepResult:
+    state = run.state
+    result, wall = run.trainer.timed_step(loader, run.budget.progress(state.step, state.train_seconds), state.step)
+    state.train_seconds += wall
+    if run.budget.seconds is not None:  # every rank must stop at the same step
+        state.train_seconds = broadcast_float(state.train_seconds, run.dist, run.trainer.device)
+    state.step += 1
+    return result
+
+
+def _log_and_validate(run: Run, result: StepResult) -> None:
+    state, cfg = run.state, run.cfg
+    done = run.budget.exhausted(state.step, state.train_seconds)
+    if run.live is not None and (state.step % max(int(cfg.log_every), 1) == 0 or done):
+        log_step(run.live, result, run.trainer.last_lr, state.train_seconds, state.step)
+    eval_every = int(cfg.eval_every)
+    if eval_every and state.step % eval_every == 0 and not done:
+        if run.live is not None:
+            metrics, _ = validate(run.trainer, cfg, run.val_loader)
+            run.live.log_metric("val/miou", metrics.miou)
+        barrier(run.dist)
+
+
+def log_step(live, result: StepResult, lr: float, train_seconds: float, step: int) -> None:
+    """Every loss term, the total, what the method's extra step returned (``train/<term>.<name>``), lr, seconds."""
     live.step = step
     for name, value in result.losses.items():
         live.log_metric(f"train/{name}", float(value.detach()))
     live.log_metric("train/total", float(result.total.detach()))
+    for name, value in result.logs.items():
+        live.log_metric(f"train/{name}", float(value.detach() if isinstance(value, torch.Tensor) else value))
     live.log_metric("train/lr", lr)
     live.log_metric("train/seconds", train_seconds)
     live.make_summary()
@@ -321,23 +362,17 @@ def _progress(budget: Budget, step: int):
     return tqdm(total=budget.iterations, initial=step, desc="train", unit="it", leave=False)
 
 
-def _save(context, step: int, train_seconds: float, pretrained: bool, finished: bool = False, metrics=None) -> None:
-    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
-    if not context["dist"].is_main:
-        barrier(context["dist"])
-        return
-    trainer: Trainer = context["trainer"]
-    cfg: DictConfig = context["cfg"]
+def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds: weights, optimiser and method state, RNGs, step, clock and timing history."""
     history = trainer.timer.history
     keys = list(history[0]) if history else [*PHASES, "total"]
-    state = {
+    return {
         "format": FORMAT_VERSION,
         **trainer.state_dict(),
-        "step": step,
-        "train_seconds": train_seconds,
-        "pretrained": pretrained,
-        "finished": finished,
-        "metrics": metrics,
+        "step": state.step,
+        "train_seconds": state.train_seconds,
+        "pretrained": state.pretrained,
+        "finished": False,
         "rng": rng_state(),
         "timing_keys": keys,
         "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
@@ -345,5 +380,14 @@ def _save(context, step: int, train_seconds: float, pretrained: bool, finished: 
         "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
         "config": OmegaConf.to_yaml(cfg, resolve=True),
     }
-    save_atomic(state, context["path"])
-    barrier(context["dist"])
+
+
+def _save(run: Run) -> None:
+    """Rank 0 writes the checkpoint atomically; every rank waits for it. ``finished`` = training reached its budget."""
+    if run.dist.is_main:
+        state = checkpoint_state(run.trainer, run.cfg, run.state)
+        state["finished"] = run.budget.exhausted(run.state.step, run.state.train_seconds)
+        save_checkpoint(state, run.checkpoint_path)
+        run.state.saved_step = run.state.step
+    barrier(run.dist)
+

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +24,9 @@ from torch import Tensor, nn
 from kdrepro import distill
 from kdrepro.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.errors import ConfigError, KdreproError
+from kdrepro.io import load_model
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.train.budget import poly_lr
-from kdrepro.train.checkpoint import load_checkpoint
 from kdrepro.train.timing import PhaseTimer, synchronize
 
 
@@ -68,28 +69,16 @@ def method_uses_teacher(method_cfg: Any) -> bool:
 
 
 def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """Build the teacher from ``cfg.teacher`` and load ``cfg.teacher_checkpoint``; frozen and in eval mode."""
+    """Build the teacher ``cfg.teacher_checkpoint`` describes (strictly, safely read); frozen and in eval mode."""
     if not cfg.get("teacher_checkpoint"):
         raise ConfigError(
             f"method {cfg.method.name!r} needs a teacher: set teacher_checkpoint=<path to checkpoint.pt> "
             "(train one with `kdrepro train method=none model@student=<teacher model>` or `kdrepro import-teacher`)"
         )
-    state = load_checkpoint(cfg.teacher_checkpoint)
-    teacher_classes = int(state.get("num_classes", -1))
-    if teacher_classes != num_classes:
-        raise ConfigError(
-            f"teacher checkpoint {cfg.teacher_checkpoint} predicts {teacher_classes} classes but dataset "
-            f"{cfg.dataset.name!r} has {num_classes}; use a teacher trained on this dataset"
-        )
-    model_cfg = state.get("model_cfg") or OmegaConf.to_container(cfg.teacher, resolve=True)
-    teacher = build_segmentor(model_cfg, num_classes)
-    missing, unexpected = teacher.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"teacher checkpoint {cfg.teacher_checkpoint} does not fit model {model_cfg.get('name')!r} "
-            f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}); "
-            "check model@teacher"
-        )
+    teacher = load_model(
+        Path(str(cfg.teacher_checkpoint)), num_classes, str(cfg.dataset.name),
+        model_cfg=OmegaConf.to_container(cfg.teacher, resolve=True), fix="use a teacher trained on this dataset",
+    )
     teacher.to(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -98,8 +87,11 @@ def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.
 
 @dataclass
 class StepResult:
+    """One iteration's loss terms, their sum, and what the method's extra step returned (e.g. SKD's critic loss)."""
+
     losses: dict[str, Tensor]
     total: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -189,7 +181,7 @@ class Trainer:
         return images, labels.to(self.device, non_blocking=non_blocking)
 
     # -- one iteration --------------------------------------------------------------------------------------------
-    def step(self, images: Tensor, labels: Tensor, progress: float, step_index: int = 0) -> StepResult:
+    def step(self, images: Tensor, labels: Tensor, progress: float) -> StepResult:
         """One training iteration on a batch already on the device; timed phase by phase by ``self.timer``."""
         timer = self.timer
         self.set_progress(progress)
@@ -213,10 +205,11 @@ class Trainer:
         with timer.phase("optimizer"):
             self.distiller.before_optimizer_step()
             self.optimizer.step()
+        logs: dict[str, Any] = {}
         if teacher_output is not None:
             with timer.phase("method_step"):
-                self.distiller.extra_step(student_output.detach().float(), teacher_output, progress=progress)
-        return StepResult(losses, total)
+                logs = self.distiller.extra_step(student_output.detach().float(), teacher_output, progress=progress)
+        return StepResult(losses, total, logs)
 
     def timed_step(self, batches, progress: float, step_index: int = 0) -> tuple[StepResult, float]:
         """Fetch the next batch and train on it; returns the result and the iteration's synchronised wall time.
@@ -228,7 +221,7 @@ class Trainer:
         with self.timer.phase("data"):
             images, labels = next(batches)
             images, labels = self.to_device(shard(images, self.context), shard(labels, self.context))
-        result = self.step(images, labels, progress, step_index)
+        result = self.step(images, labels, progress)
         self.check_finite(result, step_index)
         synchronize(self.device)
         wall = time.perf_counter() - start
@@ -241,7 +234,7 @@ class Trainer:
         bad = [name for name, value in result.losses.items() if not math.isfinite(float(value.detach()))]
         raise NonFiniteLossError(
             f"loss became non-finite at step {step_index} in term(s) {', '.join(bad) or 'total'}; "
-            "lower optim.lr or the term's weight (the last good checkpoint is kept)",
+            "lower optim.lr or the term's weight and train into a new out_dir",
             step=step_index,
             terms=bad,
         )

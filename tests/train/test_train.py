@@ -14,7 +14,7 @@ import torch
 from kdrepro.cli import main
 from kdrepro.config import load_config
 from kdrepro.errors import ConfigError, WeightsError
-from kdrepro.train.checkpoint import load_checkpoint
+from kdrepro.io import load_checkpoint
 from kdrepro.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -197,7 +197,7 @@ def test_corrupt_teacher_checkpoint_is_weights_error(tiny_dataset, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     from kdrepro.train.trainer import load_teacher
 
-    with pytest.raises(WeightsError, match="cannot be read"):
+    with pytest.raises(WeightsError, match="is not a PyTorch checkpoint"):
         load_teacher(load_config([*tiny_dataset, "method=kd", f"teacher_checkpoint={bad}"]), 19, torch.device("cpu"))
 
 

@@ -1,0 +1,231 @@
+"""Nothing lost, ever: `kdrepro train` as a subprocess under signals, kills, a second writer, a full disk and bad
+inputs; every failure is one `error:` line with its exit status, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdrepro.cli import main
+from kdrepro.config import load_config
+from kdrepro.io import load_checkpoint
+from kdrepro.train.run import train
+
+KDREPRO = Path(sys.executable).with_name("kdrepro")
+FAULTS = Path(__file__).with_name("faults.py")
+COMMON = ["method=none", "budget.iterations=6", "seed=3", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_dataset, tmp_path_factory) -> Path:
+    """An uninterrupted run: the reference every resumed run must equal bit for bit."""
+    out = tmp_path_factory.mktemp("straight")
+    train(load_config([*tiny_dataset, *COMMON, f"out_dir={out}"]))
+    return out
+
+
+def start(args: list[str], fault: str | None = None, marker: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "KDREPRO_FAULT": fault or "", "KDREPRO_FAULT_MARKER": str(marker or "")}
+    command = [sys.executable, str(FAULTS), *args] if fault else [str(KDREPRO), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(marker: Path, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the fault's pause never began"
+        time.sleep(0.05)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def error_line(err: str) -> str:
+    """The stderr lines that are not log lines must be exactly one `error:` line."""
+    lines = [line for line in err.splitlines() if line and " kdrepro" not in line[:20]]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def steps_logged(out: Path) -> list[int]:
+    rows = (out / "dvclive" / "plots" / "metrics" / "train" / "ce.tsv").read_text().splitlines()[1:]
+    return [int(row.split("\t")[0]) for row in rows]
+
+
+@pytest.mark.slow
+def test_kill_mid_checkpoint_write_resumes_bit_identical(tiny_dataset, straight, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", *tiny_dataset, *COMMON, f"out_dir={out}"]
+    process = start(args, "pause_write:4", marker)  # checkpoints every step: the 4th write is step 4's
+    wait_for(marker, process)
+    process.kill()
+    process.wait()
+    assert (out / "checkpoint.pt.tmp").exists()  # a half-written file ...
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3  # ... never replaced the whole previous one
+    assert steps_logged(out)[-1] == 4  # dvclive got ahead of the checkpoint
+    code, err = finish(start(args))
+    assert code == 0, err[-3000:]
+    assert "resuming" in err and "at step 3" in err
+    assert_same_weights(straight, out)
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # no duplicate rows from the replayed step 4
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in straight.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_final_evaluation_costs_only_the_evaluation(tiny_dataset, straight, tmp_path, signum):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", *tiny_dataset, *COMMON, f"out_dir={out}"]
+    process = start(args, "pause_eval", marker)
+    wait_for(marker, process)
+    process.send_signal(signum)
+    code, err = finish(process)
+    assert code == 128 + signum
+    assert "during the final evaluation" in error_line(err)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 6 and state["finished"] and not (out / "metrics.json").exists()
+    if signum == signal.SIGTERM:
+        return  # the rerun is the same for both signals
+    code, err = finish(start(args))
+    assert code == 0 and "at step 6" in err, err[-3000:]
+    assert (out / "metrics.json").read_bytes() != b""
+    assert_same_weights(straight, out)
+
+
+@pytest.mark.slow
+def test_second_process_is_refused_and_a_stale_lock_is_taken_over(tiny_dataset, straight, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", *tiny_dataset, *COMMON, f"out_dir={out}"]
+    first = start(args, "pause_step:2", marker)
+    wait_for(marker, first)
+    code, err = finish(start(args))
+    assert code == 2 and f"in use by another kdrepro process (pid {first.pid})" in error_line(err)
+    first.send_signal(signal.SIGTERM)
+    marker.with_suffix(".go").touch()  # the pause ends; the loop stops after step 2 with a checkpoint
+    code, err = finish(first)
+    assert code == 143 and "at step 2; checkpoint saved" in error_line(err)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".kdrepro.lock").write_text(f"{dead.pid}\n")  # as a SIGKILLed writer leaves it
+    code, err = finish(start(args))
+    assert code == 0 and "stale lock" in err, err[-3000:]
+    assert not (out / ".kdrepro.lock").exists()
+    assert_same_weights(straight, out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_starting_is_one_line(tiny_dataset, tmp_path, signum):
+    out = tmp_path / "run"
+    process = start(["train", *tiny_dataset, *COMMON, f"out_dir={out}"])
+    time.sleep(0.8)  # importing torch / composing the config
+    process.send_signal(signum)
+    code, err = finish(process)
+    assert code == 128 + signum
+    assert "interrupted by signal" in error_line(err)
+    assert not out.exists() or not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "errno_name, message",
+    [("ENOSPC", r"no space left on the disk holding .* while writing checkpoint.pt \(needs [\d.]+ MB, [\d.]+ MB free\)"),
+     ("EACCES", "permission denied writing .*checkpoint.pt; make .* writable"),
+     ("EROFS", "checkpoint.pt: .* is on a read-only file system")],
+)
+def test_storage_failures_are_one_line_and_leave_no_tmp(tiny_dataset, tmp_path, capsys, monkeypatch, errno_name, message):
+    """The checkpoint write after step 1 fails as a full disk (a write wrapper; no tmpfs needed), a denied
+    permission or a read-only file system would make it fail."""
+    from kdrepro import io
+
+    out, write_chunk, calls = tmp_path / "run", io._write_chunk, []
+
+    def failing(handle, data):
+        if handle.name.endswith("checkpoint.pt.tmp"):
+            calls.append(handle.name)
+            if len(calls) == 2:
+                code = getattr(errno, errno_name)
+                raise OSError(code, os.strerror(code))
+        write_chunk(handle, data)
+
+    monkeypatch.setattr(io, "_write_chunk", failing)
+    assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and "\n" not in err, err
+    assert not list(out.glob("*.tmp")) and not (out / ".kdrepro.lock").exists()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1  # the previous checkpoint is whole
+
+
+def test_out_dir_under_a_file_is_one_line(tiny_dataset, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", *tiny_dataset, *COMMON, f"out_dir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {blocker / 'run' / '_'}: {blocker} is a file, not a folder; choose another location" or (
+        err.startswith("error:") and f"{blocker} is a file, not a folder" in err and "\n" not in err
+    ), err
+
+
+def test_teacher_that_contradicts_itself_is_one_line(tiny_teacher, tmp_path, capsys):
+    path = Path([o for o in tiny_teacher if o.startswith("teacher_checkpoint=")][0].split("=", 1)[1])
+    state = load_checkpoint(path)
+    state["model"]["decode_head.conv_seg.weight"] = state["model"]["decode_head.conv_seg.weight"][:7]
+    bad = tmp_path / "teacher.pt"
+    torch.save(state, bad)
+    code = main(["train", *tiny_teacher, "method=kd", f"teacher_checkpoint={bad}", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "contradicts itself" in err and "\n" not in err, err
+
+
+def test_changed_teacher_is_refused_then_allowed_and_folder_kept(tiny_teacher, tmp_path, capsys):
+    source = Path([o for o in tiny_teacher if o.startswith("teacher_checkpoint=")][0].split("=", 1)[1])
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(source.read_bytes())
+    out = tmp_path / "run"
+    args = ["train", *tiny_teacher, "method=kd", "budget.iterations=2", f"teacher_checkpoint={teacher}", f"out_dir={out}"]
+    assert main(args) == 0
+    before = snapshot(out)
+    state = load_checkpoint(teacher)
+    state["model"]["decode_head.conv_seg.bias"] += 1
+    torch.save(state, teacher)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "teacher_checkpoint" in err and "sha256" in err and "allow_changed_inputs=true" in err and "\n" not in err
+    assert snapshot(out) == before
+    assert main([*args, "allow_changed_inputs=true"]) == 0  # finished: a no-op on the new file, by request
+    assert snapshot(out) == before
+
+
+def test_config_change_archives_with_on_config_change_archive(tiny_dataset, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_dataset, *COMMON, "budget.iterations=2", f"out_dir={out}"]) == 0
+    before = snapshot(out)
+    args = ["train", *tiny_dataset, *COMMON, f"out_dir={out}"]
+    assert main(args) == 2 and "on_config_change=archive" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert main([*args, "on_config_change=archive"]) == 0
+    (archived,) = tmp_path.glob("run.superseded-*")
+    assert snapshot(archived) == before
+    assert_same_weights(straight, out)
