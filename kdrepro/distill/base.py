@@ -129,11 +129,13 @@ def _source_file(factory: DistillerFactory) -> Path | None:
 
 
 def _same_definition(first: DistillerFactory, first_source: Path | None, second: DistillerFactory, second_source: Path | None) -> bool:
-    """Whether two factories are one definition: same qualified name, and same module or same source file."""
+    """Whether two factories are one definition: same qualified name, and same source file (same module name
+    where a source file is unknown)."""
     if getattr(first, "__qualname__", None) != getattr(second, "__qualname__", None):
         return False
-    same_module = getattr(first, "__module__", None) == getattr(second, "__module__", None)
-    return same_module or (first_source is not None and first_source == second_source)
+    if first_source is not None and second_source is not None:
+        return first_source == second_source
+    return getattr(first, "__module__", None) == getattr(second, "__module__", None)
 
 
 def available() -> list[str]:

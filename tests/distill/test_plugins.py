@@ -74,6 +74,11 @@ def test_same_file_imported_twice_replaces_another_class_under_a_taken_name_is_r
     other.write_text(documented_snippet().replace("class MyMethod", "class OtherMethod"))
     with pytest.raises(ConfigError, match="'mymethod' is already registered by kdrepro_plugin_mymethod.MyMethod; register other.OtherMethod"):
         import_file(other, "other")
+    copy = tmp_path / "elsewhere" / "mymethod.py"  # another folder's file of the same name: another method
+    copy.parent.mkdir()
+    copy.write_text(documented_snippet())
+    with pytest.raises(ConfigError, match="'mymethod' is already registered"):
+        import_file(copy, "kdrepro_plugin_mymethod")
     with pytest.raises(ConfigError, match="'kd' is already registered by kdrepro.distill.kd.LogitKD"):
         distill.register("kd")(second.MyMethod)
 
