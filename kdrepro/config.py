@@ -6,12 +6,15 @@ notebooks can call, and so that Hydra does not change the working directory or w
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrepro.errors import ConfigError
 
@@ -23,30 +26,90 @@ OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(v
 GROUPS = ("dataset", "model", "method", "budget", "profile")
 
 
-def options(group: str) -> list[str]:
-    """Names of the leaf configs of a config group, e.g. ``options("method")``."""
-    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+_IMPORTED_PLUGINS: dict[Path, object] = {}
+
+
+def options(group: str, plugins: Sequence[str | Path] = ()) -> list[str]:
+    """Names of the leaf configs of a config group, e.g. ``options("method")``; ``plugins`` are folders of your own
+    configs (``<folder>/<group>/<name>.yaml``) searched after the packaged ones."""
+    folders = [CONF_DIR / group, *(Path(folder) / group for folder in plugins)]
+    return sorted({path.stem for folder in folders for path in folder.glob("*.yaml")})
+
+
+def plugin_folders(overrides: Sequence[str]) -> list[Path]:
+    """The ``plugins=[folder, ...]`` override, if any: folders holding your own methods outside the package."""
+    folders: list[Path] = []
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if o.split("=")[0] == "plugins"])
+    except HydraException as error:
+        raise ConfigError(f"plugins must be a list of folders, e.g. plugins=[my_methods] ({error})") from error
+    for override in parsed:
+        value = override.value()
+        folders = [Path(str(item)) for item in (value if isinstance(value, list) else [value] if value else [])]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(
+                f"plugins folder {folder} does not exist; create it with <name>.py and method/<name>.yaml, "
+                "or remove it from plugins"
+            )
+    return folders
+
+
+def import_plugins(folders: Sequence[Path]) -> None:
+    """Import every ``<folder>/*.py`` once per process: your own methods register themselves with
+    ``@kdrepro.distill.register("<term name>")`` when imported."""
+    for folder in folders:
+        for path in sorted(folder.glob("*.py")):
+            key = path.resolve()
+            if key in _IMPORTED_PLUGINS:
+                continue
+            name = f"kdrepro_plugin_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, key)
+            if spec is None or spec.loader is None:
+                raise ConfigError(f"cannot import plugin {path}; it must be a Python source file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            _IMPORTED_PLUGINS[key] = module
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides such as ``["method=kd", "budget.iterations=10"]``.
 
+    ``plugins=[folder, ...]`` adds your own methods kept outside the package: ``<folder>/method/<name>.yaml`` joins
+    the ``method`` group and every ``<folder>/*.py`` is imported (it registers its Distiller). The method config's
+    file name is the method's name (``cfg.method.name``), so a copied config can never borrow another's identity.
+
     Raises:
         ConfigError: an override names an unknown option or key; the message lists the valid options.
     """
+    folders = plugin_folders(overrides)
+    extra = [f"hydra.searchpath=[{','.join('file://' + str(f.resolve()) for f in folders)}]"] if folders else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=[*overrides, *extra], return_hydra_config=True)
     except HydraException as error:
-        raise ConfigError(_explain(error)) from error
+        raise ConfigError(_explain(error, folders)) from error
+    choice = cfg.hydra.runtime.choices.get("method")
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if choice is not None and "method" in cfg:
+            if cfg.method.get("name") not in (None, choice):
+                raise ConfigError(
+                    f"method config {choice}.yaml says name: {cfg.method.name}; the file name is the method's name, "
+                    "so delete the name: line (or rename the file)"
+                )
+            cfg.method.name = choice
+    import_plugins(folders)
     return cfg
 
 
-def _explain(error: HydraException) -> str:
+def _explain(error: HydraException, plugins: Sequence[Path] = ()) -> str:
     message = " ".join(str(error).split())
     for group in GROUPS:
         if f"'{group}'" in message or f"/{group}" in message or f"{group}=" in message:
-            return f"{message.split('Available options')[0].strip()} (valid {group} options: {', '.join(options(group))})"
+            valid = ", ".join(options(group, plugins))
+            return f"{message.split('Available options')[0].strip()} (valid {group} options: {valid})"
     return message
 
 

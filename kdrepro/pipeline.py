@@ -3,15 +3,17 @@
 ``params.yaml`` is owned by the user (edit it, or ``dvc exp run -S key=value``); DVC's Hydra integration is *not*
 enabled, so nothing rewrites it. ``kdrepro <command> --params params.yaml`` turns its keys into Hydra overrides:
 
-======================  ===========================================
-params.yaml             Hydra override
-======================  ===========================================
-``profile``             ``profile=<name>``
-``seed``                ``seed=<n>``
+========================  ===========================================================================
+params.yaml               Hydra override
+========================  ===========================================================================
+``profile``               ``profile=<name>``
+``seeds``                 ``seeds=[0,1,2]`` (``kdrepro train`` trains one run per seed)
 ``reference_iterations``  ``reference_iterations=<n>`` (null = the profile's schedule)
-``methods``             ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
-``calibrate.<key>``     ``calibrate.<key>=<value>``
-======================  ===========================================
+``methods``               ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
+``calibrate.<key>``       ``calibrate.<key>=<value>``
+``plugins``               ``plugins=[folder,...]``: your own methods outside the package
+``extended``              read by dvc.yaml only (the multipliers of the extended runs)
+========================  ===========================================================================
 
 Unknown profiles or method names are rejected here, before any stage runs.
 """
@@ -27,7 +29,42 @@ import yaml
 from kdrepro.config import load_config, options
 from kdrepro.errors import ConfigError
 
-PARAM_KEYS = {"profile", "seed", "reference_iterations", "methods", "calibrate", "extended"}
+PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins"}
+#: The extended runs are fixed by the protocol: the student alone (the control), logit KD, feature KD, and the best
+#: segmentation-specific method of the compute-matched table (chosen by the `select` stage).
+EXTENDED_CANONICAL = ("kd", "fitnet")
+RENAMED = {
+    "seed": "seed became seeds: a list such as [0, 1, 2] (every training run is repeated per seed)",
+}
+
+
+def _check_seeds(path: Path, seeds: Any) -> None:
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"{path}: seeds must be a non-empty list such as [0, 1, 2], got {seeds!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds must be distinct whole numbers >= 0, got {seeds!r}")
+
+
+def _check_extended(path: Path, extended: Any, methods: list[str]) -> None:
+    if not isinstance(extended, dict):
+        raise ConfigError(f"{path}: extended must be a mapping with multipliers: [...]")
+    if "methods" in extended:
+        raise ConfigError(
+            f"{path}: extended.methods is not a setting any more: the extended runs are the student alone, kd, "
+            "fitnet and the best segmentation-specific method of the compute-matched table; delete extended.methods"
+        )
+    unknown = set(extended) - {"multipliers"}
+    if unknown:
+        raise ConfigError(f"{path}: extended has unknown key(s) {sorted(unknown)}; it takes multipliers only")
+    missing = [name for name in EXTENDED_CANONICAL if name not in methods]
+    if missing:
+        raise ConfigError(f"{path}: methods must include {missing}: the extended runs and the verdict compare against them")
+    for multiplier in extended.get("multipliers") or []:
+        try:
+            if float(multiplier) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{path}: extended.multipliers must be positive numbers, got {multiplier!r}") from None
 
 
 def read_params(path: Path) -> dict[str, Any]:
@@ -40,16 +77,27 @@ def read_params(path: Path) -> dict[str, Any]:
         first = " ".join(str(error).split())
         raise ConfigError(f"{path} is not valid YAML ({first}); fix the syntax") from error
     if not isinstance(params, dict):
-        raise ConfigError(f"{path} must be a mapping of keys (profile, seed, methods, ...)")
+        raise ConfigError(f"{path} must be a mapping of keys (profile, seeds, methods, ...)")
+    for old, advice in RENAMED.items():
+        if old in params:
+            raise ConfigError(f"{path}: {advice}; replace `{old}:` accordingly")
     unknown = set(params) - PARAM_KEYS
     if unknown:
         raise ConfigError(f"{path} has unknown key(s) {sorted(unknown)}; known keys: {sorted(PARAM_KEYS)}")
     profile = params.get("profile", "synthetic")
     if profile not in options("profile"):
         raise ConfigError(f"{path}: unknown profile {profile!r}; use one of {', '.join(options('profile'))}")
+    if "seeds" in params:
+        _check_seeds(path, params["seeds"])
     reference = params.get("reference_iterations")
     if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 1):
         raise ConfigError(f"{path}: reference_iterations must be a positive whole number or null, got {reference!r}")
+    plugins = params.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"{path}: plugins must be a list of folders, e.g. [my_methods]")
+    for folder in plugins:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{path}: plugins folder {folder} does not exist; create it or remove it from plugins")
     methods = params.get("methods") or []
     if not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list of method config names")
@@ -58,23 +106,15 @@ def read_params(path: Path) -> dict[str, Any]:
             f"{path}: methods lists `none`; the student alone is the `student` stage (it runs on every profile), "
             "so remove none from methods"
         )
-    extended = params.get("extended") or {}
-    all_methods = list(methods) + list(extended.get("methods") or [])
-    unknown_methods = [name for name in all_methods if name not in options("method")]
+    known = options("method", plugins)
+    unknown_methods = [name for name in methods if name not in known]
     if unknown_methods:
         raise ConfigError(
-            f"{path}: unknown method(s) {unknown_methods}; known: {', '.join(options('method'))} "
-            "(add kdrepro/conf/method/<name>.yaml for your own)"
+            f"{path}: unknown method(s) {unknown_methods}; known: {', '.join(known)} "
+            "(your own: a folder in plugins with method/<name>.yaml)"
         )
-    missing = [name for name in extended.get("methods") or [] if name not in methods]
-    if missing:
-        raise ConfigError(f"{path}: extended.methods {missing} must also be in methods (they need a calibrated cost)")
-    for multiplier in extended.get("multipliers") or []:
-        try:
-            if float(multiplier) <= 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"{path}: extended.multipliers must be positive numbers, got {multiplier!r}") from None
+    if "extended" in params:
+        _check_extended(path, params["extended"] or {}, methods)
     return params
 
 
@@ -82,8 +122,8 @@ def params_overrides(path: Path) -> list[str]:
     """Hydra overrides from a params file (see the module docstring)."""
     params = read_params(path)
     overrides = [f"profile={params.get('profile', 'synthetic')}"]
-    if "seed" in params:
-        overrides.append(f"seed={int(params['seed'])}")
+    if params.get("seeds"):
+        overrides.append(f"seeds=[{','.join(str(int(s)) for s in params['seeds'])}]")
     if params.get("reference_iterations") is not None:
         overrides.append(f"reference_iterations={int(params['reference_iterations'])}")
     if params.get("methods"):
@@ -91,6 +131,8 @@ def params_overrides(path: Path) -> list[str]:
     for key, value in (params.get("calibrate") or {}).items():
         if value is not None:  # null = keep the profile's choice
             overrides.append(f"calibrate.{key}={value}")
+    if params.get("plugins"):
+        overrides.append(f"plugins=[{','.join(params['plugins'])}]")
     return overrides
 
 
@@ -104,70 +146,64 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         cfg.import_teacher.output = str(output)
         import_teacher(cfg, Path(str(cfg.teacher_import)))
         return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
-    from kdrepro.train.run import train
+    from kdrepro.train.seeds import train_seeds
 
     teacher_overrides = [
         *overrides,
+        "seeds=null",
+        f"seed={int(cfg.teacher_seed)}",
         "method=none",
         f"model@student={cfg.teacher.name}",
         f"student.base_width={cfg.teacher.base_width}",
         "budget=iterations",
         f"budget.iterations={int(cfg.teacher_iterations)}",
     ]
-    metrics = train(load_config(teacher_overrides))
-    return {key: metrics[key] for key in ("miou", "iterations", "train_seconds")}
+    (metrics,) = train_seeds(load_config(teacher_overrides))
+    return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
 
 
-def write_plot_tables(runs: Any, curves: Any, folder: Path) -> list[Path]:
-    """Wide tables for ``dvc plots show`` (declared in dvc.yaml): compute-matched mIoU per method, and the total
-    training loss against training seconds of every compute-matched run (one file per method)."""
-    import pandas as pd
-
-    (folder / "curves").mkdir(parents=True, exist_ok=True)
-    written = [folder / "miou_compute_matched.csv"]
-    matched = runs[runs.protocol == "compute_matched"] if not runs.empty else runs
-    pd.DataFrame({"method": matched.get("method", []), "miou": 100 * matched.get("miou", pd.Series(dtype=float))}).to_csv(
-        written[0], index=False
-    )
-    if curves.empty:
-        return written
-    for method, group in curves[curves.protocol == "compute_matched"].groupby("method"):
-        wide = group.pivot_table(index="step", columns="metric", values="value").reset_index()
-        if {"train/seconds", "train/total"} <= set(wide.columns):
-            table = wide[["step", "train/seconds", "train/total"]].rename(columns={"train/seconds": "seconds", "train/total": "total_loss"})
-            path = folder / "curves" / f"{method}.csv"
-            table.to_csv(path, index=False)
-            written.append(path)
-    return written
-
-
-def write_results(overrides: list[str]) -> list[Path]:
-    """``runs.csv`` (one row per run), ``calibration.csv`` and ``curves.csv`` under ``results_dir``, plus a small
-    ``summary.json`` of mIoU per protocol and method for ``dvc metrics show``."""
-    from kdrepro.results import collect_runs, load_calibration, load_curves
+def results(overrides: list[str]) -> list[Path]:
+    """``kdrepro results``: the tidy tables, statistics and verdict of ``runs_dir`` under ``results_dir``."""
+    from kdrepro.results import write_results
 
     cfg = load_config(overrides)
     runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
     if not runs_dir.is_dir():
         raise ConfigError(f"runs_dir {runs_dir} does not exist; run the training stages first (dvc repro)")
+    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None)
+
+
+def select(overrides: list[str]) -> dict[str, Any]:
+    """``kdrepro select``: the segmentation-specific method to extend (the best of this run's compute-matched
+    table), written to ``<results_dir>/extended_selection.json`` for the extended stage of that slot."""
+    from kdrepro.results import collect_runs, extended_selection, write_json
+
+    cfg = load_config(overrides)
+    runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
+    runs = collect_runs(runs_dir) if runs_dir.is_dir() else None
+    if runs is None or runs.empty or not (runs.protocol == "compute_matched").any():
+        raise ConfigError(f"no compute-matched runs under {runs_dir}; run the compute_matched stages first (dvc repro)")
+    selection = extended_selection(runs)
+    if selection["method"] is None:
+        raise ConfigError(
+            f"no segmentation-specific method finished compute-matched under {runs_dir}; add one to methods in "
+            "params.yaml (family: segmentation_specific in its config)"
+        )
     results_dir.mkdir(parents=True, exist_ok=True)
-    runs = collect_runs(runs_dir)
-    written = [results_dir / "runs.csv", results_dir / "curves.csv", results_dir / "summary.json"]
-    runs.to_csv(written[0], index=False)
-    curves = load_curves(runs_dir)
-    curves.to_csv(written[1], index=False)
-    written += write_plot_tables(runs, curves, results_dir / "plots")
-    summary: dict[str, Any] = {"profile": str(cfg.get("profile_name", "")) or None}
-    for protocol, group in runs.groupby("protocol") if not runs.empty else []:
-        summary[protocol] = {
-            f"{row.method}" + (f"-x{row.multiplier:g}" if protocol == "extended" else ""): (
-                round(float(row.miou), 4) if row.miou == row.miou else None  # a diverged run (NaN): null in the JSON
-            )
-            for row in group.itertuples()
-        }
-    written[2].write_text(json.dumps(summary, indent=2))
-    calibration = runs_dir / "calibration.json"
-    if calibration.exists():
-        load_calibration(calibration).to_csv(results_dir / "calibration.csv", index=False)
-        written.append(results_dir / "calibration.csv")
-    return written
+    write_json(results_dir / "extended_selection.json", selection)
+    return selection
+
+
+def method_from(overrides: list[str]) -> list[str]:
+    """Replace a ``method_from=<selection.json>`` override by ``method=<the method it names>``."""
+    chosen = [o for o in overrides if o.startswith("method_from=")]
+    if not chosen:
+        return overrides
+    path = Path(chosen[-1].split("=", 1)[1])
+    if not path.is_file():
+        raise ConfigError(f"method_from={path}: no such file; run `kdrepro select` (the select stage) first")
+    try:
+        method = json.loads(path.read_text())["method"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"method_from={path} is not a selection written by `kdrepro select`; rerun it") from None
+    return [o for o in overrides if not o.startswith("method_from=")] + [f"method={method}"]

@@ -1,45 +1,72 @@
-"""Read every run of a pipeline into tidy pandas tables for the report notebooks.
+"""Every run of a pipeline as tidy pandas tables, their statistics over seeds, and the verdict on the paper's claims.
 
-Layout written by the DVC pipeline (``dvc.yaml``), one folder per run, each with ``metrics.json`` and ``dvclive/``::
+Run folders follow :mod:`kdrepro.layout` (``runs/<profile>/<protocol>/<method>[-<k>]/seed<s>/``). ``kdrepro results``
+writes, under ``results/<profile>/``:
 
-    runs/<profile>/teacher/                      the teacher (trained, or imported)
-    runs/<profile>/calibration.json              `kdrepro calibrate`
-    runs/<profile>/iter_matched/<method>/        every method at the reference iteration count
-    runs/<profile>/compute_matched/<method>/     every method at the matched wall-clock budget
-    runs/<profile>/extended/<method>-<mult>/     canonical methods at mult × the matched budget
-
-:func:`collect_runs` returns one row per run; :func:`load_calibration` one row per method; :func:`load_curves` the
-dvclive logs (one row per logged step).
+==========================  ============================================================================================
+``runs.csv``                one row per run (mIoU as a fraction, as ``kdrepro.evaluate`` stores it), with its seed,
+                            the method's family, display name and citation (from the run's saved config)
+``per_class.csv``           one row per run and class: IoU in percent (NaN for a class absent from validation)
+``stats.csv``               one row per (protocol, method, multiplier): mean, sd, 95 % t-interval over seeds, and
+                            seed-paired differences vs the student alone and vs logit KD (percent points;
+                            :mod:`kdrepro.stats`)
+``verdict.json``            the regime (teacher gap, where the schedule sits) and the verdict per claim
+                            (:mod:`kdrepro.verdict`); also a DVC metric
+``curves.csv``              the dvclive logs of every run (one row per logged step and metric)
+``calibration.csv``         one row per calibrated method (seconds/iteration and its spread, phases, FLOPs, memory)
+``summary.json``            mean mIoU per protocol and method (``dvc metrics show``)
+``plots/``                  wide tables for ``dvc plots show``
+==========================  ============================================================================================
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-PROTOCOLS = ("teacher", "iter_matched", "compute_matched", "extended")
+from kdrepro.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
+from kdrepro.stats import STUDENT_ALONE, summarize
+from kdrepro.verdict import best_specific, judge
+
+PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
 
 
-def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any]:
-    metrics = json.loads(metrics_path.read_text())
+def _method_meta(run_dir: Path) -> dict[str, Any]:
+    """family, display_name and reproduces of the run's method, from the config saved with the run."""
+    saved = run_dir / "config.yaml"
+    method = (yaml.safe_load(saved.read_text()) or {}).get("method", {}) if saved.is_file() else {}
+    return {key: method.get(key) for key in ("family", "display_name", "reproduces")}
+
+
+def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any] | None:
     run_dir = metrics_path.parent
-    parts = run_dir.relative_to(runs_dir).parts
-    protocol = parts[0]
-    method = metrics.get("method", parts[-1])
-    multiplier = 1.0
-    if protocol == "extended":
-        name, _, mult = parts[-1].rpartition("-")
-        method, multiplier = name, float(mult)
+    key = parse_run_path(runs_dir, run_dir)
+    if key is None:
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    method = "teacher" if key.protocol == "teacher" else str(metrics.get("method") or key.method)
+    meta = _method_meta(run_dir)
+    if key.protocol == "teacher":
+        meta = {"family": "teacher", "display_name": "Teacher", "reproduces": None}
+    seed = key.seed
+    if seed is None:
+        saved = run_dir / "config.yaml"
+        seed = (yaml.safe_load(saved.read_text()) or {}).get("seed") if saved.is_file() else None
     row = {
-        "run": "/".join(parts),
-        "protocol": protocol,
-        "method": "teacher" if protocol == "teacher" else method,
-        "multiplier": multiplier,
+        "run": run_dir.relative_to(runs_dir).as_posix(),
+        "protocol": key.protocol,
+        "method": method,
+        "slot": key.method if key.method == BEST_SPECIFIC else None,
+        "multiplier": key.multiplier,
+        "seed": seed,
+        **meta,
         "miou": metrics.get("miou"),
-        "diverged_at": (metrics.get("diverged") or {}).get("step"),  # on_nonfinite=record: the step of the NaN/inf
+        "diverged_at": (metrics.get("diverged") or {}).get("step"),
         "pixel_accuracy": metrics.get("pixel_accuracy"),
         "iterations": metrics.get("iterations"),
         "train_seconds": metrics.get("train_seconds"),
@@ -47,26 +74,50 @@ def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any]:
         "precision": metrics.get("precision"),
         "device": metrics.get("device"),
     }
+    if not row["display_name"]:
+        row["display_name"] = method
     for phase, seconds in (metrics.get("phase_median_seconds") or {}).items():
         row[f"phase_{phase}"] = seconds
     return row
 
 
+def _metrics_files(runs_dir: Path) -> list[Path]:
+    return [path for path in sorted(runs_dir.glob("**/metrics.json")) if "dvclive" not in path.parts]
+
+
 def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per finished run under ``runs_dir`` (those with ``metrics.json``), sorted by protocol and method."""
+    """One row per finished run under ``runs_dir`` (folders with ``metrics.json`` in the layout of
+    :mod:`kdrepro.layout`), sorted by protocol, method, multiplier and seed."""
     runs_dir = Path(runs_dir)
-    rows = [_run_row(path, runs_dir) for path in sorted(runs_dir.glob("**/metrics.json")) if "dvclive" not in path.parts]
-    rows = [row for row in rows if row["protocol"] in PROTOCOLS]
+    rows = [row for path in _metrics_files(runs_dir) if (row := _run_row(path, runs_dir)) is not None]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    for column in ("miou", "pixel_accuracy", "diverged_at", "train_seconds"):  # None (a diverged run) -> NaN
+    for column in ("miou", "pixel_accuracy", "diverged_at", "train_seconds", "iterations"):  # None (diverged) -> NaN
         frame[column] = pd.to_numeric(frame[column])
     teacher = frame.loc[frame.protocol == "teacher", "miou"]
     if len(teacher):
         frame["percent_of_teacher"] = 100.0 * frame["miou"] / float(teacher.iloc[0])
     order = {name: index for index, name in enumerate(PROTOCOLS)}
-    return frame.sort_values(["protocol", "method", "multiplier"], key=lambda c: c.map(order) if c.name == "protocol" else c).reset_index(drop=True)
+    return frame.sort_values(
+        ["protocol", "method", "multiplier", "seed"], key=lambda c: c.map(order) if c.name == "protocol" else c
+    ).reset_index(drop=True)
+
+
+def collect_per_class(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per (run, class): protocol, method, multiplier, seed, class_name, iou (percent)."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    for path in _metrics_files(runs_dir):
+        row = _run_row(path, runs_dir)
+        if row is None:
+            continue
+        metrics = json.loads(path.read_text())
+        names = metrics.get("class_names") or [str(i) for i in range(len(metrics.get("per_class_iou") or []))]
+        for name, iou in zip(names, metrics.get("per_class_iou") or [], strict=False):
+            rows.append({key: row[key] for key in ("protocol", "method", "multiplier", "seed")}
+                        | {"class_name": name, "iou": math.nan if iou is None else 100.0 * iou})  # fmt: skip
+    return pd.DataFrame(rows, columns=["protocol", "method", "multiplier", "seed", "class_name", "iou"])
 
 
 def load_calibration(path: str | Path) -> pd.DataFrame:
@@ -90,28 +141,148 @@ def load_calibration(path: str | Path) -> pd.DataFrame:
 
 
 def load_curves(runs_dir: str | Path) -> pd.DataFrame:
-    """dvclive training curves of every run: columns run, protocol, method, step, metric, value."""
+    """dvclive training curves of every run: columns run, protocol, method, multiplier, seed, step, metric, value."""
     runs_dir = Path(runs_dir)
+    columns = ["run", "protocol", "method", "multiplier", "seed", "step", "metric", "value"]
     frames = []
+    methods: dict[Path, str] = {}
     for tsv in sorted(runs_dir.glob("**/dvclive/plots/metrics/**/*.tsv")):
-        run_dir = tsv.parents[0]
-        while run_dir.name != "dvclive":
-            run_dir = run_dir.parent
-        run_dir = run_dir.parent
-        parts = run_dir.relative_to(runs_dir).parts
+        run_dir = next(parent for parent in tsv.parents if parent.name == "dvclive").parent
+        key = parse_run_path(runs_dir, run_dir)
+        if key is None:
+            continue
+        if run_dir not in methods:
+            saved = run_dir / "config.yaml"
+            name = ((yaml.safe_load(saved.read_text()) or {}).get("method") or {}).get("name") if saved.is_file() else None
+            methods[run_dir] = "teacher" if key.protocol == "teacher" else str(name or key.method)
         metric = tsv.relative_to(run_dir / "dvclive" / "plots" / "metrics").with_suffix("").as_posix()
-        data = pd.read_csv(tsv, sep="\t")
+        data = pd.read_csv(tsv, sep="\t").drop_duplicates("step", keep="last")
         value_column = [c for c in data.columns if c not in ("step", "timestamp")][0]
-        frames.append(
-            pd.DataFrame(
-                {
-                    "run": "/".join(parts),
-                    "protocol": parts[0],
-                    "method": parts[-1],
-                    "step": data["step"],
-                    "metric": metric,
-                    "value": data[value_column],
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "protocol", "method", "step", "metric", "value"])
+        frames.append(pd.DataFrame({"run": run_dir.relative_to(runs_dir).as_posix(), "protocol": key.protocol,
+                                    "method": methods[run_dir], "multiplier": key.multiplier, "seed": key.seed,
+                                    "step": data["step"], "metric": metric, "value": data[value_column]}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def specific_methods(runs: pd.DataFrame) -> list[str]:
+    """The segmentation-specific methods among the runs (by the family in each run's config)."""
+    if runs.empty or "family" not in runs:
+        return []
+    return sorted(runs.loc[runs.family == "segmentation_specific", "method"].unique())
+
+
+def teacher_miou_pct(runs: pd.DataFrame) -> float | None:
+    teacher = runs.loc[runs.protocol == "teacher", "miou"] if not runs.empty else pd.Series(dtype=float)
+    return float(100.0 * teacher.iloc[0]) if len(teacher) and math.isfinite(teacher.iloc[0]) else None
+
+
+def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict[str, Any]:
+    """Where this run sits: seeds, schedule, teacher gap, and the student alone's progress at the schedule compared
+    with its longest control run (the extended student alone), so every report can say schedule vs convergence."""
+    teacher = teacher_miou_pct(runs)
+    student_rows = stats[(stats.protocol == "iter_matched") & (stats.method == STUDENT_ALONE)]
+    student = float(student_rows.miou_mean.iloc[0]) if len(student_rows) else math.nan
+    iterations = float(student_rows.iterations_mean.iloc[0]) if len(student_rows) else math.nan
+    seeds = sorted(int(s) for s in runs.loc[runs.protocol != "teacher", "seed"].dropna().unique()) if not runs.empty else []
+    longer = stats[(stats.protocol == "extended") & (stats.method == STUDENT_ALONE)].sort_values("iterations_mean")
+    fraction, longer_iterations = None, None
+    if len(longer) and math.isfinite(student):
+        target = longer.iloc[(longer.iterations_mean - 4 * iterations).abs().argsort().iloc[0]]
+        fraction, longer_iterations = student / float(target.miou_mean), float(target.iterations_mean)
+    teacher_runs = runs[runs.protocol == "teacher"]
+    schedule = "no student-alone run yet"
+    if fraction is not None:
+        stage = "past early training" if fraction >= 0.8 else "early training (below 80 % of its longer-run mIoU)"
+        schedule = (f"schedule regime: at the reference schedule ({iterations:.0f} iterations) the student alone reaches "
+                    f"{100 * fraction:.0f} % of its mIoU after {longer_iterations:.0f} iterations — {stage}, not "
+                    "converged")  # fmt: skip
+    return {
+        "profile": profile,
+        "seeds": seeds,
+        "reference_iterations": None if not math.isfinite(iterations) else int(round(iterations)),
+        "teacher_miou": teacher,
+        "teacher_iterations": int(teacher_runs.iterations.iloc[0]) if len(teacher_runs) and teacher_runs.iterations.notna().iloc[0] else None,
+        "student_miou": None if not math.isfinite(student) else student,
+        "teacher_gap": None if teacher is None or not math.isfinite(student) else teacher - student,
+        "student_fraction_of_longer": fraction,
+        "student_longer_iterations": longer_iterations,
+        "schedule": schedule,
+        "percent_of_teacher_basis": PERCENT_OF_TEACHER_BASIS,
+    }
+
+
+def extended_selection(runs: pd.DataFrame) -> dict[str, Any]:
+    """The segmentation-specific method to extend: the best compute-matched mean mIoU of this run."""
+    specific = specific_methods(runs[runs.protocol == "compute_matched"]) if not runs.empty else []
+    method = best_specific(runs, specific) if specific else None
+    if method is None:
+        return {"method": None, "by": "compute-matched mean mIoU over seeds", "candidates": specific}
+    means = runs[(runs.protocol == "compute_matched") & (runs.method.isin(specific))].groupby("method").miou.mean()
+    return {"method": method, "by": "compute-matched mean mIoU over seeds", "candidates": specific,
+            "means": {name: round(100 * float(value), 3) for name, value in means.items()}}  # fmt: skip
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    return path
+
+
+def write_plot_tables(stats: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> list[Path]:
+    """Wide tables for ``dvc plots show`` (declared in dvc.yaml): compute-matched mean mIoU per method, and the
+    student's cross-entropy against training seconds of every compute-matched run of the first seed."""
+    (folder / "curves").mkdir(parents=True, exist_ok=True)
+    written = [folder / "miou_compute_matched.csv"]
+    matched = stats[stats.protocol == "compute_matched"] if not stats.empty else stats
+    pd.DataFrame({"method": matched.get("method", []), "miou": matched.get("miou_mean", [])}).to_csv(written[0], index=False)
+    if curves.empty:
+        return written
+    matched_curves = curves[curves.protocol == "compute_matched"]
+    first_seed = matched_curves.seed.min()
+    for method, group in matched_curves[matched_curves.seed == first_seed].groupby("method"):
+        wide = group.pivot_table(index="step", columns="metric", values="value").reset_index()
+        if {"train/seconds", "train/ce"} <= set(wide.columns):
+            table = wide[["step", "train/seconds", "train/ce"]].rename(columns={"train/seconds": "seconds", "train/ce": "ce"})
+            path = folder / "curves" / f"{method}.csv"
+            table.to_csv(path, index=False)
+            written.append(path)
+    return written
+
+
+def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None) -> list[Path]:
+    """Every table of the module docstring under ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs = collect_runs(runs_dir)
+    runs.to_csv(results_dir / "runs.csv", index=False)
+    collect_per_class(runs_dir).to_csv(results_dir / "per_class.csv", index=False)
+    teacher = teacher_miou_pct(runs)
+    stats = summarize(runs, teacher) if not runs.empty else pd.DataFrame()
+    stats.to_csv(results_dir / "stats.csv", index=False)
+    curves = load_curves(runs_dir)
+    curves.to_csv(results_dir / "curves.csv", index=False)
+    verdict = {"regime": regime(runs, stats, profile) if not stats.empty else {"profile": profile},
+               "claims": judge(runs, specific_methods(runs), teacher) if not runs.empty else []}  # fmt: skip
+    written = [results_dir / name for name in ("runs.csv", "per_class.csv", "stats.csv", "curves.csv")]
+    written.append(write_json(results_dir / "verdict.json", verdict))
+    summary: dict[str, Any] = {"profile": profile}
+    for protocol, group in stats.groupby("protocol", sort=False) if not stats.empty else []:
+        summary[protocol] = {
+            f"{row.method}" + (f"-x{row.multiplier:g}" if protocol == "extended" else ""): round(float(row.miou_mean), 2)
+            for row in group.itertuples()
+        }
+    written.append(write_json(results_dir / "summary.json", summary))
+    written += write_plot_tables(stats, curves, results_dir / "plots")
+    calibration = runs_dir / "calibration.json"
+    if calibration.exists():
+        load_calibration(calibration).to_csv(results_dir / "calibration.csv", index=False)
+        written.append(results_dir / "calibration.csv")
+    return written

@@ -431,9 +431,15 @@ def _sample_street(canvas: Canvas) -> dict:
             "parking": (rng.uniform(5, 30), rng.uniform(30, 60), rng.choice([-1, 1])) if rng.random() < 0.2 else (0, 0, 1)}  # fmt: skip
 
 
-def _sample_objects(canvas: Canvas, street: dict) -> list[tuple[float, Callable[[], None]]]:
-    """(depth, draw) for every object; drawn far to near."""
+def _sample_objects(canvas: Canvas, street: dict, small: tuple[float, float] = (1.0, 1.0)) -> list[tuple[float, Callable[[], None]]]:
+    """(depth, draw) for every object; drawn far to near. ``small = (scale, rate)`` enlarges the small-object classes
+    (poles, signs, lights, people, two-wheelers) by ``scale`` in every metric dimension and multiplies how many of
+    them a scene may hold by ``rate`` (1, 1: the street's real proportions)."""
     rng, far = canvas.rng, street["far"]
+    scale, rate = small
+
+    def count(low: int, high: int) -> int:
+        return int(rng.integers(low, max(low + 1, int(round(high * rate)))))
     near = canvas.depth_near() + 0.3
     objects: list[tuple[float, Callable[[], None]]] = []
 
@@ -445,6 +451,17 @@ def _sample_objects(canvas: Canvas, street: dict) -> list[tuple[float, Callable[
 
     def side(distance, sign, d0, length, top, draw):
         objects.append((d0, lambda: (w := canvas.side(distance, sign, d0, d0 + length, top)) is not None and draw(w)))
+
+    def shrunk(window):  # metric coordinates / scale: the object is drawn `scale` times larger
+        return None if window is None else (window[0], window[1] / scale, window[2] / scale)
+
+    def small_frontal(lateral, d, half_width, top, draw):
+        objects.append((d, lambda: (w := shrunk(canvas.frontal(lateral, d, half_width * scale, top * scale))) is not None
+                        and draw(w)))  # fmt: skip
+
+    def small_side(distance, sign, d0, length, top, draw):
+        objects.append((d0, lambda: (w := canvas.side(distance, sign, d0, d0 + length * scale, top * scale)) is not None
+                        and draw((w[0], (w[1]) / scale, w[2] / scale))))  # fmt: skip
 
     left, right = street["sides"]
     for _ in range(rng.integers(0, 5)):  # traffic ahead, seen from the rear
@@ -460,14 +477,14 @@ def _sample_objects(canvas: Canvas, street: dict) -> list[tuple[float, Callable[
             side(info["road"] - 1.1, sign, d0, length, 3.9, lambda w, k=kind, p=paint, n=length:
                  _side_vehicle(canvas, w, rng, k, p, n))  # fmt: skip
             d0 += length + rng.uniform(0.8, 10)
-        for _ in range(rng.integers(0, 3)):  # riders near the curb, parked bikes on the sidewalk
+        for _ in range(count(0, 3)):  # riders near the curb, parked bikes on the sidewalk
             on_road = rng.random() < 0.7
             kind = str(rng.choice(["bicycle", "motorcycle"], p=[0.6, 0.4]))
             distance = info["road"] - rng.uniform(0.4, 0.9) if on_road else info["outer"] - 0.5
-            side(distance, sign, depth(), 2.0, 2.0, lambda w, k=kind, r=on_road: _two_wheeler(canvas, w, rng, k, r))
-        for _ in range(rng.integers(1, 5)):
+            small_side(distance, sign, depth(), 2.0, 2.0, lambda w, k=kind, r=on_road: _two_wheeler(canvas, w, rng, k, r))
+        for _ in range(count(1, 5)):
             kind = str(rng.choice(["plain", "sign", "light"], p=[0.35, 0.4, 0.25]))
-            frontal(sign * (info["road"] + 0.35), depth(), 0.4, 8.0, lambda w, k=kind: _pole(canvas, w, rng, k))
+            small_frontal(sign * (info["road"] + 0.35), depth(), 0.4, 8.0, lambda w, k=kind: _pole(canvas, w, rng, k))
         for _ in range(rng.integers(0, 6)):
             lateral = sign * (info["outer"] + rng.uniform(-0.6, 4.0))
             frontal(lateral, depth(), 3.2, 8.0, lambda w: _tree(canvas, w, rng))
@@ -475,12 +492,12 @@ def _sample_objects(canvas: Canvas, street: dict) -> list[tuple[float, Callable[
             lateral, color = sign * rng.uniform(info["road"] + 0.5, info["outer"]), rng.uniform(30, 200, 3)
             frontal(lateral, depth(), 0.4, 1.2, lambda w, c=color:
                     canvas.paint(_box(w[1], w[2], -0.3, 0.3, 0, 1.0), ID["static"], c, "flat", w[0]))  # fmt: skip
-    for _ in range(rng.integers(0, 8)):
+    for _ in range(count(0, 8)):
         sign, info = (-1, left) if rng.random() < 0.5 else (1, right)
         lateral = sign * rng.uniform(info["road"] + 0.3, info["outer"] - 0.2)
         if rng.random() < 0.1:
             lateral = rng.uniform(-left["road"], right["road"])  # crossing the road
-        frontal(lateral, depth(), 0.45, 2.0, lambda w: _person(canvas, w, rng, ID["person"]))
+        small_frontal(lateral, depth(), 0.45, 2.0, lambda w: _person(canvas, w, rng, ID["person"]))
     if rng.random() < 0.2:  # a tram
         sign, length = rng.choice([-1, 1]), rng.uniform(20, 30)
         side(rng.uniform(1.2, 2.0), sign, rng.uniform(near + 2, 20), length, 3.5,
@@ -503,8 +520,10 @@ def _draw_void_and_light(canvas: Canvas):
     canvas.image += canvas.noise[0][..., None] * rng.uniform(2, 6)
 
 
-def render_scene(rng: np.random.Generator, height: int = 128, width: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """One street scene: ``(image (H, W, 3) uint8 RGB, label ids (H, W) uint8)``."""
+def render_scene(rng: np.random.Generator, height: int = 128, width: int = 256, small_object_scale: float = 1.0,
+                 small_object_rate: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One street scene: ``(image (H, W, 3) uint8 RGB, label ids (H, W) uint8)``; see :func:`generate` for the
+    small-object settings."""
     canvas = Canvas(rng, height, width, horizon=height * rng.uniform(0.36, 0.48), vanish_x=width * rng.uniform(0.38, 0.62),
                     focal=width * rng.uniform(0.45, 0.65))  # fmt: skip
     street = _sample_street(canvas)
@@ -515,25 +534,33 @@ def render_scene(rng: np.random.Generator, height: int = 128, width: int = 256) 
     _draw_skyline(canvas, street["far"])
     for (sign, side), side_light in zip(((-1, street["sides"][0]), (1, street["sides"][1])), light, strict=True):
         _draw_side(canvas, side, sign, street["far"], side_light)
-    for _, draw in sorted(_sample_objects(canvas, street), key=lambda item: -item[0]):
+    for _, draw in sorted(_sample_objects(canvas, street, (small_object_scale, small_object_rate)), key=lambda item: -item[0]):
         draw()
     _draw_void_and_light(canvas)
     return np.clip(np.rint(canvas.image), 0, 255).astype(np.uint8), canvas.label
 
 
 def generate(root: Path, seed: int = 0, num_train: int = 300, num_val: int = 100, height: int = 128,
-             width: int = 256) -> Path:  # fmt: skip
+             width: int = 256, small_object_scale: float = 1.0, small_object_rate: float = 1.0) -> Path:  # fmt: skip
     """Write a synthetic dataset in the Cityscapes layout to ``root`` (atomically; a manifest marks it complete).
+
+    ``small_object_scale`` and ``small_object_rate`` change the class statistics of the thin and rare classes (pole,
+    traffic light and sign, person, rider, bicycle, motorcycle): drawn that many times larger, and up to that many
+    times more of them per scene. At 1 and 1 the proportions are a street's (and the class frequencies close to
+    Cityscapes'); at a few pixels of image height those classes are then one or two pixels wide and take a model
+    thousands of iterations to find, so a small embedded profile enlarges them.
 
     Files: ``leftImg8bit/<split>/<city>/<city>_<seq>_000019_leftImg8bit.png`` and the matching
     ``gtFine/.../*_gtFine_labelIds.png``; cities aachen/bochum/bremen (train) and frankfurt/lindau/munster (val).
     """
-    params = {"seed": seed, "num_train": num_train, "num_val": num_val, "height": height, "width": width}
+    params = normalize_params({"seed": seed, "num_train": num_train, "num_val": num_val, "height": height, "width": width,
+                               "small_object_scale": small_object_scale, "small_object_rate": small_object_rate})  # fmt: skip
     with atomic_directory(Path(root)) as folder:
         for split, count in (("train", num_train), ("val", num_val)):
             cities = CITIES[split]
             for index in range(count):
-                image, label = render_scene(np.random.default_rng([seed, _SPLIT_CODE[split], index]), height, width)
+                image, label = render_scene(np.random.default_rng([seed, _SPLIT_CODE[split], index]), height, width,
+                                            small_object_scale, small_object_rate)  # fmt: skip
                 city = cities[index % len(cities)]
                 stem = f"{city}_{index // len(cities):06d}_000019"
                 for top, suffix, array in (("leftImg8bit", "leftImg8bit", image), ("gtFine", "gtFine_labelIds", label)):
@@ -542,6 +569,19 @@ def generate(root: Path, seed: int = 0, num_train: int = 300, num_val: int = 100
                     Image.fromarray(array).save(path, format="PNG", compress_level=3)
         (folder / MANIFEST).write_text(json.dumps({"generator": __name__, "version": VERSION, "params": params}, indent=2))
     return Path(root)
+
+
+def normalize_params(params: dict) -> dict:
+    """The generator's parameters as its manifest records them: whole numbers, and the small-object settings only
+    where they differ from 1 (so the manifests of datasets written before those settings existed stay valid)."""
+    normal = {key: int(value) for key, value in params.items() if not key.startswith("small_object_")}
+    for key in ("small_object_scale", "small_object_rate"):
+        value = float(params.get(key, 1.0))
+        if value <= 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+        if value != 1.0:
+            normal[key] = value
+    return normal
 
 
 def is_generated(root: Path, params: dict) -> bool:

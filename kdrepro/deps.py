@@ -1,0 +1,206 @@
+"""What each pipeline stage's command can read: its code (the import closure within kdrepro) and its configs.
+
+One definition for two consumers: ``dvc.yaml``'s ``deps`` (a test checks that every stage lists all of it and
+nothing that its command cannot read) and the cost fingerprint of ``kdrepro calibrate`` (a method is re-measured when
+any code its training step can run changes). ``python -m kdrepro.deps <stage>`` prints a stage's deps in the compact
+form ``dvc.yaml`` uses: a folder when the command can read every module in it, single files otherwise;
+``python -m kdrepro.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
+
+The closure is static: every ``import kdrepro...`` / ``from kdrepro... import`` anywhere in a module (also inside
+functions: a lazily imported module can still run), each module's parent packages, and every submodule of a package
+whose ``__init__`` imports its submodules dynamically (``pkgutil.iter_modules``, as :mod:`kdrepro.distill` does).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+
+#: The modules each stage's command starts from (``kdrepro <command>`` -> its handler in kdrepro/cli.py). Every
+#: command also runs the CLI, the params glue and the config loader. The CLI and the params glue dispatch lazily:
+#: their function-level imports belong to one command's handler each, which ``ENTRIES`` names, so only their
+#: module-level imports are followed.
+COMMON = ("kdrepro.cli", "kdrepro.pipeline", "kdrepro.config", "kdrepro.errors")
+DISPATCHERS = ("kdrepro.cli", "kdrepro.pipeline")
+ENTRIES: dict[str, tuple[str, ...]] = {
+    "data": ("kdrepro.data",),
+    "teacher": ("kdrepro.train.seeds", "kdrepro.train.run", "kdrepro.models.weights"),
+    "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
+    "calibrate": ("kdrepro.train.calibrate",),
+    "select": ("kdrepro.results",),
+    "results": ("kdrepro.results",),
+    "report": ("kdrepro.report",),
+    "index": ("kdrepro.report",),
+}
+
+
+#: dvc.yaml stage -> the command it runs (the report stages run notebooks: :func:`notebook_code_files`)
+STAGE_KIND = {"data": "data", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
+              "iter_matched": "train", "compute_matched": "train", "student_extended": "train", "extended": "train",
+              "extended_best": "train", "select": "select", "results": "results", "index": "index"}  # fmt: skip
+
+
+def _module_path(name: str) -> Path | None:
+    relative = Path(*name.split("."))
+    for candidate in (ROOT / relative / "__init__.py", ROOT / relative.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """kdrepro modules a source file imports anywhere (absolute and relative imports); only its module-level
+    statements with ``top_level_only``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    nodes = [n for top in tree.body if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+             for n in ast.walk(top)] if top_level_only else ast.walk(tree)  # fmt: skip
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from kdrepro import distill`
+    if "iter_modules(__path__)" in path.read_text():
+        found |= {_module_name(child) for child in path.parent.glob("*.py") if child.name != "__init__.py"}
+    return {name for name in found if name == "kdrepro" or name.startswith("kdrepro.")}
+
+
+def closure(entries: Iterable[str]) -> set[Path]:
+    """Source files of the modules reachable from ``entries`` (and their parent packages)."""
+    seen: set[Path] = set()
+    todo = list(entries)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            path = _module_path(".".join(parts[:depth]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            todo.extend(_imports(path, top_level_only=_module_name(path) in DISPATCHERS))
+    return seen
+
+
+@functools.cache
+def code_files(stage: str) -> tuple[Path, ...]:
+    """Every kdrepro source file the ``stage``'s command can run, sorted (paths relative to the repository)."""
+    if stage not in ENTRIES:
+        raise KeyError(f"unknown stage {stage!r}; one of {sorted(ENTRIES)}")
+    return tuple(sorted(path.relative_to(ROOT) for path in closure([*COMMON, *ENTRIES[stage]])))
+
+
+def notebook_modules(notebook: Path) -> set[str]:
+    """kdrepro modules a notebook's code cells import (a report stage runs them through papermill)."""
+    import json
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    source = "\n".join("".join(c["source"]) for c in cells if c.get("cell_type") == "code")
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    tree = ast.parse("\n".join(lines))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return {name for name in found if name.startswith("kdrepro")}
+
+
+def notebook_code_files(notebook: Path) -> tuple[Path, ...]:
+    """Every kdrepro source file a report notebook can run."""
+    return tuple(sorted(path.relative_to(ROOT) for path in closure(notebook_modules(notebook))))
+
+
+def config_files(overrides: Iterable[str]) -> set[Path]:
+    """The packaged config files a command with these overrides composes (``train.yaml`` and one file per chosen
+    option of each group), relative to the repository."""
+    from hydra import compose, initialize_config_dir
+
+    conf = PACKAGE / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    files = {conf / "train.yaml"}
+    for group, choice in cfg.hydra.runtime.choices.items():
+        path = conf / group.split("@")[0] / f"{choice}.yaml"
+        if choice is not None and path.is_file():
+            files.add(path)
+    return {path.relative_to(ROOT) for path in files}
+
+
+def compact(files: Iterable[Path]) -> list[str]:
+    """Files folded into their folder wherever every ``*.py`` of the folder (recursively) is among them."""
+    files = {Path(f) for f in files}
+    folders = sorted({parent for f in files for parent in f.parents if parent != Path(".")}, key=lambda p: len(p.parts))
+    chosen: list[Path] = []
+    for folder in folders:
+        if any(folder.is_relative_to(c) for c in chosen) or folder == Path("kdrepro"):
+            continue
+        if all(f.relative_to(ROOT) in files for f in (ROOT / folder).rglob("*.py")):
+            chosen.append(folder)
+    singles = [f for f in files if not any(f.is_relative_to(c) for c in chosen)]
+    return sorted([c.as_posix() for c in chosen] + [f.as_posix() for f in singles])
+
+
+def code_digest(stage: str) -> bytes:
+    """sha256 over the sources of :func:`code_files` (names and bytes)."""
+    digest = hashlib.sha256()
+    for relative in code_files(stage):
+        digest.update(relative.as_posix().encode())
+        digest.update((ROOT / relative).read_bytes())
+    return digest.digest()
+
+
+def update_dvc_yaml(path: Path) -> bool:
+    """Rewrite the code deps (``- kdrepro/...`` lines outside ``kdrepro/conf``) of every stage of :data:`STAGE_KIND`
+    in ``path`` to :func:`compact` of the stage's :func:`code_files`; True when the file changed."""
+    import re
+
+    lines, out, stage, index = path.read_text().splitlines(keepends=True), [], None, 0
+    code_line = re.compile(r"^(\s+)- kdrepro/(?!conf)")
+    while index < len(lines):
+        line = lines[index]
+        header = re.match(r"^  (\w+):", line)
+        if header:
+            stage = header.group(1)
+        match = code_line.match(line)
+        if match and stage in STAGE_KIND:
+            while index < len(lines) and code_line.match(lines[index]):
+                index += 1
+            out += [f"{match.group(1)}- {dep}\n" for dep in compact(code_files(STAGE_KIND[stage]))]
+            continue
+        out.append(line)
+        index += 1
+    text = "".join(out)
+    changed = text != path.read_text()
+    if changed:
+        path.write_text(text)
+    return changed
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--update"]:
+        target = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "dvc.yaml"
+        print(f"{target}: {'updated' if update_dvc_yaml(target) else 'already up to date'}")
+    else:
+        for stage in sys.argv[1:] or sorted(ENTRIES):
+            print(f"{stage}:")
+            for dep in compact(code_files(stage)):
+                print(f"  - {dep}")

@@ -1,0 +1,116 @@
+"""dvc.yaml lists exactly the code and configs each stage's command can read (kdrepro/deps.py is the definition)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdrepro.config import options
+from kdrepro.deps import ROOT, STAGE_KIND, code_files, compact, config_files, notebook_code_files, update_dvc_yaml
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+KIND = STAGE_KIND
+
+
+def _stage_bodies(name: str) -> list[tuple[dict, dict[str, str]]]:
+    """(stage body, variables) for every expansion of a stage (foreach/matrix items of the default params)."""
+    stage = DVC_YAML["stages"][name]
+    base = {"profile": PARAMS["profile"]}
+    if "foreach" in stage:
+        items = stage["foreach"]
+        if isinstance(items, str):  # ${methods} / ${extended.multipliers}
+            key = items.strip("${}")
+            items = PARAMS[key] if "." not in key else PARAMS[key.split(".")[0]][key.split(".")[1]]
+        pairs = items.items() if isinstance(items, dict) else [(item, item) for item in items]
+        return [(stage["do"], {**base, "key": str(k), "item": str(v) if not isinstance(v, dict) else ""}) for k, v in pairs]
+    if "matrix" in stage:
+        methods = stage["matrix"]["method"]
+        return [(stage, {**base, "item.method": m, "item.multiplier": str(k)}) for m in methods
+                for k in PARAMS["extended"]["multipliers"]]  # fmt: skip
+    return [(stage, base)]
+
+
+def _deps(body: dict, variables: dict[str, str]) -> list[str]:
+    deps = []
+    for dep in body.get("deps", []):
+        dep = dep if isinstance(dep, str) else next(iter(dep))
+        deps.append(re.sub(r"\$\{([^}]+)\}", lambda m: variables.get(m.group(1), m.group(0)), dep))
+    return deps
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    return any(path == Path(dep) or Path(dep) in path.parents for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(KIND))
+def test_code_deps_are_exactly_what_the_command_imports(stage):
+    for body, variables in _stage_bodies(stage):
+        deps = _deps(body, variables)
+        needed = set(code_files(KIND[stage]))
+        missing = sorted(str(p) for p in needed if not _covered(p, deps))
+        listed = [d for d in deps if d.startswith("kdrepro/") and not d.startswith("kdrepro/conf")]
+        extra = [d for d in listed if ((ROOT / d).is_dir() and not all(p.relative_to(ROOT) in needed for p in (ROOT / d).rglob("*.py")))
+                 or ((ROOT / d).is_file() and Path(d) not in needed) or not (ROOT / d).exists()]  # fmt: skip
+        expected = "\n".join(f"- {d}" for d in compact(needed))
+        fix = "run `python -m kdrepro.deps --update` to rewrite dvc.yaml's code deps"
+        assert not missing, f"{stage}: dvc.yaml misses {missing} ({fix}); its code deps are:\n{expected}"
+        assert not extra, f"{stage}: dvc.yaml lists {extra}, which its command never imports ({fix}):\n{expected}"
+
+
+def test_report_stages_cover_their_notebooks_code():
+    body = DVC_YAML["stages"]["report"]
+    for notebook in body["foreach"]:
+        deps = _deps(body["do"], {"item": notebook, "profile": PARAMS["profile"]})
+        missing = [str(p) for p in notebook_code_files(ROOT / "notebooks" / f"{notebook}.ipynb") if not _covered(p, deps)]
+        assert not missing, f"report@{notebook}: dvc.yaml misses {missing}"
+
+
+def _overrides(stage: str, variables: dict[str, str]) -> list[str]:
+    cmd = " ".join(_stage_bodies(stage)[0][0]["cmd"].split()) if stage else ""
+    method = re.search(r"method=(\S+)", cmd)
+    budget = re.search(r"budget=(\S+)", cmd)
+    overrides = [f"profile={variables['profile']}"]
+    if method and "${" not in method.group(1):
+        overrides.append(f"method={method.group(1)}")
+    elif method:
+        overrides.append(f"method={variables.get('item.method') or variables['item']}")
+    if budget and "${" not in budget.group(1):
+        overrides.append(f"budget={budget.group(1)}")
+    return overrides
+
+
+@pytest.mark.parametrize("profile", options("profile"))
+@pytest.mark.parametrize("stage", ["data", "teacher", "calibrate", "iter_matched", "compute_matched", "extended",
+                                   "student_extended", "select", "results"])  # fmt: skip
+def test_config_deps_cover_every_composed_file(stage, profile):
+    for body, variables in _stage_bodies(stage):
+        variables = {**variables, "profile": profile}
+        deps = _deps(body, variables)
+        files = config_files(_overrides(stage, variables))
+        missing = sorted(str(p) for p in files if not _covered(p, deps))
+        assert not missing, f"{stage}: dvc.yaml misses the config files {missing}"
+
+
+def test_extended_best_depends_on_every_method_config():
+    body, variables = _stage_bodies("extended_best")[0]
+    assert "kdrepro/conf/method" in _deps(body, variables)
+
+
+def test_calibration_fingerprint_hashes_the_training_step_code():
+    from kdrepro.train import calibrate
+
+    assert calibrate.code_digest_stage == "calibrate"
+    assert set(code_files("calibrate")) >= {Path("kdrepro/train/trainer.py"), Path("kdrepro/distill/kd.py")}
+
+
+def test_update_rewrites_stale_code_deps(tmp_path):
+    stale = (ROOT / "dvc.yaml").read_text().replace("      - kdrepro/layout.py\n", "", 1)
+    target = tmp_path / "dvc.yaml"
+    target.write_text(stale)
+    assert update_dvc_yaml(target)
+    assert not update_dvc_yaml(target)  # idempotent
+    assert target.read_text() == (ROOT / "dvc.yaml").read_text()
