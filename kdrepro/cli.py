@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("train the teacher (or import teacher_import=<mmseg.pth>)", "kdrepro teacher profile=synthetic out_dir=runs/synthetic/teacher"),
     "results": ("collect every run of a pipeline into tidy tables", "kdrepro results runs_dir=runs/synthetic"),
     "validate": ("check a pipeline params file before any stage runs", "kdrepro validate --params params.yaml"),
+    "plan": ("the whole pipeline's cost (hours, GPU-hours, memory) from a calibration", "kdrepro plan --params params.yaml"),
     "report-index": ("write reports/index.html linking the rendered reports", "kdrepro report-index runs_dir=runs/synthetic results_dir=results/synthetic"),
 }
 
@@ -195,7 +196,16 @@ def _report_index(overrides: list[str], positional: list[str]) -> None:
     print(f"written {path}")
 
 
+def _plan(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.plan import write_plan
+
+    _, text, output = write_plan(load_config(overrides, config_name="plan"))
+    print(text + f"\nwritten {output} and {output.with_suffix('.md')}")
+
+
 HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
+    "plan": _plan,
     "info": _info,
     "prepare": _prepare,
     "train": _train,
