@@ -1,13 +1,15 @@
-"""Shared fixtures: a tiny synthetic dataset and a tiny teacher, built once per test session."""
+"""Shared fixtures: a tiny synthetic dataset and a tiny teacher, built once per test session, and seeded model outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from kdrepro.config import load_config
+from kdrepro.models.output import SegOutput
 
 torch.set_num_threads(2)
 
@@ -56,3 +58,31 @@ def tiny_teacher(tiny_dataset, tmp_path_factory) -> list[str]:
     out = tmp_path_factory.mktemp("teacher")
     teacher([*tiny_dataset, f"out_dir={out}", "teacher_iterations=3"])
     return [*tiny_dataset, f"teacher_checkpoint={out / 'checkpoint.pt'}"]
+
+
+SegOutputFactory = Callable[..., SegOutput]
+
+
+def make_seg_output(
+    channels: dict[str, int], batch: int = 2, size: int = 8, grad: bool = False, seed: int = 0, aux: bool = False
+) -> SegOutput:
+    """A random output of a model with ``channels`` (feature name -> channels, ``logits`` -> classes).
+
+    Every map is ``(batch, channels, size, size)`` drawn from one generator seeded with ``seed``: the features in the
+    order of ``channels``, then the logits, then (with ``aux``) the auxiliary logits. ``grad`` makes them leaves that
+    collect gradients, as a student's outputs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(count: int) -> torch.Tensor:
+        return torch.randn(batch, count, size, size, generator=generator).requires_grad_(grad)
+
+    features = {name: tensor(count) for name, count in channels.items() if name != "logits"}
+    logits = tensor(channels["logits"])
+    return SegOutput(logits=logits, aux_logits=tensor(channels["logits"]) if aux else None, features=features)
+
+
+@pytest.fixture
+def seg_output() -> SegOutputFactory:
+    """``seg_output(channels, batch=2, size=8, grad=False, seed=0, aux=False)``: see :func:`make_seg_output`."""
+    return make_seg_output
