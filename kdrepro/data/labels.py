@@ -2,7 +2,7 @@
 
 The Cityscapes table is the fact table of ``cityscapesscripts/helpers/labels.py`` (Cordts et al., CVPR 2016): label
 ids 0..33 plus the license plate (-1), each with its train id (0..18, or 255 = ignored in training and evaluation),
-name and colour. ``tests/test_data_cityscapes.py`` checks it against ``cityscapesscripts`` when that is installed.
+name and colour. ``tests/data/test_cityscapes.py`` checks it against ``cityscapesscripts`` when that is installed.
 """
 
 from __future__ import annotations

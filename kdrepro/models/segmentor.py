@@ -4,7 +4,7 @@ This is mmsegmentation's ``EncoderDecoder`` for ``pspnet_r{18,50,101}-d8`` and `
 (decode head on c4, auxiliary FCN head on c3 with loss weight 0.4 applied by the training loop). Logits stay at the
 decoder's resolution (output stride 8); losses and evaluation resize them (``resize_logits``).
 
-Size of the paper's models, measured (``tests/test_models.py``; auxiliary head included in the parameters, not in
+Size of the paper's models, measured (``tests/models/test_models.py``; auxiliary head included in the parameters, not in
 the FLOPs, which are counted in eval mode):
 
 ===========  ==========================  ============================  =====================================
