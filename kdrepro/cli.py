@@ -189,10 +189,11 @@ def _validate(overrides: list[str], positional: list[str]) -> None:
 
 def _report_index(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
-    from kdrepro.report_index import write_index
+    from kdrepro.report.index import write_index
+    from kdrepro.report.readers import locate
 
     cfg = load_config(overrides)  # reports/ by default; `+reports_dir=<folder>` writes elsewhere
-    path = write_index(str(cfg.get("reports_dir", "reports")), str(cfg.runs_dir), str(cfg.results_dir), str(cfg.profile_name))
+    path = write_index(locate(str(cfg.profile_name), str(cfg.runs_dir), str(cfg.results_dir), str(cfg.get("reports_dir", "reports"))))
     print(f"written {path}")
 
 

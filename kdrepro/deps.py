@@ -37,7 +37,7 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "select": ("kdrepro.results",),
     "results": ("kdrepro.results",),
     "report": ("kdrepro.report",),
-    "index": ("kdrepro.report",),
+    "index": ("kdrepro.report.index",),
 }
 
 

@@ -1,5 +1,7 @@
 """Run ``kdrepro`` with one injected fault, for the reliability tests: ``python faults.py <kdrepro args>``.
 
+Without ``KDREPRO_FAULT`` (or with it empty) this is plain ``kdrepro``.
+
 ``KDREPRO_FAULT`` picks the fault; ``KDREPRO_FAULT_MARKER`` is a file touched when a pause begins, so the test knows
 when to send its signal, and waits for ``<marker>.go`` before going on:
 
@@ -73,7 +75,8 @@ if __name__ == "__main__":
     from kdrepro.errors import raise_on_signals
 
     raise_on_signals()
-    install(os.environ["KDREPRO_FAULT"])
+    if os.environ.get("KDREPRO_FAULT"):
+        install(os.environ["KDREPRO_FAULT"])
     from kdrepro.cli import main
 
     sys.exit(main(sys.argv[1:]))
