@@ -13,7 +13,6 @@ As in mmsegmentation, the loader reads ``*_gtFine_labelTrainIds.png`` (train ids
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdrepro.data.io import prepare_hint, read_label, require_root, write_png
@@ -24,7 +23,6 @@ IMAGE_DIR, LABEL_DIR = "leftImg8bit", "gtFine"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_ID_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
-TRAIN_ID_MARKER = ".kdrepro_labelTrainIds.json"
 SPLITS = ("train", "val")
 
 
@@ -60,21 +58,26 @@ def find_pairs(root: Path, split: str, dataset_name: str) -> tuple[list[Path], l
     return images, labels
 
 
-def write_train_id_labels(root: Path, dataset_name: str) -> int:
-    """Write ``*_gtFine_labelTrainIds.png`` beside every ``*_gtFine_labelIds.png``; return how many exist.
-
-    Idempotent: a marker file records the number converted; when it matches the label-id files on disk and every
-    target exists, nothing is rewritten (with a matching marker, only missing targets are written). Each PNG is
-    written atomically, so an interrupted run is simply redone.
-    """
+def label_id_files(root: Path, dataset_name: str) -> list[Path]:
+    """Every ``*_gtFine_labelIds.png`` under ``root`` (the source of the train-id labels)."""
     sources = sorted((root / LABEL_DIR).glob(f"*/*/*{LABEL_ID_SUFFIX}"))
     if not sources:
         raise DatasetError(f"no *{LABEL_ID_SUFFIX} files under {root / LABEL_DIR}: {prepare_hint(dataset_name)}")
-    targets = [source.with_name(source.name[: -len(LABEL_ID_SUFFIX)] + TRAIN_ID_SUFFIX) for source in sources]
-    marker = root / LABEL_DIR / TRAIN_ID_MARKER
-    marked = marker.is_file() and json.loads(marker.read_text()).get("converted") == len(sources)
-    todo = [(s, t) for s, t in zip(sources, targets, strict=True) if not (marked and t.is_file())]
-    for source, target in todo:
-        write_png(target, label_id_to_train_id(read_label(source, CITYSCAPES_VALID_IDS, dataset_name)))
-    marker.write_text(json.dumps({"converted": len(sources)}))
-    return len(sources)
+    return sources
+
+
+def train_id_path(source: Path) -> Path:
+    """The ``*_gtFine_labelTrainIds.png`` written from a ``*_gtFine_labelIds.png``."""
+    return source.with_name(source.name[: -len(LABEL_ID_SUFFIX)] + TRAIN_ID_SUFFIX)
+
+
+def image_of(root: Path, label: Path) -> Path:
+    """The ``leftImg8bit`` image a ``gtFine`` label file belongs to."""
+    suffix = LABEL_ID_SUFFIX if label.name.endswith(LABEL_ID_SUFFIX) else TRAIN_ID_SUFFIX
+    split, city = label.parent.parent.name, label.parent.name
+    return root / IMAGE_DIR / split / city / (label.name[: -len(suffix)] + IMAGE_SUFFIX)
+
+
+def write_train_id_label(source: Path, target: Path, dataset_name: str) -> None:
+    """Write one ``*_gtFine_labelTrainIds.png`` from its label ids, atomically (an interrupted run is simply redone)."""
+    write_png(target, label_id_to_train_id(read_label(source, CITYSCAPES_VALID_IDS, dataset_name)))

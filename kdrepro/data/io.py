@@ -120,6 +120,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the dataset root's mode
     try:
         yield temporary
         if final.exists():

@@ -7,6 +7,11 @@
   from ``CITYSCAPES_USERNAME``/``CITYSCAPES_PASSWORD``), extract; check the layout; write ``*_labelTrainIds.png``;
 * ade20k: if the root is missing, download ``ADEChallengeData2016.zip``, verify its pinned MD5, extract; check.
 
+Every label file prepare does not rewrite is checked (decodes, single channel, values in the dataset's set, the
+size of its image; checked once and again only when its size or time stamp changes): damaged train-id labels are
+written again from their label ids, damaged synthetic label ids make the set be generated again, and damaged
+originals (Cityscapes label ids, ADE20K annotations) are named with the command that restores them.
+
 Downloads go through an injectable ``download`` callable so tests (and air-gapped users with their own mirror)
 never need the network. Extraction is atomic: an interrupted or failed prepare leaves no half-written root.
 """
@@ -14,6 +19,7 @@ never need the network. Extraction is atomic: an interrupted or failed prepare l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import urllib.request
@@ -22,9 +28,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from kdrepro.data import ade20k, cityscapes, synthetic
 from kdrepro.data.io import atomic_directory
+from kdrepro.data.labels import CITYSCAPES_VALID_IDS, valid_train_ids
 from kdrepro.errors import ConfigError, DatasetError
+from kdrepro.io import write_json_atomic
 
 CITYSCAPES_PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
 
@@ -42,12 +53,13 @@ def prepare_dataset(dataset_cfg: Any, download: Download | None = None) -> Path:
     """
     root = Path(str(dataset_cfg.root))
     name = str(dataset_cfg.name)
+    num_classes = int(dataset_cfg.get("num_classes", 19))
     if dataset_cfg.get("generate") is not None:
-        return _prepare_synthetic(root, name, dict(dataset_cfg.generate))
+        return _prepare_synthetic(root, name, dict(dataset_cfg.generate), num_classes)
     layout = str(dataset_cfg.layout)
     if layout == "cityscapes":
         packages = list(dataset_cfg.get("download", {}).get("packages", CITYSCAPES_PACKAGES))
-        return _prepare_cityscapes(root, name, packages, download or download_cityscapes_package)
+        return _prepare_cityscapes(root, name, packages, download or download_cityscapes_package, num_classes)
     if layout == "ade20k":
         source = dataset_cfg.get("download", {})
         url, md5 = str(source.get("url", ade20k.URL)), str(source.get("md5", ade20k.MD5))
@@ -55,7 +67,7 @@ def prepare_dataset(dataset_cfg: Any, download: Download | None = None) -> Path:
     raise ConfigError(f"dataset.layout={layout!r} is not one of cityscapes, ade20k")
 
 
-def _prepare_synthetic(root: Path, name: str, params: dict) -> Path:
+def _prepare_synthetic(root: Path, name: str, params: dict, num_classes: int) -> Path:
     params = {key: int(value) for key, value in params.items()}
     if not synthetic.is_generated(root, params):
         if root.exists() and not (root / synthetic.MANIFEST).is_file() and any(root.iterdir()):
@@ -64,11 +76,13 @@ def _prepare_synthetic(root: Path, name: str, params: dict) -> Path:
                 f"move it away or set dataset.root to another folder"
             )
         synthetic.generate(root, **params)
-    cityscapes.write_train_id_labels(root, name)
+    if _cityscapes_labels(root, name, num_classes):  # damaged generated label ids: generate the set again
+        synthetic.generate(root, **params)
+        _cityscapes_labels(root, name, num_classes)
     return root
 
 
-def _prepare_cityscapes(root: Path, name: str, packages: Sequence[str], download: Download) -> Path:
+def _prepare_cityscapes(root: Path, name: str, packages: Sequence[str], download: Download, num_classes: int) -> Path:
     if not root.exists():
         staging = root.parent / f".{root.name}.download"
         staging.mkdir(parents=True, exist_ok=True)
@@ -83,7 +97,13 @@ def _prepare_cityscapes(root: Path, name: str, packages: Sequence[str], download
         extract_zips([staging / package for package in packages], root, strip_single_folder=False)
         shutil.rmtree(staging, ignore_errors=True)
     cityscapes.check_root(root, name)
-    cityscapes.write_train_id_labels(root, name)
+    damaged = _cityscapes_labels(root, name, num_classes)
+    if damaged:
+        raise DatasetError(
+            f"{_count(damaged, 'labelIds file')} damaged: {_first(damaged)}; restore them from gtFine_trainvaltest.zip "
+            f"(unzip -o gtFine_trainvaltest.zip <file> -d {root}), or move {root} away and run "
+            f"`kdrepro prepare dataset={name}` to download it again"
+        )
     return root
 
 
@@ -110,7 +130,115 @@ def _prepare_ade20k(root: Path, name: str, url: str, md5: str, download: Downloa
         extract_zips([archive], root, strip_single_folder=True)
         archive.unlink()
     ade20k.check_root(root, name)
+    damaged = _ade20k_labels(root)
+    if damaged:
+        raise DatasetError(
+            f"{_count(damaged, 'ADE20K annotation')} damaged: {_first(damaged)}; restore them from "
+            f"ADEChallengeData2016.zip (unzip -o ADEChallengeData2016.zip 'ADEChallengeData2016/annotations/*'), or "
+            f"move {root} away and run `kdrepro prepare dataset={name}` to download it again"
+        )
     return root
+
+
+# -- label validation -------------------------------------------------------------------------------------------------
+#: ``<root>/`` + this: ``{relative path: [size, mtime_ns]}`` of the label files prepare has checked or written; a file
+#: whose size or modification time changed since is checked again.
+CHECKED = ".kdrepro_checked_labels.json"
+
+
+def label_problem(path: Path, valid_values: np.ndarray, image: Path) -> str | None:
+    """What is wrong with a label file (undecodable, not single-channel, values outside ``valid_values``, a size
+    other than its image's), or ``None``."""
+    try:
+        with Image.open(path) as label:
+            label.load()
+            mode, size, values = label.mode, label.size, np.array(label)
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"cannot be decoded ({error})"
+    if mode not in ("L", "P"):
+        return f"has mode {mode}, not a single-channel 8-bit label"
+    bad = sorted({int(v) for v in np.unique(values[~valid_values[values]])})
+    if bad:
+        return f"contains values {bad[:8]} outside the dataset's set"
+    try:
+        with Image.open(image) as picture:
+            image_size = picture.size
+    except (OSError, SyntaxError, ValueError):
+        return None  # the image's own problem; the loader names it
+    if image_size != size:
+        return f"is {size[0]}x{size[1]} but its image {image.name} is {image_size[0]}x{image_size[1]}"
+    return None
+
+
+def _signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class _Checked:
+    """The record of label files already checked (see :data:`CHECKED`)."""
+
+    def __init__(self, root: Path):
+        self.root, self.path = root, root / CHECKED
+        try:
+            self.entries: dict[str, list[int]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def problem(self, label: Path, valid_values: np.ndarray, image: Path) -> str | None:
+        key = label.relative_to(self.root).as_posix()
+        if self.entries.get(key) == _signature(label):
+            return None
+        problem = label_problem(label, valid_values, image)
+        if problem is None:
+            self.entries[key] = _signature(label)
+        return problem
+
+    def written(self, label: Path) -> None:
+        self.entries[label.relative_to(self.root).as_posix()] = _signature(label)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.entries)
+
+
+def _cityscapes_labels(root: Path, name: str, num_classes: int) -> list[str]:
+    """Check every labelIds file and every existing labelTrainIds file; (re)write the train ids that are missing or
+    damaged. Returns the damaged labelIds files (``"<path> <problem>"``), which prepare cannot rebuild."""
+    checked, damaged = _Checked(root), []
+    train_ids = valid_train_ids(num_classes)
+    for source in cityscapes.label_id_files(root, name):
+        image = cityscapes.image_of(root, source)
+        problem = checked.problem(source, CITYSCAPES_VALID_IDS, image)
+        if problem is not None:
+            damaged.append(f"{source} {problem}")
+            continue
+        target = cityscapes.train_id_path(source)
+        if not target.is_file() or checked.problem(target, train_ids, image) is not None:
+            cityscapes.write_train_id_label(source, target, name)
+            checked.written(target)
+    checked.save()
+    return damaged
+
+
+def _ade20k_labels(root: Path) -> list[str]:
+    """The damaged annotations of an ADE20K root (``"<path> <problem>"``); the originals cannot be rebuilt."""
+    checked, damaged = _Checked(root), []
+    for split in ade20k.SPLIT_FOLDERS.values():
+        for label in sorted((root / "annotations" / split).glob("*.png")):
+            image = root / "images" / split / f"{label.stem}.jpg"
+            problem = checked.problem(label, ade20k.RAW_VALID_VALUES, image)
+            if problem is not None:
+                damaged.append(f"{label} {problem}")
+    checked.save()
+    return damaged
+
+
+def _count(items: list[str], what: str) -> str:
+    return f"{len(items)} {what}{'s are' if len(items) > 1 else ' is'}"
+
+
+def _first(items: list[str], shown: int = 3) -> str:
+    return "; ".join(items[:shown]) + (f"; ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 def md5sum(path: Path, chunk_bytes: int = 1 << 20) -> str:
