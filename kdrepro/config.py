@@ -77,7 +77,8 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides such as ``["method=kd", "budget.iterations=10"]``.
 
     ``plugins=[folder, ...]`` adds your own methods kept outside the package: ``<folder>/method/<name>.yaml`` joins
-    the ``method`` group and every ``<folder>/*.py`` is imported (it registers its Distiller). The method config's
+    the ``method`` group (and :func:`import_plugins`, called where distillers are built, imports every
+    ``<folder>/*.py``, which registers its Distiller). The method config's
     file name is the method's name (``cfg.method.name``), so a copied config can never borrow another's identity.
 
     Raises:
@@ -100,7 +101,6 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
                     "so delete the name: line (or rename the file)"
                 )
             cfg.method.name = choice
-    import_plugins(folders)
     return cfg
 
 

@@ -31,6 +31,7 @@ COMMON = ("kdrepro.cli", "kdrepro.pipeline", "kdrepro.config", "kdrepro.errors")
 DISPATCHERS = ("kdrepro.cli", "kdrepro.pipeline")
 ENTRIES: dict[str, tuple[str, ...]] = {
     "data": ("kdrepro.data",),
+    "pretrain": ("kdrepro.train.pretrain",),
     "teacher": ("kdrepro.train.seeds", "kdrepro.train.run", "kdrepro.models.weights"),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
     "calibrate": ("kdrepro.train.calibrate",),
@@ -42,7 +43,7 @@ ENTRIES: dict[str, tuple[str, ...]] = {
 
 
 #: dvc.yaml stage -> the command it runs (the report stages run notebooks: :func:`notebook_code_files`)
-STAGE_KIND = {"data": "data", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
+STAGE_KIND = {"data": "data", "pretrain": "pretrain", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
               "iter_matched": "train", "compute_matched": "train", "student_extended": "train", "extended": "train",
               "extended_best": "train", "select": "select", "results": "results", "index": "index"}  # fmt: skip
 

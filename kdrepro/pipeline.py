@@ -11,7 +11,7 @@ params.yaml               Hydra override
 ``reference_iterations``  ``reference_iterations=<n>`` (null = the profile's schedule)
 ``methods``               ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
 ``calibrate.<key>``       ``calibrate.<key>=<value>``
-``plugins``               ``plugins=[folder,...]``: your own methods outside the package
+``plugins``               ``plugins=[folder]``: the folder of your own methods, outside the package
 ``extended``              read by dvc.yaml only (the multipliers of the extended runs)
 ========================  ===========================================================================
 
@@ -92,12 +92,14 @@ def read_params(path: Path) -> dict[str, Any]:
     reference = params.get("reference_iterations")
     if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 1):
         raise ConfigError(f"{path}: reference_iterations must be a positive whole number or null, got {reference!r}")
-    plugins = params.get("plugins") or []
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError(f"{path}: plugins must be a list of folders, e.g. [my_methods]")
-    for folder in plugins:
-        if not Path(folder).is_dir():
-            raise ConfigError(f"{path}: plugins folder {folder} does not exist; create it or remove it from plugins")
+    folder = params.get("plugins")
+    if not isinstance(folder, str) or not folder:
+        raise ConfigError(f"{path}: plugins must be one folder (your own methods), e.g. plugins: plugins")
+    if not Path(folder).is_dir():
+        raise ConfigError(
+            f"{path}: plugins folder {folder} does not exist; create it (it may stay empty) or point plugins at yours"
+        )
+    plugins = [folder]
     methods = params.get("methods") or []
     if not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list of method config names")
@@ -132,7 +134,7 @@ def params_overrides(path: Path) -> list[str]:
         if value is not None:  # null = keep the profile's choice
             overrides.append(f"calibrate.{key}={value}")
     if params.get("plugins"):
-        overrides.append(f"plugins=[{','.join(params['plugins'])}]")
+        overrides.append(f"plugins=[{params['plugins']}]")
     return overrides
 
 
@@ -155,6 +157,7 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         "method=none",
         f"model@student={cfg.teacher.name}",
         f"student.base_width={cfg.teacher.base_width}",
+        f"student.pretrained={cfg.teacher.get('pretrained') or 'null'}",
         "budget=iterations",
         f"budget.iterations={int(cfg.teacher_iterations)}",
     ]

@@ -22,11 +22,13 @@ from torch.utils.data import Dataset
 from kdrepro.data import ade20k, cityscapes
 from kdrepro.data.io import SegmentationDataset
 from kdrepro.data.labels import (
+    CITYSCAPES_CATEGORIES,
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     bit_interleaved_palette,
     label_id_to_train_id,
     reduce_zero_label,
+    train_id_to_category,
     valid_train_ids,
 )
 from kdrepro.data.prepare import prepare_dataset
@@ -70,6 +72,8 @@ def build_dataset(dataset_cfg: Any, split: str, train_transforms: bool) -> Datas
     }
     if layout == "cityscapes":
         files, label_files = cityscapes.find_pairs(root, split, name)
+        if _categories(dataset_cfg):  # pre-training on the 7 categories (the embedded stand-in for ImageNet)
+            return SegmentationDataset(name, files, label_files, valid_train_ids(19), train_id_to_category, **transforms)
         return SegmentationDataset(name, files, label_files, valid_train_ids(num_classes), None, **transforms)
     reduce = bool(dataset_cfg.reduce_zero_label)
     if num_classes != (150 if reduce else 151):
@@ -82,8 +86,23 @@ def build_dataset(dataset_cfg: Any, split: str, train_transforms: bool) -> Datas
     return SegmentationDataset(name, files, label_files, ade20k.RAW_VALID_VALUES, label_map, **transforms)
 
 
+def _categories(dataset_cfg: Any) -> bool:
+    """``dataset.label_set``: ``classes`` (default) or ``categories`` (Cityscapes layout: the 7 categories)."""
+    label_set = str(dataset_cfg.get("label_set") or "classes")
+    if label_set not in ("classes", "categories"):
+        raise ConfigError(f"dataset.label_set={label_set!r}: use classes or categories")
+    if label_set == "categories":
+        if _layout(dataset_cfg) != "cityscapes":
+            raise ConfigError("dataset.label_set=categories needs the Cityscapes layout; use label_set=classes")
+        if int(dataset_cfg.num_classes) != len(CITYSCAPES_CATEGORIES):
+            raise ConfigError(f"dataset.label_set=categories has {len(CITYSCAPES_CATEGORIES)} classes; set dataset.num_classes=7")
+    return label_set == "categories"
+
+
 def class_names(dataset_cfg: Any) -> list[str]:
     """Names of the ``num_classes`` classes in train-id order."""
+    if _categories(dataset_cfg):
+        return list(CITYSCAPES_CATEGORIES)
     names = list(CITYSCAPES_CLASSES if _layout(dataset_cfg) == "cityscapes" else ade20k.ADE20K_CLASSES)
     if _layout(dataset_cfg) == "ade20k" and not dataset_cfg.reduce_zero_label:
         names = ["other", *names]

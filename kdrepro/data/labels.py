@@ -72,6 +72,19 @@ CITYSCAPES_CLASSES: tuple[str, ...] = tuple(
 )
 """The 19 evaluated classes in train-id order (road, sidewalk, ..., bicycle)."""
 
+CITYSCAPES_CATEGORIES: tuple[str, ...] = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
+"""Cityscapes' 7 official categories of the 19 classes (cityscapesscripts ``labels.py``, ``category``)."""
+
+_CATEGORY_OF_TRAIN_ID = (0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 5, 6, 6, 6, 6, 6, 6)
+
+
+def train_id_to_category(label: np.ndarray) -> np.ndarray:
+    """Map a train-id label map (0..18, 255 ignore) to Cityscapes categories (0..6, 255 ignore)."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    table[: len(_CATEGORY_OF_TRAIN_ID)] = _CATEGORY_OF_TRAIN_ID
+    return table[label]
+
+
 CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
     label.color for label in sorted(CITYSCAPES_LABELS, key=lambda label: label.train_id) if label.train_id != 255
 )
