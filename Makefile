@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro test lint venv clean-reports
+.PHONY: repro test lint venv clean-reports lab
 
 venv: $(STAMP)
 
@@ -28,3 +28,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kdrepro tests benchmarks
+
+# Explore the notebooks: JupyterLab from the repository root with this venv's kernel; every notebook in notebooks/
+# reads the tables `make repro` wrote (the profile of params.yaml unless its parameters cell says otherwise).
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir="$(CURDIR)" notebooks/matched.ipynb

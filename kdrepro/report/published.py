@@ -101,3 +101,17 @@ def base_method(config_name: str) -> str:
         if config_name.endswith(suffix):
             return config_name[: -len(suffix)]
     return config_name
+
+
+def published_entry(method: str, dataset: str = "cityscapes") -> dict[str, object] | None:
+    """The published mIoU of the row a config reproduces on ``dataset`` (the mmsegmentation-protocol BPKD table
+    first, then the paper), with its source and schedule; None when no source publishes one."""
+    base = base_method(method)
+    candidates = [r for r in PUBLISHED if r.dataset == dataset and r.method == base and r.miou is not None]
+    if not candidates:
+        return None
+    order = {"bpkd": 0, "mmseg": 1, "paper": 2}
+    best = min(candidates, key=lambda r: order.get(r.source, 3))
+    schedule = best.schedule or ("extended training" if best.source == "paper" and base != "teacher" else "not stated")
+    return {"miou": best.miou, "source": best.source, "label": best.label, "schedule": schedule,
+            "url": SOURCES[best.source].url}

@@ -1,0 +1,136 @@
+"""Extended-training page (``notebooks/extended.ipynb``): mIoU against the training budget (1× = the
+compute-matched run; 2×, 4×, 8× from the ``extended`` stage) for logit KD, feature KD, the best segmentation-specific
+method of the compute-matched table, and the student alone at every budget (the control: most of an extended run's
+gain is the extra iterations). "% of teacher" has one basis everywhere: the mean over seeds of a run's mIoU divided by
+the teacher's mIoU on the same validation set. Published numbers sit in their own columns with source and schedule.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from kdrepro.report.cost import place_labels
+from kdrepro.report.published import PUBLISHED, SOURCES, base_method
+from kdrepro.report.style import (
+    FAMILY_LINES,
+    FAMILY_MARKERS,
+    FIGURE_WIDTH,
+    STUDENT_ALONE,
+    TEACHER_COLOUR,
+    family_label,
+    figure_note,
+    interval,
+    method_colours,
+)
+
+PERCENT_BASIS = "% of teacher = mean mIoU over seeds ÷ the teacher's mIoU (same validation set, this profile)"
+
+
+def budget_frame(stats: pd.DataFrame) -> pd.DataFrame:
+    """Per method with extended runs (and the student alone): one row per budget, 1× = compute-matched."""
+    extended = stats[stats.protocol == "extended"]
+    methods = set(extended.method) | ({STUDENT_ALONE} if STUDENT_ALONE in set(stats.method) else set())
+    base = stats[(stats.protocol == "compute_matched") & (stats.multiplier == 1.0) & stats.method.isin(methods)]
+    frame = pd.concat([base.assign(multiplier=1.0), extended], ignore_index=True)
+    return frame.sort_values(["method", "multiplier"]).reset_index(drop=True)
+
+
+def budget_table(frame: pd.DataFrame, names: dict[str, str], teacher_miou: float | None) -> pd.DataFrame:
+    """Method × budget: mIoU mean ± CI, % of teacher (one basis), Δ vs the student alone at the same budget."""
+    rows = []
+    for row in frame.itertuples():
+        percent = 100 * row.miou_mean / teacher_miou if teacher_miou else np.nan
+        delta = "control" if row.method == STUDENT_ALONE else interval(
+            row.delta_student_mean, row.delta_student_ci_low, row.delta_student_ci_high, signed=True)
+        if row.method != STUDENT_ALONE and getattr(row, "delta_student_significant", None) is not True and delta != "—":
+            delta = f"≈ {delta} (inside the noise)"
+        rows.append({"method": names.get(row.method, row.method), "budget": f"{row.multiplier:g}×",
+                     "iterations": row.iterations_mean, "train s": row.train_seconds_mean,
+                     "mIoU (%) ± 95 % CI": interval(row.miou_mean, row.miou_ci_low, row.miou_ci_high),
+                     "% of teacher": percent, "Δ vs student alone, same budget": delta})
+    return pd.DataFrame(rows)
+
+
+def extension_choice(selection: dict[str, Any], names: dict[str, str]) -> str:
+    """Markdown: which segmentation-specific method was extended and how the pipeline chose it."""
+    method = selection.get("method")
+    if not method:
+        return "No segmentation-specific method was extended (no `extended_selection.json`)."
+    return (f"The segmentation-specific method extended here is **{names.get(method, method)}** (`{method}`), chosen by "
+            f"the pipeline from this run's results ({selection.get('by', 'compute-matched mean mIoU')}), not fixed in advance.")
+
+
+def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, str], teacher_miou: float | None,
+                profile: str = "") -> Figure:
+    """mIoU (mean ± 95 % CI) vs budget multiplier (log2 axis), the student alone at every budget, line style and
+    marker by family, labels at the line ends without overlaps; the teacher's level labelled at the left edge
+    (clear of the curves) and % of teacher on the right axis."""
+    colours = method_colours(frame.method)
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH, 5.4))
+    for method, group in frame.groupby("method"):
+        family = families.get(method, "segmentation_specific")
+        errors = np.nan_to_num(np.vstack([group.miou_mean - group.miou_ci_low, group.miou_ci_high - group.miou_mean]))
+        ax.errorbar(group.multiplier, group.miou_mean, yerr=errors, color=colours[method], ls=FAMILY_LINES.get(family, "-"),
+                    marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=2, capsize=3)
+    multipliers = sorted(frame.multiplier.unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(multipliers, [f"{m:g}×" for m in multipliers])
+    ax.minorticks_off()
+    ax.set_xlim(min(multipliers) / 1.5, max(multipliers) * 2.4)
+    if teacher_miou:
+        ax.axhline(teacher_miou, color=TEACHER_COLOUR, ls="-.", lw=1.3)
+        ax.text(min(multipliers) / 1.45, teacher_miou, f" teacher {teacher_miou:.1f}", va="bottom", ha="left", fontsize=9,
+                color=TEACHER_COLOUR, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        secondary = ax.secondary_yaxis("right", functions=(lambda y: 100 * y / teacher_miou, lambda p: p * teacher_miou / 100))
+        secondary.set_ylabel("% of teacher mIoU")
+    low = float(np.nanmin(frame.miou_ci_low.fillna(frame.miou_mean)))
+    high = max(float(np.nanmax(frame.miou_ci_high.fillna(frame.miou_mean))), teacher_miou or -np.inf)
+    ax.set_ylim(low - 0.08 * (high - low + 1e-6), high + 0.08 * (high - low + 1e-6))
+    ends = frame.sort_values("multiplier").groupby("method").tail(1)
+    place_labels(ax, ends.multiplier.to_numpy(), ends.miou_mean.to_numpy(),
+                 [f"{names.get(m, m)} {y:.1f}" for m, y in zip(ends.method, ends.miou_mean, strict=True)],
+                 [colours[m] for m in ends.method])
+    ax.set(xlabel="training budget (× the compute-matched wall-clock budget)", ylabel="mIoU (%), mean ± 95 % CI",
+           title="Extended training, with the student alone trained at every budget")
+    handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], marker=FAMILY_MARKERS[f], label=family_label(f))
+               for f in ("student", "canonical", "segmentation_specific")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3, frameon=False)
+    fig.tight_layout()
+    return figure_note(fig, profile)
+
+
+def published_table(stats: pd.DataFrame, names: dict[str, str], teacher_miou: float | None, profile: str) -> pd.DataFrame:
+    """Published rows (mIoU and % of teacher in separate columns, with dataset, schedule and source) beside this
+    run's compute-matched and best extended mean mIoU of the same method, and its % of teacher (one basis)."""
+    ours = stats[stats.protocol.isin(["compute_matched", "extended"])].copy()
+    ours["base"] = ours.method.map(base_method)
+    rows = []
+    for result in PUBLISHED:
+        mine = ours[ours.base == result.method]
+        compute = mine[mine.protocol == "compute_matched"]
+        extended = mine[mine.protocol == "extended"]
+        best = extended.loc[extended.miou_mean.idxmax()] if len(extended) else None
+        top = max([v for v in (compute.miou_mean.max() if len(compute) else np.nan, best.miou_mean if best is not None else np.nan)
+                   if not pd.isna(v)], default=np.nan)
+        rows.append({
+            "published row": result.label, "dataset": result.dataset, "published mIoU (%)": result.miou,
+            "published % of teacher": result.percent_of_teacher, "schedule": result.schedule or "not stated",
+            "source": SOURCES[result.source].title,
+            f"this run ({profile}): compute-matched mIoU": compute.miou_mean.max() if len(compute) else np.nan,
+            f"this run ({profile}): best extended mIoU": f"{best.miou_mean:.1f} ({best.multiplier:g}×)" if best is not None else "—",
+            f"this run ({profile}): % of teacher": 100 * top / teacher_miou if teacher_miou and not pd.isna(top) else np.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def sources_html() -> str:
+    """The cited sources as an HTML list with links."""
+    items = "".join(f'<li><b>{html.escape(s.key)}</b>: {html.escape(s.title)} — <a href="{html.escape(s.url)}">{html.escape(s.url)}</a></li>'
+                    for s in SOURCES.values())
+    return f"<ul>{items}</ul>"

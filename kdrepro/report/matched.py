@@ -1,0 +1,260 @@
+"""The central page (``notebooks/matched.ipynb``): the verdict on the paper's claims, Table 1 as a paper prints it,
+per-class IoU for both protocols, and how ranks change once compute is matched.
+
+Protocols: *iteration-matched* = every method trains the reference iteration count; *compute-matched* = every
+method gets the same measured wall-clock budget, so its iteration count follows from its seconds/iteration.
+Uncertainty comes from ``stats.csv`` (95 % t-interval over seeds; differences paired by seed). A difference whose
+interval includes 0 is marked ≈ and greyed: it is inside the seed noise and supports no ranking.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from kdrepro.report.pages import render_template
+from kdrepro.report.published import published_entry
+from kdrepro.report.style import (
+    FAMILIES,
+    FAMILY_LINES,
+    FAMILY_MARKERS,
+    FIGURE_WIDTH,
+    STUDENT_ALONE,
+    family_label,
+    figure_note,
+    interval,
+    method_colours,
+)
+
+MATCHED = ("iter_matched", "compute_matched")
+BADGE_STYLES = {"supported": "background:#d9f2e6;color:#00553a;border:1px solid #009E73",
+                "contradicted": "background:#fbe3d6;color:#8a3200;border:1px solid #D55E00",
+                "inconclusive": "background:#eeeeee;color:#333;border:1px solid #888"}
+BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?"}
+
+
+# ------------------------------------------------------------------------------------------------------- verdict
+def regime_line(verdict: dict[str, Any]) -> str:
+    """One sentence on the regime the verdict was reached in: profile, seeds, schedule, teacher gap."""
+    regime = verdict.get("regime", {})
+    seeds = regime.get("seeds") or []
+    fraction = regime.get("student_fraction_of_4x")
+    parts = [
+        f"Profile {regime.get('profile', '?')}, {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}), reference "
+        f"schedule {regime.get('reference_iterations', '?')} iterations.",
+        f"Teacher {_number(regime.get('teacher_miou'))} mIoU vs student alone {_number(regime.get('student_miou'))} "
+        f"(gap {_number(regime.get('teacher_gap'))} points; the paper's gap is 5–5.5).",
+    ]
+    if regime.get("schedule"):
+        parts.append(str(regime["schedule"]))
+    elif fraction is not None:
+        parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
+    return " ".join(parts)
+
+
+def _number(value: Any) -> str:
+    return "?" if value is None or pd.isna(value) else f"{float(value):.1f}"
+
+
+def verdict_html(verdict: dict[str, Any]) -> str:
+    """The verdict block (``templates/verdict.html.j2``): one row per claim, verdict in words and colour."""
+    claims = []
+    for claim in verdict.get("claims", []):
+        figures = {name: (f"{value:.2f}" if isinstance(value, float) else value) for name, value in (claim.get("figures") or {}).items()}
+        verdict_word = claim.get("verdict", "inconclusive")
+        claims.append({**claim, "figures": figures, "verdict": verdict_word if verdict_word in BADGE_STYLES else "inconclusive"})
+    return render_template("verdict.html.j2", regime_line=regime_line(verdict), claims=claims,
+                           badge_styles=BADGE_STYLES, badge_symbols=BADGE_SYMBOLS)
+
+
+# ------------------------------------------------------------------------------------------------------- Table 1
+def ordered_methods(meta: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
+    """Methods in Table 1 order: family (student, canonical, segmentation-specific), then compute-matched mIoU."""
+    compute = stats[(stats.protocol == "compute_matched") & (stats.multiplier == 1.0)].set_index("method").miou_mean
+    rank = {family: index for index, family in enumerate(FAMILIES)}
+    frame = meta[meta.method != "teacher"].assign(order=lambda f: f.family.map(rank).fillna(len(FAMILIES)),
+                                                   score=lambda f: -f.method.map(compute).fillna(-np.inf))
+    return list(frame.sort_values(["order", "score", "method"]).method)
+
+
+def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None) -> pd.DataFrame:
+    """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol, the
+    paired differences vs the student alone and vs logit KD with their intervals and significance, the iterations
+    received, the relative cost per iteration and the published mIoU (Cityscapes) with source and schedule."""
+    matched = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)]
+    cost = calibration.set_index("method").seconds_per_iteration if len(calibration) else pd.Series(dtype=float)
+    student_cost = cost.get(STUDENT_ALONE, np.nan)
+    info = meta.set_index("method")
+    rows = []
+    for method in ordered_methods(meta, stats):
+        row: dict[str, Any] = {"method": method, "family": info.loc[method, "family"],
+                               "display_name": info.loc[method, "display_name"], "reproduces": info.loc[method, "reproduces"],
+                               "relative_cost": cost.get(method, np.nan) / student_cost}
+        published = published_entry(method)
+        row.update({"published_miou": published["miou"] if published else np.nan,
+                    "published_source": f"{published['label']}, {published['source']}; {published['schedule']}" if published else ""})
+        for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
+            found = matched[(matched.protocol == protocol) & (matched.method == method)]
+            values = found.iloc[0] if len(found) else pd.Series(dtype=object)
+            for name in ("miou_mean", "miou_ci_low", "miou_ci_high", "iterations_mean", "n_seeds",
+                         "delta_student_mean", "delta_student_ci_low", "delta_student_ci_high", "delta_student_significant",
+                         "delta_kd_mean", "delta_kd_ci_low", "delta_kd_ci_high", "delta_kd_significant"):
+                row[f"{tag}_{name}"] = values.get(name, np.nan)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if teacher_miou is not None:
+        teacher = published_entry("teacher")
+        table = pd.concat([table, pd.DataFrame([{
+            "method": "teacher", "family": "teacher", "display_name": "Teacher (one run)", "reproduces": "",
+            "iter_miou_mean": teacher_miou, "compute_miou_mean": teacher_miou,
+            "published_miou": teacher["miou"] if teacher else np.nan,
+            "published_source": f"{teacher['label']}, {teacher['source']}; {teacher['schedule']}" if teacher else ""}])],
+            ignore_index=True)
+    return table
+
+
+def _difference_cell(row: pd.Series, prefix: str) -> str:
+    mean = row.get(f"{prefix}_mean", np.nan)
+    if pd.isna(mean):
+        return "—"
+    text = interval(mean, row.get(f"{prefix}_ci_low", np.nan), row.get(f"{prefix}_ci_high", np.nan), signed=True)
+    value, _, bounds = text.partition(" ")
+    significant = row.get(f"{prefix}_significant")
+    if significant is True:
+        return f'<span class="kdrepro-significant">{value}</span><br><small style="white-space:nowrap">{bounds}</small>'
+    return (f'<span class="kdrepro-noise" title="interval includes 0: inside the seed noise">≈ {value}</span><br>'
+            f'<small class="kdrepro-noise" style="white-space:nowrap">{bounds}</small>')
+
+
+def _miou_cell(row: pd.Series, tag: str) -> str:
+    mean = row.get(f"{tag}_miou_mean", np.nan)
+    if pd.isna(mean):
+        return "—"
+    text = interval(mean, row.get(f"{tag}_miou_ci_low", np.nan), row.get(f"{tag}_miou_ci_high", np.nan))
+    return f'<span style="white-space:nowrap">{text}</span>'
+
+
+def table1_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1's cells as HTML strings, rows indexed by (family, method), columns grouped by protocol."""
+    index = pd.MultiIndex.from_arrays([table.family.map(family_label), [_method_label(r) for _, r in table.iterrows()]],
+                                      names=["family", "method"])
+    columns: dict[tuple[str, str], list[str]] = {
+        ("published (Cityscapes)", "mIoU"): [_published_cell(r) for _, r in table.iterrows()],
+        ("", "cost / it (× student)"): ["—" if pd.isna(c) else f"{c:.2f}×" for c in table.relative_cost.fillna(np.nan)],
+    }
+    for tag, label in (("iter", "iteration-matched"), ("compute", "compute-matched")):
+        columns[(label, "mIoU ± CI")] = [_miou_cell(r, tag) for _, r in table.iterrows()]
+        columns[(label, "iterations")] = ["—" if pd.isna(v) else f"{v:,.0f}" for v in table.get(f"{tag}_iterations_mean", pd.Series(np.nan, index=table.index))]
+        columns[(label, "Δ student alone")] = [_difference_cell(r, f"{tag}_delta_student") for _, r in table.iterrows()]
+        columns[(label, "Δ logit KD")] = [_difference_cell(r, f"{tag}_delta_kd") for _, r in table.iterrows()]
+    frame = pd.DataFrame(columns, index=index)
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    return frame
+
+
+def _method_label(row: pd.Series) -> str:
+    name = html.escape(str(row.display_name))
+    cite = str(row.reproduces or "")
+    if not cite:
+        return f"<b>{name}</b>"
+    return f'<b>{name}</b><br><small title="{html.escape(cite)}">{html.escape(short_citation(cite))}</small>'
+
+
+def short_citation(citation: str) -> str:
+    """``"Shu et al., Channel-wise ..., ICCV 2021"`` -> ``"Shu et al., ICCV 2021"`` (the full one is the tooltip)."""
+    parts = [part.strip() for part in citation.split(",")]
+    return f"{parts[0]}, {parts[-1]}" if len(parts) >= 3 else citation
+
+
+def _published_cell(row: pd.Series) -> str:
+    if pd.isna(row.published_miou):
+        return "—"
+    return f"{row.published_miou:.1f}<br><small>{html.escape(str(row.published_source))}</small>"
+
+
+def table1_html(table: pd.DataFrame, caption: str) -> str:
+    """Table 1 as an HTML table with id ``table1`` (grouped rows and column groups; intervals on a second line)."""
+    styler = table1_display(table).style.set_caption(caption).set_table_attributes('class="kdrepro-table"')
+    styler = styler.set_uuid("table1").set_table_styles([
+        {"selector": "th", "props": "text-align:center;padding:3px 6px;font-size:92%;vertical-align:top"},
+        {"selector": "th.row_heading", "props": "text-align:left"},
+        {"selector": "td", "props": "text-align:right;padding:3px 6px;font-size:92%;vertical-align:top;border-bottom:1px solid #ddd"},
+        {"selector": "caption", "props": "caption-side:top;text-align:left;padding:4px 0;font-size:95%"},
+    ])
+    return f'<div id="table1" class="kdrepro-table1">{styler.to_html()}</div>'
+
+
+def table1_caption(profile: str, n_seeds: int) -> str:
+    return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
+            f"95 % t-interval over {n_seeds} seeds. Δ: mIoU difference paired by seed, with its 95 % interval below; "
+            "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
+            "iteration relative to the student alone on this hardware. Published: Cityscapes mIoU as reported by the "
+            "cited source with its schedule (real data and full-size models: a scale reference, never comparable "
+            "with this profile's numbers).")
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+def per_class_matrix(per_class: pd.DataFrame, protocol: str, order: list[str], names: dict[str, str]) -> pd.DataFrame:
+    """Mean IoU (%) over seeds, method (rows, Table 1 order, display names) × class; classes absent from the
+    validation set (NaN in every run) are dropped."""
+    rows = per_class[(per_class.protocol == protocol) & (per_class.multiplier == 1.0)]
+    matrix = rows.pivot_table(index="method", columns="class_name", values="iou", aggfunc="mean", sort=False)
+    matrix = matrix.reindex([m for m in order if m in matrix.index]).dropna(axis=1, how="all")
+    matrix.index = [names.get(m, m) for m in matrix.index]
+    return matrix
+
+
+def plot_per_class(per_class: pd.DataFrame, order: list[str], names: dict[str, str], profile: str = "") -> Figure:
+    """Heatmaps of per-class IoU, one per protocol (rows = methods, columns = classes), values printed."""
+    matrices = [(p, per_class_matrix(per_class, p, order, names)) for p in MATCHED]
+    matrices = [(p, m) for p, m in matrices if not m.empty]
+    n_rows = max(len(m) for _, m in matrices) if matrices else 1
+    fig, axes = plt.subplots(len(matrices) or 1, 1, figsize=(FIGURE_WIDTH, (0.36 * n_rows + 1.4) * max(len(matrices), 1) + 0.8), squeeze=False)
+    for ax, (protocol, matrix) in zip(axes[:, 0], matrices, strict=False):
+        sns.heatmap(matrix, ax=ax, cmap="cividis", vmin=0, vmax=100, annot=True, fmt=".0f", annot_kws={"fontsize": 9},
+                    cbar_kws={"label": "IoU (%)", "pad": 0.01}, linewidths=0.5, linecolor="white")
+        ax.set_title(f"{'iteration' if protocol == 'iter_matched' else 'compute'}-matched: per-class IoU (%), mean over seeds")
+        ax.set(xlabel="", ylabel="")
+        ax.tick_params(axis="x", rotation=40)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.tight_layout()
+    return figure_note(fig, profile)
+
+
+def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "") -> Figure:
+    """Slope chart of mean compute- vs iteration-matched mIoU with 95 % intervals: a line per method, its style
+    and marker by family (colour repeats it), labels spread so they never overlap."""
+    from kdrepro.report.cost import place_labels
+
+    info = meta.set_index("method")
+    wide = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)].pivot_table(
+        index="method", columns="protocol", values=["miou_mean", "miou_ci_low", "miou_ci_high"])
+    wide = wide.dropna(subset=[("miou_mean", p) for p in MATCHED])
+    colours = method_colours(wide.index)
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH * 0.8, 1.8 + 0.38 * max(len(wide), 3)))
+    for method, row in wide.iterrows():
+        family = info.family.get(method, "segmentation_specific")
+        ys = [row[("miou_mean", p)] for p in MATCHED]
+        errors = [[ys[i] - row[("miou_ci_low", p)] for i, p in enumerate(MATCHED)], [row[("miou_ci_high", p)] - ys[i] for i, p in enumerate(MATCHED)]]
+        ax.errorbar([0, 1], ys, yerr=np.nan_to_num(errors), color=colours[method], ls=FAMILY_LINES.get(family, "-"),
+                    marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=1.8, capsize=3)
+    for x, side in ((0, "left"), (1, "right")):
+        ys = wide[("miou_mean", MATCHED[x])].to_numpy()
+        labels = [f"{info.display_name.get(m, m)} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}" for m, y in zip(wide.index, ys, strict=True)]
+        place_labels(ax, np.full(len(ys), float(x)), ys, labels, [colours[m] for m in wide.index], side=side)
+    ax.set_xlim(-0.9, 1.9)
+    ax.set_xticks([0, 1], ["iteration-matched", "compute-matched"])
+    ax.set_ylabel("mIoU (%), mean ± 95 % CI")
+    ax.set_title("Each method under both protocols (line style = family)")
+    handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], marker=FAMILY_MARKERS[f], label=family_label(f))
+               for f in ("student", "canonical", "segmentation_specific")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=3, frameon=False)
+    fig.tight_layout()
+    return figure_note(fig, profile)
