@@ -26,6 +26,7 @@ from kdrepro.errors import SignalInterrupt
 
 SHELLS = ("sh", "bash", "dash", "zsh", "fish", "ksh")
 POLL_SECONDS = 0.5
+_WATCHER: threading.Thread | None = None
 
 
 class Signals:
@@ -102,9 +103,12 @@ def _alive(pid: int) -> bool:
 
 def watch_parent(environ: dict[str, str] | None = None) -> threading.Thread | None:
     """Under ``dvc repro`` only: SIGTERM ourselves when the ``dvc`` process goes away (see the module docstring)."""
+    global _WATCHER
     environ = dict(os.environ if environ is None else environ)
     if "DVC_STAGE" not in environ or not Path("/proc").is_dir():
         return None
+    if _WATCHER is not None and _WATCHER.is_alive():  # one per process (a stage may train several seeds)
+        return _WATCHER
     parent = os.getppid()
     watched = [parent]
     if _name_of(parent) in SHELLS:  # dvc runs `$SHELL -c cmd`; a shell that did not exec us sits in between
@@ -119,6 +123,6 @@ def watch_parent(environ: dict[str, str] | None = None) -> threading.Thread | No
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
-    thread = threading.Thread(target=poll, name="kdrepro-parent-watch", daemon=True)
-    thread.start()
-    return thread
+    _WATCHER = threading.Thread(target=poll, name="kdrepro-parent-watch", daemon=True)
+    _WATCHER.start()
+    return _WATCHER
