@@ -136,11 +136,11 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
     calls = []
     render = synthetic.render_scene
 
-    def failing_render(rng, height, width):
+    def failing_render(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return render(rng, height, width)
+        return render(*args, **kwargs)
 
     monkeypatch.setattr(synthetic, "render_scene", failing_render)
     root = tmp_path / "synthetic"
