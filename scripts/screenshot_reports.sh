@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Screenshot every rendered report (reports/*.html) with headless Chromium, to check by eye what a reader sees:
-# readable axes, units, labels that do not overlap, tables that fit, the synthetic-profile banner.
+# Screenshot every rendered report (reports/*.html) with headless Chromium at the widths a reader uses, to check by
+# eye: legible axes and labels at 1024 px, no overlapping labels, tables that fit, the verdict and Table 1 on top.
 #
-# Usage:  scripts/screenshot_reports.sh [REPORTS_DIR] [OUT_DIR] [WIDTHxHEIGHT]
-#         defaults: reports/  reports/screenshots/  1280x2000
-# Needs:  Debian's chromium (apt-get update && apt-get install -y chromium). Not needed by the test suite.
-# Output: OUT_DIR/<report>.png, one per HTML file (the top WIDTHxHEIGHT pixels of the page).
+# Usage:  scripts/screenshot_reports.sh [REPORTS_DIR] [OUT_DIR] [WIDTH ...]
+#         defaults: reports/  reports/screenshots/  1400 1024;  HEIGHT=6000 (pixels captured from the top)
+# Needs:  Debian's chromium (apt-get update && apt-get install -y chromium). The test suite's browser check
+#         (tests/report/test_browser.py) is the automatic counterpart; this script is for people.
+# Output: OUT_DIR/<report>-<width>.png
 #
-# Chromium runs fully offline: no sandbox (we run as root in a container), no GPU, no background networking,
-# component updates, sync or QUIC, and a throw-away profile directory that is removed afterwards.
+# Chromium runs fully offline: no sandbox (root in a container), no GPU, every host name unresolvable, no
+# background networking, component updates, sync or QUIC, and a throw-away profile directory removed afterwards.
 set -euo pipefail
 
 reports_dir=${1:-reports}
 out_dir=${2:-$reports_dir/screenshots}
-size=${3:-1280x2000}
+shift $(( $# > 2 ? 2 : $# ))
+widths=("${@:-1400 1024}")
+read -r -a widths <<< "${widths[*]}"
+height=${HEIGHT:-6000}
 browser=$(command -v chromium || command -v chromium-browser || true)
 if [[ -z "$browser" ]]; then
     echo "error: chromium not found; install it with: apt-get update && apt-get install -y chromium" >&2
@@ -22,7 +26,7 @@ fi
 shopt -s nullglob
 pages=("$reports_dir"/*.html)
 if (( ${#pages[@]} == 0 )); then
-    echo "error: no HTML report in $reports_dir; render them first (dvc repro, or the report stage)" >&2
+    echo "error: no HTML report in $reports_dir; render them first (make repro, or dvc repro index)" >&2
     exit 2
 fi
 mkdir -p "$out_dir"
@@ -31,11 +35,13 @@ trap 'rm -rf "$profile_dir"' EXIT
 
 for page in "${pages[@]}"; do
     name=$(basename "$page" .html)
-    target="$(cd "$out_dir" && pwd)/$name.png"
-    "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
-        --disable-background-networking --disable-component-update --disable-sync \
-        --hide-scrollbars --user-data-dir="$profile_dir" \
-        --window-size="${size/x/,}" --screenshot="$target" "file://$(cd "$(dirname "$page")" && pwd)/$name.html" \
-        > /dev/null 2>&1 || { echo "error: chromium failed on $page" >&2; exit 1; }
-    echo "screenshot $target"
+    for width in "${widths[@]}"; do
+        target="$(cd "$out_dir" && pwd)/$name-$width.png"
+        "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+            --disable-background-networking --disable-component-update --disable-sync \
+            --host-resolver-rules="MAP * ~NOTFOUND" --hide-scrollbars --user-data-dir="$profile_dir" \
+            --window-size="$width,$height" --screenshot="$target" "file://$(cd "$(dirname "$page")" && pwd)/$name.html" \
+            > /dev/null 2>&1 || { echo "error: chromium failed on $page" >&2; exit 1; }
+        echo "screenshot $target"
+    done
 done

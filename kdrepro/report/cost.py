@@ -192,10 +192,13 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
         ax.step(front[:, 0], front[:, 1], where="post", color="#888", lw=1, ls="--", zorder=0, label="Pareto front")
     ax.set_xscale("log")
     ax.set(xlabel=label + ", log scale", ylabel="mIoU (%), mean ± 95 % CI", title="Cost–accuracy: what each run's training cost bought")
-    ends = students.sort_values("train_seconds_mean").groupby("method").tail(1)
     ax.margins(x=0.25)
-    place_labels(ax, ends.train_seconds_mean.to_numpy() / divisor, ends.miou_mean.to_numpy(),
-                 [names.get(m, m) for m in ends.method], [colours[m] for m in ends.method])
+    _log_ticks(ax, students.train_seconds_mean.to_numpy() / divisor)
+    iteration = students[students.protocol == "iter_matched"]
+    ends = students[students.protocol != "iter_matched"].sort_values("train_seconds_mean").groupby("method").tail(1)
+    for group in (iteration, ends[ends.protocol == "extended"] if (ends.protocol == "extended").any() else ends):
+        place_labels(ax, group.train_seconds_mean.to_numpy() / divisor, group.miou_mean.to_numpy(),
+                     [names.get(m, m) for m in group.method], [colours[m] for m in group.method])
     handles = [plt.Line2D([], [], color="#333", marker=FAMILY_MARKERS[f], ls="", label=family_label(f))
                for f in ("student", "canonical", "segmentation_specific")]
     handles += [plt.Line2D([], [], color="#333", marker="o", ls="", label="iteration-matched (filled)"),
@@ -204,6 +207,18 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
               bbox_to_anchor=(0.5, -0.14), ncols=3, frameon=False, fontsize=9)
     fig.tight_layout()
     return figure_note(fig, profile)
+
+
+def _log_ticks(ax: Axes, values: np.ndarray) -> None:
+    """Readable ticks (1, 2, 5 × powers of ten) on a log axis spanning ``values``."""
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return
+    low, high = np.floor(np.log10(values.min())) - 1, np.ceil(np.log10(values.max())) + 1
+    ticks = [m * 10.0**e for e in np.arange(low, high + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if values.min() / 1.6 <= t <= values.max() * 1.6]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
 
 
 def pareto_front(costs: np.ndarray, scores: np.ndarray) -> np.ndarray:

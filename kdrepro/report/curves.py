@@ -85,10 +85,10 @@ def plot_matched(agg: pd.DataFrame, metric: str, ylabel: str, families: dict[str
     axes[0][0].set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     family_handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], label=family_label(f))
-                      for f in ("student", "canonical", "segmentation_specific")]
+                      for f in ("canonical", "segmentation_specific")]
     fig.legend(handles + family_handles, labels + [h.get_label() for h in family_handles], loc="lower center",
-               ncols=min(6, len(handles) + 3), frameon=False, fontsize=9)
-    rows = int(np.ceil((len(handles) + 3) / 6))
+               ncols=min(6, len(handles) + 2), frameon=False, fontsize=9)
+    rows = int(np.ceil((len(handles) + 2) / 6))
     fig.tight_layout(rect=(0, 0.06 + 0.05 * rows, 1, 1))
     return figure_note(fig, profile)
 

@@ -38,7 +38,8 @@ def budget_frame(stats: pd.DataFrame) -> pd.DataFrame:
     methods = set(extended.method) | ({STUDENT_ALONE} if STUDENT_ALONE in set(stats.method) else set())
     base = stats[(stats.protocol == "compute_matched") & (stats.multiplier == 1.0) & stats.method.isin(methods)]
     frame = pd.concat([base.assign(multiplier=1.0), extended], ignore_index=True)
-    return frame.sort_values(["method", "multiplier"]).reset_index(drop=True)
+    frame["first"] = frame.method != STUDENT_ALONE  # the control first
+    return frame.sort_values(["first", "method", "multiplier"]).drop(columns="first").reset_index(drop=True)
 
 
 def budget_table(frame: pd.DataFrame, names: dict[str, str], teacher_miou: float | None) -> pd.DataFrame:
@@ -73,10 +74,12 @@ def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, 
     (clear of the curves) and % of teacher on the right axis."""
     colours = method_colours(frame.method)
     fig, ax = plt.subplots(figsize=(FIGURE_WIDTH, 5.4))
-    for method, group in frame.groupby("method"):
+    methods = list(dict.fromkeys(frame.method))
+    for position, (method, group) in enumerate((m, frame[frame.method == m]) for m in methods):
         family = families.get(method, "segmentation_specific")
         errors = np.nan_to_num(np.vstack([group.miou_mean - group.miou_ci_low, group.miou_ci_high - group.miou_mean]))
-        ax.errorbar(group.multiplier, group.miou_mean, yerr=errors, color=colours[method], ls=FAMILY_LINES.get(family, "-"),
+        dodge = 2 ** (0.05 * (position - (len(methods) - 1) / 2))  # side by side, so every interval stays visible
+        ax.errorbar(group.multiplier * dodge, group.miou_mean, yerr=errors, color=colours[method], ls=FAMILY_LINES.get(family, "-"),
                     marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=2, capsize=3)
     multipliers = sorted(frame.multiplier.unique())
     ax.set_xscale("log", base=2)

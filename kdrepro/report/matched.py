@@ -10,6 +10,7 @@ interval includes 0 is marked ≈ and greyed: it is inside the seed noise and su
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -98,7 +99,7 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
                                "relative_cost": cost.get(method, np.nan) / student_cost}
         published = published_entry(method)
         row.update({"published_miou": published["miou"] if published else np.nan,
-                    "published_source": f"{published['label']}, {published['source']}; {published['schedule']}" if published else ""})
+                    "published_source": f"{published['source']} · {published['schedule']}" if published else ""})
         for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
             found = matched[(matched.protocol == protocol) & (matched.method == method)]
             values = found.iloc[0] if len(found) else pd.Series(dtype=object)
@@ -114,7 +115,7 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
             "method": "teacher", "family": "teacher", "display_name": "Teacher (one run)", "reproduces": "",
             "iter_miou_mean": teacher_miou, "compute_miou_mean": teacher_miou,
             "published_miou": teacher["miou"] if teacher else np.nan,
-            "published_source": f"{teacher['label']}, {teacher['source']}; {teacher['schedule']}" if teacher else ""}])],
+            "published_source": f"{teacher['source']} · {teacher['schedule']}" if teacher else ""}])],
             ignore_index=True)
     return table
 
@@ -163,12 +164,13 @@ def _method_label(row: pd.Series) -> str:
     cite = str(row.reproduces or "")
     if not cite:
         return f"<b>{name}</b>"
-    return f'<b>{name}</b><br><small title="{html.escape(cite)}">{html.escape(short_citation(cite))}</small>'
+    return (f'<b>{name}</b><br><small style="font-weight:normal" title="{html.escape(cite)}">'
+            f"{html.escape(short_citation(cite))}</small>")
 
 
 def short_citation(citation: str) -> str:
     """``"Shu et al., Channel-wise ..., ICCV 2021"`` -> ``"Shu et al., ICCV 2021"`` (the full one is the tooltip)."""
-    parts = [part.strip() for part in citation.split(",")]
+    parts = [part.strip() for part in re.sub(r"\s*\([^)]*\)", "", citation).split(",")]
     return f"{parts[0]}, {parts[-1]}" if len(parts) >= 3 else citation
 
 

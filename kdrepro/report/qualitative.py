@@ -164,8 +164,9 @@ def plot_qualitative(panels: dict, profile: str = "") -> Figure:
     n_columns = 2 + len(titles)
     height, width = images[0]["image"].shape[:2]
     panel = FIGURE_WIDTH / n_columns
-    fig, axes = plt.subplots(2 * len(images), n_columns, figsize=(FIGURE_WIDTH, 2 * len(images) * (panel * height / width + 0.32) + 1.6),
-                             squeeze=False, gridspec_kw={"hspace": 0.35, "wspace": 0.04})
+    fig_height = len(images) * (2 * panel * height / width + 0.45) + 2.2
+    fig, axes = plt.subplots(2 * len(images), n_columns, figsize=(FIGURE_WIDTH, fig_height), squeeze=False,
+                             gridspec_kw={"hspace": 0.12, "wspace": 0.04, "height_ratios": [1.25, 1] * len(images)})
     for row, item in enumerate(images):
         top, bottom = axes[2 * row], axes[2 * row + 1]
         pictures = [item["image"], item["truth"], *item["predictions"]]
@@ -189,7 +190,7 @@ def plot_qualitative(panels: dict, profile: str = "") -> Figure:
                 Patch(color=np.asarray(WRONG_COLOUR) / 255, label="error"),
                 Patch(facecolor=np.asarray(CORRECT_COLOUR) / 255, edgecolor="#999", label="correct")]
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), frameon=False, fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.96, bottom=0.04 + 0.022 * (len(handles) // 6 + 1))
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / fig_height, bottom=(0.35 + 0.2 * (len(handles) // 6 + 1)) / fig_height)
     return figure_note(fig, profile)
 
 

@@ -37,7 +37,7 @@ PROTOCOL_LABELS = {
 #: Okabe & Ito (2008), the colour-blind-safe qualitative palette (black kept for the student alone).
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7")  # yellow left out: unreadable on white
 #: Paul Tol's "muted" scheme, also colour-blind safe, for methods beyond the first seven.
-TOL_MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499")
+TOL_MUTED = ("#332288", "#44AA99", "#117733", "#999933", "#CC6677", "#882255", "#AA4499", "#88CCEE")  # pale sand left out
 STUDENT_COLOUR = "#000000"
 TEACHER_COLOUR = "#555555"
 SIGNIFICANT_NOTE = "≈ marks a difference whose 95 % interval includes 0 (inside the seed noise)"
@@ -143,6 +143,8 @@ def styled(frame: pd.DataFrame, table_id: str | None = None, caption: str | None
         whole = bool(len(values.dropna())) and values.dropna().apply(lambda v: float(v).is_integer()).all()
         formats[column] = "{:,.0f}" if whole else f"{{:.{decimals}f}}"
     styler = frame.style.hide(axis="index").format(formats, na_rep="—")
+    text = [c for c in frame.columns if c not in formats]
+    styler = styler.set_properties(subset=text, **{"text-align": "left"})
     if table_id:
         styler = styler.set_uuid(table_id).set_table_attributes('class="kdrepro-table"')
     if caption:
