@@ -6,7 +6,8 @@
 * :func:`claim`: a folder holding a run of a *different* config, or one trained on a teacher checkpoint or
   calibration file whose content has changed since, is refused (``on_config_change=error``, the default) or moved
   aside to ``<out_dir>.superseded-<UTC time>`` (``on_config_change=archive``, what the DVC pipeline passes) before a
-  fresh start. ``allow_changed_inputs=true`` continues on changed input files.
+  fresh start, or before an earlier run of the same config and inputs is moved back (a parameter set back to a
+  previous value costs nothing). ``allow_changed_inputs=true`` continues on changed input files.
 * :func:`trim_live_logs`: after a hard kill, dvclive rows logged after the last checkpoint are dropped on resume.
 """
 
@@ -176,13 +177,38 @@ def claim(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], loc
     if mode == "error":
         raise ConfigError(f"{out_dir} holds {problem}; use another out_dir, delete the folder to start over, or pass "
                           "on_config_change=archive to move it aside")
-    archived = out_dir.with_name(f"{out_dir.name}{SUPERSEDED_INFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    earlier = _matching_superseded(out_dir, cfg, inputs)
+    archived = _superseded_name(out_dir)
     with storage_errors(archived):
         os.replace(out_dir, archived)
     lock.move(archived)
-    log.warning("%s held %s: moved to %s, starting fresh", out_dir, problem, archived)
+    if earlier is not None:  # e.g. a parameter set back to an earlier value: that run comes back, not a new one
+        with storage_errors(out_dir):
+            os.replace(earlier, out_dir)
+        log.warning("%s held %s: moved to %s; restored the earlier run of this config from %s", out_dir, problem,
+                    archived, earlier)
+    else:
+        log.warning("%s held %s: moved to %s, starting fresh", out_dir, problem, archived)
     lock.path = out_dir / LOCK_NAME
     lock.acquire()
+    metrics = out_dir / "metrics.json"
+    return json.loads(metrics.read_text()) if earlier is not None and metrics.exists() else None
+
+
+def _superseded_name(out_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate, count = out_dir.with_name(f"{out_dir.name}{SUPERSEDED_INFIX}{stamp}"), 1
+    while candidate.exists():
+        count += 1
+        candidate = out_dir.with_name(f"{out_dir.name}{SUPERSEDED_INFIX}{stamp}-{count}")
+    return candidate
+
+
+def _matching_superseded(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]]) -> Path | None:
+    """The newest folder this run folder was moved to that holds a run of ``cfg`` on the same input files."""
+    for candidate in sorted(out_dir.parent.glob(f"{out_dir.name}{SUPERSEDED_INFIX}*"), reverse=True):
+        if candidate.is_dir() and (candidate / "config.yaml").is_file() and _mismatch(candidate, cfg, inputs) is None:
+            return candidate
     return None
 
 

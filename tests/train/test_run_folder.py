@@ -74,3 +74,23 @@ def test_trim_live_logs_drops_rows_after_the_checkpoint(tmp_path):
     trim_live_logs(tmp_path, 2)
     assert table.read_text() == "step\tce\n1\t0.5\n2\t0.4\n"
     assert pretrain.read_text() == "step\tloss\n1\t1\n5\t1\n"  # pre-training has its own step axis
+
+
+def test_setting_a_parameter_back_restores_the_earlier_run(tmp_path):
+    (tmp_path / "teacher.pt").write_bytes(b"teacher")
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text("{}")
+    first, second = config(tmp_path, calibration), config(tmp_path, calibration)
+    first.on_config_change = second.on_config_change = "archive"
+    second.seed = 1
+    out = Path(first.out_dir)
+    inputs = input_hashes(input_files(first, True))
+    with RunLock(out) as lock:
+        record_start(out, first, inputs)
+        (out / "metrics.json").write_text('{"miou": 0.5}')
+        assert claim(out, second, inputs, lock) is None  # seed changed: moved aside, a fresh start
+        record_start(out, second, inputs)
+        assert claim(out, first, inputs, lock) == {"miou": 0.5}  # seed set back: the finished run returns
+    assert OmegaConf.load(out / "config.yaml").seed == 0
+    (superseded,) = tmp_path.glob("run.superseded-*")
+    assert OmegaConf.load(superseded / "config.yaml").seed == 1
