@@ -17,6 +17,7 @@ the same checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -76,7 +77,9 @@ def wrap_student(student: nn.Module, context: DistributedContext, device: torch.
     if not context.enabled:
         return student
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)  # BN buffers stay rank-local, as in mmseg
+    with warnings.catch_warnings():  # BN buffers stay rank-local, as in mmseg; the suggested replacement syncs them
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
 
 
 def average_gradients(parameters: Iterable[nn.Parameter], context: DistributedContext) -> None:
