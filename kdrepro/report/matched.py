@@ -103,7 +103,7 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
         for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
             found = matched[(matched.protocol == protocol) & (matched.method == method)]
             values = found.iloc[0] if len(found) else pd.Series(dtype=object)
-            for name in ("miou_mean", "miou_ci_low", "miou_ci_high", "iterations_mean", "n_seeds",
+            for name in ("miou_mean", "miou_ci_low", "miou_ci_high", "iterations_mean", "n_seeds", "n_diverged",
                          "delta_student_mean", "delta_student_ci_low", "delta_student_ci_high", "delta_student_significant",
                          "delta_kd_mean", "delta_kd_ci_low", "delta_kd_ci_high", "delta_kd_significant"):
                 row[f"{tag}_{name}"] = values.get(name, np.nan)
@@ -135,10 +135,12 @@ def _difference_cell(row: pd.Series, prefix: str) -> str:
 
 def _miou_cell(row: pd.Series, tag: str) -> str:
     mean = row.get(f"{tag}_miou_mean", np.nan)
+    diverged = row.get(f"{tag}_n_diverged", 0)
+    note = f'<br><small>{int(diverged)} of {int(row.get(f"{tag}_n_seeds", 0) + diverged)} seeds diverged</small>' if diverged and not pd.isna(diverged) else ""
     if pd.isna(mean):
-        return "—"
+        return "—" + note
     text = interval(mean, row.get(f"{tag}_miou_ci_low", np.nan), row.get(f"{tag}_miou_ci_high", np.nan))
-    return f'<span style="white-space:nowrap">{text}</span>'
+    return f'<span style="white-space:nowrap">{text}</span>{note}'
 
 
 def table1_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -203,12 +205,13 @@ def table1_caption(profile: str, n_seeds: int) -> str:
 
 # ------------------------------------------------------------------------------------------------------- figures
 def per_class_matrix(per_class: pd.DataFrame, protocol: str, order: list[str], names: dict[str, str]) -> pd.DataFrame:
-    """Mean IoU (%) over seeds, method (rows, Table 1 order, display names) × class; classes absent from the
-    validation set (NaN in every run) are dropped."""
-    rows = per_class[(per_class.protocol == protocol) & (per_class.multiplier == 1.0)]
+    """Mean IoU (%) over seeds, method (rows, Table 1 order, display names; the teacher last) × class; classes
+    absent from the validation set (NaN in every run) are dropped."""
+    rows = per_class[(per_class.protocol.isin([protocol, "teacher"])) & (per_class.multiplier == 1.0)]
+    order = [*order, "teacher"]
     matrix = rows.pivot_table(index="method", columns="class_name", values="iou", aggfunc="mean", sort=False)
     matrix = matrix.reindex([m for m in order if m in matrix.index]).dropna(axis=1, how="all")
-    matrix.index = [names.get(m, m) for m in matrix.index]
+    matrix.index = [names.get(m, "Teacher" if m == "teacher" else m) for m in matrix.index]
     return matrix
 
 
