@@ -25,8 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate a checkpoint on the validation set", "kdrepro evaluate evaluate.checkpoint=runs/kd/checkpoint.pt"),
     "import-teacher": ("convert an mmsegmentation checkpoint into a kdrepro teacher", "kdrepro import-teacher pspnet_r101.pth profile=cityscapes"),
     "methods": ("list the registered distillation methods and their configs", "kdrepro methods"),
+    "pretrain": ("pre-train (or import ImageNet) backbone weights", "kdrepro pretrain which=student out_dir=runs/synthetic/pretrain/student"),
     "teacher": ("train the teacher (or import teacher_import=<mmseg.pth>)", "kdrepro teacher profile=synthetic out_dir=runs/synthetic/teacher"),
-    "results": ("collect every run of a pipeline into tidy tables", "kdrepro results runs_dir=runs/synthetic"),
+    "results": ("tidy tables, statistics over seeds and the verdict", "kdrepro results runs_dir=runs/synthetic results_dir=results/synthetic"),
+    "select": ("pick the segmentation-specific method to extend", "kdrepro select runs_dir=runs/synthetic results_dir=results/synthetic"),
     "validate": ("check a pipeline params file before any stage runs", "kdrepro validate --params params.yaml"),
     "plan": ("the whole pipeline's cost (hours, GPU-hours, memory) from a calibration", "kdrepro plan --params params.yaml"),
     "report-index": ("write reports/index.html linking the rendered reports", "kdrepro report-index runs_dir=runs/synthetic results_dir=results/synthetic"),
@@ -71,11 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KdreproError as error:
         print(f"error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", 2))
-    return 0
-
     except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
         print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
         return int(getattr(error, "exit_code", 130))
+    return 0
+
 
 def run() -> None:
     """Console entry point (``kdrepro``, ``python -m kdrepro``): :func:`main`, then a fast process exit.
@@ -85,9 +87,9 @@ def run() -> None:
     by each of the ~40 processes of ``dvc repro``) buys nothing. Streams and log handlers are flushed and a
     torch.distributed process group is destroyed first.
     """
+    raise_on_signals()
     code = main()
     distributed = sys.modules.get("torch.distributed")
-    raise_on_signals()
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
     logging.shutdown()
@@ -121,10 +123,11 @@ def _prepare(overrides: list[str], positional: list[str]) -> None:
 
 def _train(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
-    from kdrepro.train.run import train
+    from kdrepro.pipeline import method_from
+    from kdrepro.train.seeds import train_seeds
 
-    metrics = train(load_config(overrides))
-    print(json.dumps({k: metrics[k] for k in ("method", "miou", "iterations", "train_seconds")}))
+    for metrics in train_seeds(load_config(method_from(overrides))):
+        print(json.dumps({k: metrics.get(k) for k in ("method", "seed", "miou", "iterations", "train_seconds")}))
 
 
 def _calibrate(overrides: list[str], positional: list[str]) -> None:
@@ -166,6 +169,13 @@ def _methods(overrides: list[str], positional: list[str]) -> None:
     print("method configs:   " + ", ".join(options("method")))
 
 
+def _pretrain(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.train.pretrain import pretrain
+
+    print(json.dumps(pretrain(load_config(overrides), overrides)))
+
+
 def _teacher(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.pipeline import teacher
 
@@ -173,10 +183,16 @@ def _teacher(overrides: list[str], positional: list[str]) -> None:
 
 
 def _results(overrides: list[str], positional: list[str]) -> None:
-    from kdrepro.pipeline import write_results
+    from kdrepro.pipeline import results
 
-    for path in write_results(overrides):
+    for path in results(overrides):
         print(f"written {path}")
+
+
+def _select(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.pipeline import select
+
+    print(json.dumps(select(overrides)))
 
 
 def _validate(overrides: list[str], positional: list[str]) -> None:
@@ -214,8 +230,10 @@ HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
     "evaluate": _evaluate,
     "import-teacher": _import_teacher,
     "methods": _methods,
+    "pretrain": _pretrain,
     "teacher": _teacher,
     "results": _results,
+    "select": _select,
     "report-index": _report_index,
     "validate": _validate,
 }

@@ -147,11 +147,15 @@ def claim_extended(runs: pd.DataFrame, teacher_miou_pct: float | None) -> dict[s
     text = (f"{canonical} at {multiplier:g}x: {share_mean:.1f} % of the teacher ({teacher_miou_pct:.1f} mIoU), "
             f"{_fmt(diff)} points vs the student alone at {multiplier:g}x")  # fmt: skip
     upper = share_high if math.isfinite(share_high) else share_mean
-    if (diff["significant"] and diff["mean"] < 0) or upper < APPROACH_PERCENT:
-        return _claim("c", "contradicted", text + ".", **figures)
+    if diff["significant"] and diff["mean"] < 0:
+        return _claim("c", "contradicted", text + ": the student alone is significantly better.", **figures)
+    if upper < APPROACH_PERCENT:
+        return _claim("c", "contradicted", text + f": below {APPROACH_PERCENT:.0f} % of the teacher.", **figures)
     if diff["significant"] and share_mean >= APPROACH_PERCENT:
         return _claim("c", "supported", text + ".", **figures)
-    return _claim("c", "inconclusive", text + " (not significant, or short of the teacher).", **figures)
+    reason = "the difference to the student alone is inside the noise" if not diff["significant"] else (
+        f"the mean is short of {APPROACH_PERCENT:.0f} % of the teacher")
+    return _claim("c", "inconclusive", f"{text}: {reason}.", **figures)
 
 
 def judge(runs: pd.DataFrame, specific: list[str], teacher_miou_pct: float | None) -> list[dict[str, Any]]:

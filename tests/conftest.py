@@ -36,6 +36,9 @@ def tiny_overrides(root: Path) -> list[str]:
         "precision=fp32",  # the embedded profile trains in bf16; unit tests compare numbers (bf16 has its own test)
         "channels_last=false",
         "optim.lr=0.01",
+        "student.pretrained=null",  # the profile's pre-trained backbones are a pipeline stage's output
+        "teacher.pretrained=null",
+        "eval_points=0",
     ]
 
 

@@ -68,7 +68,7 @@ def prepare_dataset(dataset_cfg: Any, download: Download | None = None) -> Path:
 
 
 def _prepare_synthetic(root: Path, name: str, params: dict, num_classes: int) -> Path:
-    params = {key: int(value) for key, value in params.items()}
+    params = synthetic.normalize_params(params)
     if not synthetic.is_generated(root, params):
         if root.exists() and not (root / synthetic.MANIFEST).is_file() and any(root.iterdir()):
             raise DatasetError(

@@ -139,8 +139,15 @@ def build_segmentor(model_cfg: Mapping[str, Any], num_classes: int) -> Segmentor
         auxiliary_head = FCNHead(backbone.out_channels[2], aux_channels, num_classes, dropout=dropout)
         init_head_weights(auxiliary_head)
     if cfg.get("pretrained"):
+        from pathlib import Path
+
         from kdrepro.models.weights import load_backbone_weights
 
+        if not Path(str(cfg["pretrained"])).is_file():
+            raise ConfigError(
+                f"pretrained backbone {cfg['pretrained']} does not exist: run `kdrepro pretrain` with the same profile "
+                "(`which=student` or `which=teacher`; the pipeline's pretrain stages), or set <model>.pretrained=null"
+            )
         load_backbone_weights(backbone, cfg["pretrained"])
     return Segmentor(backbone, decode_head, auxiliary_head)
 

@@ -287,13 +287,15 @@ _COST_NEUTRAL_KEYS = (
     "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
     "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs",
 )
-_CODE_FOLDERS = ("models", "distill", "train", "data")
+#: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/deps.py, which dvc.yaml's
+#: deps follow too), so a change to any code a training step runs re-measures the methods.
+code_digest_stage = "calibrate"
 
 
 def fingerprint(cfg: DictConfig, device: torch.device, world_size: int = 1) -> str:
     """A digest of what sets a method's cost per iteration: its composed config (minus cost-neutral keys), the
-    calibration protocol, the hardware, torch build and number of processes, and kdrepro's model / method /
-    training / data code."""
+    calibration protocol, the hardware, torch build and number of processes, and every kdrepro source file the
+    calibration can run."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     for key in _COST_NEUTRAL_KEYS:
@@ -302,19 +304,28 @@ def fingerprint(cfg: DictConfig, device: torch.device, world_size: int = 1) -> s
     protocol = {key: cfg.calibrate.get(key) for key in ("warmup", "rounds", "iterations_per_round")}
     digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device, world_size)], sort_keys=True, default=str).encode())
     digest.update(_code_digest())
+    digest.update(_plugin_digest(str(cfg.method.name), tuple(str(f) for f in cfg.get("plugins") or ())))
     return digest.hexdigest()[:16]
+
+
+def _plugin_digest(method: str, folders: tuple[str, ...]) -> bytes:
+    """sha256 over the Python sources of the plugin folder a method's config comes from (empty for built-ins):
+    your own method is re-measured, and its stages rerun, when its code changes."""
+    digest = hashlib.sha256()
+    for folder in map(Path, folders):
+        if (folder / "method" / f"{method}.yaml").is_file():
+            for source in sorted(folder.glob("*.py")):
+                digest.update(source.name.encode())
+                digest.update(source.read_bytes())
+    return digest.digest()
 
 
 @functools.cache
 def _code_digest() -> bytes:
-    """sha256 over kdrepro's model / method / training / data sources (read once per process)."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for folder in _CODE_FOLDERS:
-        for source in sorted((package / folder).rglob("*.py")):
-            digest.update(source.relative_to(package).as_posix().encode())
-            digest.update(source.read_bytes())
-    return digest.digest()
+    """sha256 over the sources `kdrepro calibrate` can run (read once per process)."""
+    from kdrepro.deps import code_digest
+
+    return code_digest(code_digest_stage)
 
 
 def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:

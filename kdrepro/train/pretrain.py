@@ -44,13 +44,19 @@ def _overrides(cfg: DictConfig, which: str) -> list[str]:
         "student.pretrained=null",
         "teacher.pretrained=null",
         "budget=iterations",
-        f"budget.iterations={int(cfg.pretrain.iterations)}",
+        f"budget.iterations={iterations(cfg, which)}",
         f"optim.lr={float(cfg.pretrain.lr)}",
         "eval_points=0",
     ]
     for key, value in _flatten(OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "dataset"):
         overrides.append(f"{key}={_hydra_value(value)}")
     return overrides
+
+
+def iterations(cfg: DictConfig, which: str) -> int:
+    """Pre-training length of ``which``: ``pretrain.<which>_iterations``, else ``pretrain.iterations``."""
+    specific = cfg.pretrain.get(f"{which}_iterations")
+    return int(specific if specific is not None else cfg.pretrain.iterations)
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
@@ -95,7 +101,7 @@ def _one(cfg: DictConfig, overrides: list[str], which: str, out_dir: Path) -> di
     target = out_dir / "backbone.pth"
     if which == "teacher" and cfg.get("teacher_import"):
         return {"skipped": f"the teacher is imported from {cfg.teacher_import}"}
-    if int(cfg.pretrain.iterations) > 0:
+    if iterations(cfg, which) > 0:
         from kdrepro.data import prepare_dataset
         from kdrepro.io import load_checkpoint
         from kdrepro.train.seeds import train_seeds

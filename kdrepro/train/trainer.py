@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdrepro import distill
+from kdrepro.config import import_plugins
 from kdrepro.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.io import load_model
@@ -122,6 +123,7 @@ class Trainer:
             self.teacher = teacher if teacher is not None else load_teacher(cfg, self.num_classes, device)
             self.teacher.to(memory_format=self.memory_format)
         teacher_channels = self.teacher.channels if self.teacher is not None else self.student.channels
+        import_plugins([Path(str(folder)) for folder in cfg.get("plugins") or ()])  # your own methods register
         self.distiller = distill.build(
             OmegaConf.to_container(cfg.method, resolve=True), self.student.channels, teacher_channels
         ).to(device)

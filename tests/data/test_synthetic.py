@@ -111,7 +111,7 @@ def test_prepare_generates_once_then_is_a_no_op(tmp_path):
     assert image.shape == (3, 64, 128) and label.shape == (64, 128)  # the profile's crop (48x96 image padded)
     assert set(label.unique().tolist()) <= set(range(19)) | {255}
     image, label = build_dataset(synthetic_cfg(root), "val", train_transforms=False)[2]
-    assert image.shape == (3, 128, 256) and label.shape == (48, 96)  # image at test_scale, label at original size
+    assert image.shape == (3, 64, 128) and label.shape == (48, 96)  # image at test_scale, label at original size
 
 
 def test_prepare_regenerates_when_the_seed_changes(tmp_path):
@@ -155,7 +155,38 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
 def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
-                                                                 "height": 128, "width": 256}  # fmt: skip
+                                                                 "height": 64, "width": 128}  # fmt: skip
+    assert cfg["label_set"] == "classes"
+
+
+def test_small_object_settings_enlarge_the_thin_classes_and_keep_old_manifests():
+    rng = lambda: np.random.default_rng([3, 0, 5])  # noqa: E731
+    _, plain = synthetic.render_scene(rng(), 64, 128)
+    _, large = synthetic.render_scene(rng(), 64, 128, small_object_scale=3.0, small_object_rate=2.0)
+    small_ids = [ID[name] for name in ("pole", "person", "traffic sign")]
+    assert np.isin(large, small_ids).sum() > np.isin(plain, small_ids).sum()
+    assert synthetic.normalize_params({"seed": 0, "height": 64, "small_object_scale": 1.0}) == {"seed": 0, "height": 64}
+    assert synthetic.normalize_params({"seed": 0, "small_object_rate": 2}) == {"seed": 0, "small_object_rate": 2.0}
+    with pytest.raises(ValueError):
+        synthetic.normalize_params({"small_object_scale": 0})
+
+
+def test_category_labels_for_pretraining(tmp_path):
+    from kdrepro.data import build_dataset, class_names
+    from kdrepro.errors import ConfigError
+
+    root = tmp_path / "synthetic"
+    prepare_dataset(synthetic_cfg(root))
+    cfg = synthetic_cfg(root)
+    fine = build_dataset(cfg, "val", train_transforms=False)[0][1]
+    cfg.label_set, cfg.num_classes = "categories", 7
+    coarse = build_dataset(cfg, "val", train_transforms=False)[0][1]
+    assert class_names(cfg)[0] == "flat" and len(class_names(cfg)) == 7
+    assert set(coarse.unique().tolist()) <= set(range(7)) | {255}
+    assert ((fine == 0) <= (coarse == 0)).all() and ((fine == 13) <= (coarse == 6)).all()  # road: flat, car: vehicle
+    cfg.num_classes = 19
+    with pytest.raises(ConfigError, match="num_classes=7"):
+        class_names(cfg)
 
 
 def test_prepare_repairs_deleted_files(tmp_path):

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from kdrepro.cli import main
 from kdrepro.config import options
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
@@ -57,35 +58,69 @@ def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     _write_params(repo, profile=profile)
     dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
-    stages = ("data", "teacher", "student@iter_matched", "student@compute_matched", "calibrate", "iter_matched@kd",
-              "compute_matched@cwd", "extended@kd-2", "extended@cwd-8", "results")
+    stages = ("data", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
+              "iter_matched@kd", "compute_matched@cwd", "select", "student_extended@2", "extended@kd-4",
+              "extended@fitnet-2", "extended_best@4", "results")
     for stage in stages:
         assert f'"{stage}"' in dag.stdout
     status = _dvc(repo, "status")
     assert status.returncode == 0, status.stderr
 
 
+def _readme_plugin(repo: Path) -> None:
+    """Write the README's "Your own KD method" files into a folder of the copy, outside the package."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Your own KD method"):]
+    files = [block.split("\n", 1)[1] for block in section.split("```")[1::2]]
+    files = [body for body in files if body.startswith("# my_methods/")]
+    assert len(files) == 2, "the README shows my_methods/mymethod.py and my_methods/method/mymethod.yaml"
+    for body in files:
+        target = repo / body.splitlines()[0][2:].strip()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body)
+
+
 def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     repo = pipeline_copy
+    _readme_plugin(repo)
     _write_params(
         repo,
         profile="smoke",
-        methods=["kd", "cwd"],
+        seeds=[0, 1],
+        methods=["kd", "fitnet", "cwd", "mymethod"],
         calibrate={"warmup": 1, "rounds": 1, "iterations_per_round": 2, "reference_method": None},
-        extended={"methods": ["kd"], "multipliers": ["2"]},
+        extended={"multipliers": ["2"]},
+        plugins="my_methods",
     )
     first = _dvc(repo, "repro")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    runs = (repo / "results" / "smoke" / "runs.csv").read_text()
-    for row in ("iter_matched/kd", "compute_matched/cwd", "extended/kd-2", "teacher", "iter_matched/none", "compute_matched/none"):
-        assert row in runs
+    runs = pd.read_csv(repo / "results" / "smoke" / "runs.csv")
+    for protocol in ("iter_matched", "compute_matched"):
+        for method in ("none", "kd", "fitnet", "cwd", "mymethod"):
+            assert sorted(runs[(runs.protocol == protocol) & (runs.method == method)].seed) == [0, 1], (protocol, method)
+    extended = runs[runs.protocol == "extended"]
+    assert sorted(extended.method.unique()) == ["cwd", "fitnet", "kd", "none"]  # cwd: the only specific method
+    assert set(extended.seed) == {0, 1} and set(extended.multiplier) == {2.0}
+    assert runs[runs.method == "mymethod"].family.iloc[0] == "canonical"
+    selection = json.loads((repo / "results" / "smoke" / "extended_selection.json").read_text())
+    assert selection["method"] == "cwd" and selection["candidates"] == ["cwd"]
+    # statistics over seeds and the verdict reach the tidy tables
+    stats = pd.read_csv(repo / "results" / "smoke" / "stats.csv")
+    row = stats[(stats.protocol == "compute_matched") & (stats.method == "cwd")].iloc[0]
+    assert row.n_seeds == 2 and {"miou_ci_low", "delta_student_mean", "delta_kd_ci_high"} <= set(stats.columns)
+    verdict = json.loads((repo / "results" / "smoke" / "verdict.json").read_text())
+    assert [c["id"] for c in verdict["claims"]] == ["a", "b", "c"]
+    assert all(c["verdict"] in ("supported", "contradicted", "inconclusive") for c in verdict["claims"])
+    assert verdict["regime"]["seeds"] == [0, 1] and verdict["regime"]["teacher_gap"] is not None
+    per_class = pd.read_csv(repo / "results" / "smoke" / "per_class.csv")
+    assert len(per_class) == 19 * len(runs)
+    # the compute-matched iteration counts come from calibration; the reference trains the standard schedule
     calibration = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
     assert calibration["matched"]["reference_method"] == "kd"
-    # the compute-matched iteration counts come from calibration; the reference trains the standard schedule
-    kd_run = json.loads((repo / "runs" / "smoke" / "compute_matched" / "kd" / "metrics.json").read_text())
+    kd_run = json.loads((repo / "runs" / "smoke" / "compute_matched" / "kd" / "seed1" / "metrics.json").read_text())
     assert kd_run["iterations"] == calibration["matched"]["iterations"]["kd"] == 4
-    extended = json.loads((repo / "runs" / "smoke" / "extended" / "kd-2" / "metrics.json").read_text())
-    assert extended["iterations"] == 8
+    doubled = json.loads((repo / "runs" / "smoke" / "extended" / "kd-2" / "seed0" / "metrics.json").read_text())
+    assert doubled["iterations"] == 8
     for name in ("index", "cost", "matched", "extended", "curves", "qualitative"):
         assert (repo / "reports" / f"{name}.html").stat().st_size > 1000
     metrics = _dvc(repo, "metrics", "show")
@@ -98,11 +133,20 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
 
     second = _dvc(repo, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    # a third seed trains only the new seed's runs: finished seeds are no-ops inside the persisted stage folders
+    before = (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes()
+    _write_params(repo, seeds=[0, 1, 2])
+    third = _dvc(repo, "repro", "iter_matched@kd")
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    assert (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed2" / "metrics.json").exists()
+    assert (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes() == before
+    _write_params(repo, seeds=[0, 1])
+    assert _dvc(repo, "repro").returncode == 0
 
 
 def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline_copy):
     repo = pipeline_copy
-    finished = [repo / "runs" / "smoke" / "teacher" / "checkpoint.pt", repo / "runs" / "smoke" / "iter_matched" / "kd" / "metrics.json",
+    finished = [repo / "runs" / "smoke" / "teacher" / "checkpoint.pt", repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json",
                 repo / "results" / "smoke" / "runs.csv", repo / "reports" / "index.html"]  # fmt: skip
     assert all(path.exists() for path in finished), "run test_whole_pipeline_on_the_smoke_profile first"
     config = repo / "kdrepro" / "conf" / "method" / "cwd.yaml"
@@ -119,9 +163,10 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     assert changed.returncode == 0, (changed.stdout + changed.stderr)[-4000:]
     reran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
     assert {"iter_matched@cwd", "compute_matched@cwd"} <= reran, reran
-    untouched = {"teacher", "student@iter_matched", "student@compute_matched", "iter_matched@kd", "compute_matched@kd", "extended@kd-2"}
+    untouched = {"pretrain", "teacher", "student@iter_matched", "student@compute_matched", "iter_matched@kd",
+                 "compute_matched@kd", "extended@kd-2", "iter_matched@mymethod"}
     assert not reran & untouched, reran
-    assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == ["kd", "none"]
+    assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == ["fitnet", "kd", "mymethod", "none"]
 
 
 @pytest.mark.parametrize(
@@ -133,7 +178,12 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
         ("profile: synthetic\nmethods: [none, kd]\n", "the student alone is the `student` stage"),
         ("profile: synthetic\nreference_iterations: 0\n", "reference_iterations must be a positive whole number"),
         ("profile: synthetic\nmethod: [kd]\n", "unknown key(s) ['method']"),
-        ("profile: synthetic\nmethods: [kd]\nextended: {methods: [kd], multipliers: ['-2']}\n", "positive numbers"),
+        ("profile: synthetic\nmethods: [kd, fitnet]\nextended: {multipliers: ['-2']}\n", "positive numbers"),
+        ("profile: synthetic\nmethods: [kd, fitnet]\nextended: {methods: [kd], multipliers: ['2']}\n", "delete extended.methods"),
+        ("profile: synthetic\nmethods: [kd]\nextended: {multipliers: ['2']}\n", "methods must include ['fitnet']"),
+        ("profile: synthetic\nseed: 3\n", "seed became seeds"),
+        ("profile: synthetic\nseeds: [0, 0]\n", "seeds must be distinct"),
+        ("profile: synthetic\nplugins: nowhere\n", "plugins folder nowhere does not exist"),
     ],
 )
 def test_bad_params_file_is_one_line_error(tmp_path, capsys, params, message):
@@ -149,9 +199,9 @@ def test_params_file_maps_to_hydra_overrides(tmp_path):
     from kdrepro.pipeline import params_overrides
 
     path = tmp_path / "params.yaml"
-    path.write_text("profile: smoke\nseed: 3\nreference_iterations: 7\nmethods: [kd, cwd]\ncalibrate: {rounds: 2, warmup: null}\n")
+    path.write_text("profile: smoke\nseeds: [3, 4]\nreference_iterations: 7\nmethods: [kd, cwd]\ncalibrate: {rounds: 2, warmup: null}\n")
     overrides = params_overrides(path)
-    assert overrides == ["profile=smoke", "seed=3", "reference_iterations=7", "calibrate.methods=[none,kd,cwd]", "calibrate.rounds=2"]
+    assert overrides == ["profile=smoke", "seeds=[3,4]", "reference_iterations=7", "calibrate.methods=[none,kd,cwd]", "calibrate.rounds=2"]
     cfg = load_config(overrides)
     assert cfg.reference_iterations == 7 and cfg.budget.iterations == 7 and list(cfg.calibrate.methods) == ["none", "kd", "cwd"]
     assert cfg.calibrate.warmup == 1  # null keeps the profile's value
