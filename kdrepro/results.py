@@ -211,6 +211,32 @@ def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict
     }
 
 
+def classes_learned(per_class: pd.DataFrame, protocol: str = "iter_matched", method: str = STUDENT_ALONE) -> dict[str, Any]:
+    """Of the classes present in validation, how many a method's runs learn (mean IoU over seeds > 0)."""
+    rows = per_class[(per_class.protocol == protocol) & (per_class.method == method) & (per_class.multiplier == 1.0)]
+    means = rows.groupby("class_name", sort=False).iou.mean().dropna()  # NaN: absent from validation and never predicted
+    learned = means[means > 0]
+    return {"present": int(len(means)), "learned": int(len(learned)),
+            "not_learned": [name for name in means.index if name not in learned.index]}  # fmt: skip
+
+
+def deciding_classes(per_class: pd.DataFrame, protocol: str, a: str, b: str) -> dict[str, Any]:
+    """Does one class decide ``a`` vs ``b``? The mIoU difference (mean over seeds and classes) and the classes whose
+    removal alone flips its sign; also the class with the largest share of the absolute per-class differences."""
+    rows = per_class[(per_class.protocol == protocol) & (per_class.multiplier == 1.0) & per_class.method.isin([a, b])]
+    table = rows.pivot_table(index="class_name", columns="method", values="iou", aggfunc="mean", sort=False)
+    if a not in table or b not in table:
+        return {"difference": None, "deciding": [], "largest": None, "largest_share": None}
+    diff = (table[a] - table[b]).dropna()
+    if diff.empty:
+        return {"difference": None, "deciding": [], "largest": None, "largest_share": None}
+    total = float(diff.mean())
+    deciding = [name for name in diff.index if len(diff) > 1 and total != 0 and
+                (float(diff.drop(name).mean()) > 0) != (total > 0)]  # fmt: skip
+    share = diff.abs() / diff.abs().sum() if diff.abs().sum() > 0 else diff.abs()
+    return {"difference": total, "deciding": deciding, "largest": str(share.idxmax()), "largest_share": float(share.max())}
+
+
 def extended_selection(runs: pd.DataFrame) -> dict[str, Any]:
     """The segmentation-specific method to extend: the best compute-matched mean mIoU of this run."""
     specific = specific_methods(runs[runs.protocol == "compute_matched"]) if not runs.empty else []
@@ -263,7 +289,8 @@ def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None)
     results_dir.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(runs_dir)
     runs.to_csv(results_dir / "runs.csv", index=False)
-    collect_per_class(runs_dir).to_csv(results_dir / "per_class.csv", index=False)
+    per_class = collect_per_class(runs_dir)
+    per_class.to_csv(results_dir / "per_class.csv", index=False)
     teacher = teacher_miou_pct(runs)
     stats = summarize(runs, teacher) if not runs.empty else pd.DataFrame()
     stats.to_csv(results_dir / "stats.csv", index=False)
@@ -271,6 +298,12 @@ def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None)
     curves.to_csv(results_dir / "curves.csv", index=False)
     verdict = {"regime": regime(runs, stats, profile) if not stats.empty else {"profile": profile},
                "claims": judge(runs, specific_methods(runs), teacher) if not runs.empty else []}  # fmt: skip
+    if not stats.empty:
+        verdict["regime"]["classes_learned_by_student"] = classes_learned(per_class)
+    for claim in verdict["claims"]:
+        figures = claim["figures"]
+        if claim["id"] == "b" and figures.get("canonical") and figures.get("best_specific"):
+            figures["per_class"] = deciding_classes(per_class, "compute_matched", figures["canonical"], figures["best_specific"])
     written = [results_dir / name for name in ("runs.csv", "per_class.csv", "stats.csv", "curves.csv")]
     written.append(write_json(results_dir / "verdict.json", verdict))
     summary: dict[str, Any] = {"profile": profile}

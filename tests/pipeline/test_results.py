@@ -1,0 +1,49 @@
+"""Per-class evidence: which classes a run learns, and whether a single class decides a comparison."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from kdrepro.results import classes_learned, deciding_classes, extended_selection
+
+
+def _per_class(rows):
+    return pd.DataFrame(rows, columns=["protocol", "method", "multiplier", "seed", "class_name", "iou"])
+
+
+def test_classes_learned_counts_present_classes_with_positive_mean_iou():
+    rows = [("iter_matched", "none", 1.0, s, c, v) for s in (0, 1)
+            for c, v in (("road", 80.0), ("pole", 0.0), ("train", math.nan), ("person", 1.0 * s))]  # fmt: skip
+    result = classes_learned(_per_class(rows))
+    assert result == {"present": 3, "learned": 2, "not_learned": ["pole"]}
+
+
+def test_one_class_deciding_a_comparison_is_named():
+    rows = []
+    for seed in (0, 1):
+        for cls, a, b in (("road", 80, 81), ("building", 60, 61), ("vegetation", 40, 30)):
+            rows += [("compute_matched", "kd", 1.0, seed, cls, a), ("compute_matched", "dist", 1.0, seed, cls, b)]
+    result = deciding_classes(_per_class(rows), "compute_matched", "kd", "dist")
+    assert result["difference"] == pytest.approx((-1 - 1 + 10) / 3)
+    assert result["deciding"] == ["vegetation"] and result["largest"] == "vegetation"
+    assert result["largest_share"] == pytest.approx(10 / 12)
+
+
+def test_no_deciding_class_when_the_difference_is_broad():
+    rows = [("compute_matched", m, 1.0, 0, c, v) for c in ("a", "b", "c", "d") for m, v in (("kd", 50), ("cwd", 48))]
+    assert deciding_classes(_per_class(rows), "compute_matched", "kd", "cwd")["deciding"] == []
+
+
+def test_extended_selection_takes_the_best_specific_mean():
+    runs = pd.DataFrame(
+        [("compute_matched", m, 1.0, s, v, f) for s in (0, 1)
+         for m, v, f in (("kd", 0.30, "canonical"), ("cwd", 0.20, "segmentation_specific"),
+                         ("dist", 0.25, "segmentation_specific"))],  # fmt: skip
+        columns=["protocol", "method", "multiplier", "seed", "miou", "family"],
+    )
+    selection = extended_selection(runs)
+    assert selection["method"] == "dist" and selection["candidates"] == ["cwd", "dist"]
+    assert selection["means"] == {"cwd": 20.0, "dist": 25.0}
