@@ -85,7 +85,7 @@ def storage_errors(path: Path, needed: int | None = None) -> Iterator[None]:
 
 def ensure_dir(path: Path) -> Path:
     """``mkdir -p`` with one-line errors."""
-    with storage_errors(path / "_"):
+    with storage_errors(path):
         path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -288,6 +288,6 @@ def load_model(
     config = state.get("model_cfg") or model_cfg
     if not config:
         raise WeightsError(f"{path} does not record its model (model_cfg); re-create it with kdrepro")
-    model = build_segmentor(dict(config), num_classes)
+    model = build_segmentor({**dict(config), "pretrained": None}, num_classes)  # every weight comes from the file
     load_strict(model, state["model"], str(path), f"model {config.get('name')!r}")
     return model.to(map_location)

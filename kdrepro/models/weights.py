@@ -201,7 +201,7 @@ def import_teacher(cfg: Any, mmseg_path: Path) -> Path:
     from kdrepro.models import build_segmentor
     from kdrepro.train.checkpoint import FORMAT_VERSION
 
-    model_cfg = OmegaConf.to_container(cfg.teacher, resolve=True)
+    model_cfg = {**OmegaConf.to_container(cfg.teacher, resolve=True), "pretrained": None}  # all weights from the file
     model = build_segmentor(model_cfg, int(cfg.dataset.num_classes))
     import_mmseg_checkpoint(mmseg_path, model)
     output = Path(str(cfg.import_teacher.output))

@@ -182,9 +182,7 @@ def test_out_dir_under_a_file_is_one_line(tiny_dataset, tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", *tiny_dataset, *COMMON, f"out_dir={blocker / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: cannot write {blocker / 'run' / '_'}: {blocker} is a file, not a folder; choose another location" or (
-        err.startswith("error:") and f"{blocker} is a file, not a folder" in err and "\n" not in err
-    ), err
+    assert err == f"error: cannot write {blocker / 'run'}: {blocker} is a file, not a folder; choose another location"
 
 
 def test_teacher_that_contradicts_itself_is_one_line(tiny_teacher, tmp_path, capsys):
