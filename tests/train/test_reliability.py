@@ -229,3 +229,26 @@ def test_config_change_archives_with_on_config_change_archive(tiny_dataset, stra
     (archived,) = tmp_path.glob("run.superseded-*")
     assert snapshot(archived) == before
     assert_same_weights(straight, out)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MB tmpfs (too small for the tiny model's 1.7 MB checkpoint), where the test may mount one."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the write-wrapper test covers ENOSPC)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_real_full_disk_is_one_line_and_leaves_no_tmp(tiny_dataset, small_tmpfs, capsys):
+    out = small_tmpfs / "run"
+    assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: no space left on the disk holding {out} while writing checkpoint.pt \(needs 1\.\d MB, "
+                        r"0\.\d MB free\); free some space there or write to another disk, then rerun", err), err
+    assert not list(out.glob("*.tmp")) and not (out / ".kdrepro.lock").exists()
