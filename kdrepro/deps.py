@@ -171,29 +171,29 @@ def code_digest(stage: str) -> bytes:
 
 def update_dvc_yaml(path: Path) -> bool:
     """Rewrite the code deps (``- kdrepro/...`` lines outside ``kdrepro/conf``) of every stage of :data:`STAGE_KIND`
-    in ``path`` to :func:`compact` of the stage's :func:`code_files`; True when the file changed."""
+    in ``path`` to :func:`compact` of the stage's :func:`code_files`, in place of the first such line (later ones are
+    dropped); True when the file changed."""
     import re
 
-    lines, out, stage, index = path.read_text().splitlines(keepends=True), [], None, 0
-    code_line = re.compile(r"^(\s+)- kdrepro/(?!conf)")
-    while index < len(lines):
-        line = lines[index]
+    original = path.read_text()
+    out: list[str] = []
+    stage, written = None, False
+    code_line = re.compile(r"^(\s+)- kdrepro/(?!conf/)")
+    for line in original.splitlines(keepends=True):
         header = re.match(r"^  (\w+):", line)
         if header:
-            stage = header.group(1)
+            stage, written = header.group(1), False
         match = code_line.match(line)
         if match and stage in STAGE_KIND:
-            while index < len(lines) and code_line.match(lines[index]):
-                index += 1
-            out += [f"{match.group(1)}- {dep}\n" for dep in compact(code_files(STAGE_KIND[stage]))]
+            if not written:
+                out += [f"{match.group(1)}- {dep}\n" for dep in compact(code_files(STAGE_KIND[stage]))]
+                written = True
             continue
         out.append(line)
-        index += 1
     text = "".join(out)
-    changed = text != path.read_text()
-    if changed:
+    if text != original:
         path.write_text(text)
-    return changed
+    return text != original
 
 
 if __name__ == "__main__":

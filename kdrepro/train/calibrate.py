@@ -65,7 +65,7 @@ from kdrepro.train.calibrate_ranks import (
     reduce_over_ranks,
     slowest_rank_history,
 )
-from kdrepro.train.data import training_loader
+from kdrepro.data.loader import training_loader
 from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
 

@@ -34,7 +34,7 @@ from kdrepro.evaluate import evaluate
 from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
-from kdrepro.train.data import training_loader
+from kdrepro.data.loader import training_loader
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
     RunLock,
