@@ -252,3 +252,11 @@ def test_real_full_disk_is_one_line_and_leaves_no_tmp(tiny_dataset, small_tmpfs,
     assert re.fullmatch(rf"error: no space left on the disk holding {out} while writing checkpoint.pt \(needs 1\.\d MB, "
                         r"0\.\d MB free\); free some space there or write to another disk, then rerun", err), err
     assert not list(out.glob("*.tmp")) and not (out / ".kdrepro.lock").exists()
+
+
+def test_real_read_only_file_system_is_one_line(tiny_dataset, small_tmpfs, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    out = small_tmpfs / "run"
+    assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {out}: {small_tmpfs} is on a read-only file system; write elsewhere", err
