@@ -28,13 +28,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.data import build_dataset, class_names
+from kdrepro.data.loader import training_loader
 from kdrepro.distributed import DistributedContext, any_rank, barrier, broadcast_float, init_from_environment
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
 from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
-from kdrepro.data.loader import training_loader
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
     RunLock,
@@ -307,7 +307,8 @@ def _train_to_budget(run: Run) -> None:
             progress_bar.update(1)
         _log_and_validate(run, result)
         if any_rank(run.signals.pending, run.dist, trainer.device):
-            _save(run)
+            if state.saved_step != state.step:  # (a signal during a periodic save needs no second one)
+                _save(run)
             signum = run.signals.signum or signal.SIGTERM
             raise Interrupted(signum, f"interrupted by signal {signum} at step {state.step}; checkpoint saved to "
                               f"{run.checkpoint_path}, rerun the same command to resume")
