@@ -31,7 +31,8 @@ def test_layout_strings():
 @pytest.mark.parametrize(
     "relative",
     ["calibration", "iter_matched/kd/dvclive", "extended/kd/seed0", "extended/kd-x/seed0", "iter_matched/kd/seedX",
-     "compute_matched.superseded-20261130T000000/kd/seed0", "other/kd/seed0"],
+     "compute_matched.superseded-20261130T000000/kd/seed0", "other/kd/seed0",
+     "iter_matched/kd/seed0.superseded-20261130T000000Z", "teacher.superseded-20261130T000000Z"],
 )
 def test_other_folders_are_not_runs(relative, tmp_path):
     assert parse_run_path(tmp_path, tmp_path / relative) is None
