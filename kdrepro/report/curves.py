@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kdrepro.report.style import FAMILY_LINES, FIGURE_WIDTH, PROTOCOL_LABELS, family_label, figure_note, method_colours
+from kdrepro.report.style import (
+    FAMILY_LINES,
+    FIGURE_WIDTH,
+    PROTOCOL_LABELS,
+    STUDENT_ALONE,
+    family_label,
+    figure_note,
+    method_colours,
+)
 
 CE = "train/ce"
 MIOU = "val/miou"
@@ -97,7 +105,7 @@ def plot_extended(agg: pd.DataFrame, metric: str, ylabel: str, names: dict[str, 
                   budget_seconds: float | None = None, profile: str = "") -> Figure:
     """Small multiples for extended training: one panel per method (shared axes), a line per budget (1× =
     compute-matched), the end of each budget marked by a vertical line."""
-    methods = sorted(set(agg[agg.protocol == "extended"].method))
+    methods = sorted(set(agg[agg.protocol == "extended"].method), key=lambda m: (m != STUDENT_ALONE, m))  # control first
     data = agg[(agg.metric == metric) & agg.method.isin(methods)
                & ((agg.protocol == "extended") | ((agg.protocol == "compute_matched") & (agg.multiplier == 1.0)))]
     multipliers = sorted(data.multiplier.unique())

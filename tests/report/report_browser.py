@@ -169,3 +169,15 @@ _IMAGES_JS = """(() => {
 def require_browser() -> bool:
     """CI sets ``KDREPRO_REQUIRE_BROWSER=1`` (``.ci/run``), where a missing chromium is a failure, not a skip."""
     return os.environ.get("KDREPRO_REQUIRE_BROWSER") == "1"
+
+
+#: Element ids each page must have (the verdict and Table 1 where a reader looks for them first).
+REQUIRED_IDS = {"index": ("verdict", "table1"), "matched": ("verdict", "table1"), "cost": ("T_cost-table",),
+                "extended": ("T_budget-table", "T_published-table")}
+
+
+def check_reports(reports_dir: Path) -> dict[str, list[str]]:
+    """Open every ``*.html`` of ``reports_dir`` in one browser; the problems of each page (empty lists = clean)."""
+    with Browser() as browser:
+        return {page.stem: browser.check(page, REQUIRED_IDS.get(page.stem, ())).problems(REQUIRED_IDS.get(page.stem, ()))
+                for page in sorted(Path(reports_dir).glob("*.html"))}

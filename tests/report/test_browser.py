@@ -9,8 +9,7 @@ import report_browser
 
 from kdrepro.report.pages import PAGES
 
-REQUIRED = {"index": ("verdict", "table1"), "matched": ("verdict", "table1"), "cost": ("T_cost-table",),
-            "extended": ("T_budget-table", "T_published-table")}
+REQUIRED = report_browser.REQUIRED_IDS
 
 
 @pytest.fixture(scope="module")
