@@ -203,14 +203,20 @@ def memory_rows(names: list[str], table: dict[str, Any]) -> list[dict[str, Any]]
 
 def extended_multipliers(cfg: DictConfig) -> list[float]:
     """``plan.multipliers``, else ``extended.multipliers`` of the ``plan.params`` file (none if it is missing)."""
-    if cfg.plan.get("multipliers") is not None:
-        return [float(m) for m in cfg.plan.multipliers]
+    values = cfg.plan.get("multipliers")
     path = Path(str(cfg.plan.params))
-    if not path.is_file():
-        return []
-    from kdrepro.pipeline import read_params
-
-    return [float(m) for m in ((read_params(path).get("extended") or {}).get("multipliers") or [])]
+    if values is None and path.is_file():
+        try:
+            values = ((yaml.safe_load(path.read_text()) or {}).get("extended") or {}).get("multipliers") or []
+        except (yaml.YAMLError, AttributeError) as error:
+            raise ConfigError(f"{path}: cannot read extended.multipliers ({' '.join(str(error).split())[:120]}); fix the file") from error
+    try:
+        multipliers = [float(m) for m in values or []]
+    except (TypeError, ValueError):
+        multipliers = [-1.0]
+    if any(m <= 0 for m in multipliers):
+        raise ConfigError(f"extended multipliers must be positive numbers, got {list(values or [])}; fix plan.multipliers or {path}")
+    return multipliers
 
 
 def write_plan(cfg: DictConfig) -> tuple[dict[str, Any], str, Path]:

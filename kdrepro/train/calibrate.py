@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from kdrepro.data import build_dataset
+from kdrepro.data.loader import training_loader
 from kdrepro.distributed import DistributedContext, barrier, init_from_environment, shard
 from kdrepro.errors import ConfigError
 from kdrepro.io import write_text_atomic
@@ -63,9 +64,9 @@ from kdrepro.train.calibrate_ranks import (
     peak_rss_bytes,
     rank_device,
     reduce_over_ranks,
+    resident_bytes,
     slowest_rank_history,
 )
-from kdrepro.data.loader import training_loader
 from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
 
@@ -244,16 +245,19 @@ def _measure(
     barrier(context)
     pretrain_seconds = {name: _time_pretrain(trainer, batches, int(settings.iterations_per_round)) for name, trainer in trainers.items()}
     peak_memory: dict[str, int | None] = dict.fromkeys(names)
+    own_bytes = {name: resident_bytes(trainer) for name, trainer in trainers.items()}
     for round_index in range(int(settings.rounds)):
         for name in rotated_order(names, round_index):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             barrier(context)
             for _ in range(int(settings.iterations_per_round)):
                 trainers[name].timed_step(batches, 0.0)
             barrier(context)
-            if device.type == "cuda":
-                peak_memory[name] = max(peak_memory[name] or 0, torch.cuda.max_memory_allocated(device))
+            if device.type == "cuda":  # as if the method trained alone: the other methods' models and banks stay out
+                alone = torch.cuda.max_memory_allocated(device) - resident + own_bytes[name]
+                peak_memory[name] = max(peak_memory[name] or 0, alone)
         log.info("calibration round %d/%d done", round_index + 1, int(settings.rounds))
 
     methods: dict[str, dict[str, Any]] = {}

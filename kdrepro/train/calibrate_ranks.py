@@ -81,3 +81,17 @@ def peak_rss_bytes() -> int | None:
         return None
     scale = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def resident_bytes(trainer: Any) -> int:
+    """Bytes a training run of this trainer's method keeps between iterations: the student's and the method's
+    parameters, buffers (e.g. CIRKD's queues), gradients and optimizer state, and the teacher it reads.
+
+    Calibration holds every method at once, so the allocator's peak during a method's block counts the others'
+    models too; ``peak during the block − memory resident before it + this`` is the method's peak on its own.
+    """
+    modules = [trainer.student, trainer.distiller, *([trainer.teacher] if trainer.teacher is not None else [])]
+    tensors = {id(t): t for module in modules for t in (*module.parameters(), *module.buffers())}
+    tensors.update({id(v): v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)})
+    gradients = sum(p.numel() * p.element_size() for p in trainer.student.parameters() if p.requires_grad)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + gradients

@@ -116,3 +116,18 @@ def test_plan_of_a_real_smoke_calibration(tiny_teacher, tmp_path, capsys):
     assert plan["extended_best_specific"] == "cwd" and "protocols" in plan and "paper" not in plan["protocols"]
     assert _row(plan, "iter_matched", "kd")["iterations"] == 4
     assert "| iter_matched | kd | 2 | 4 |" in printed and "no per-method peak memory on this device (CPU)" in printed
+
+
+def test_resident_bytes_counts_weights_gradients_and_optimizer_state():
+    """What a method keeps between iterations (calibration's per-method GPU peak subtracts the others' models)."""
+    import torch
+
+    from kdrepro.train.calibrate_ranks import resident_bytes
+    from kdrepro.train.trainer import Trainer
+
+    trainer = Trainer(load_config(["method=none", "student.base_width=8", "student.pretrained=null"]), torch.device("cpu"))
+    weights = sum(p.numel() * 4 for p in trainer.student.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in trainer.student.buffers())
+    assert resident_bytes(trainer) == 2 * weights + buffers  # weights + gradients
+    trainer.step(torch.randn(2, 3, 32, 64), torch.randint(0, 19, (2, 32, 64)), progress=0.0)
+    assert resident_bytes(trainer) == 3 * weights + buffers  # + SGD momentum

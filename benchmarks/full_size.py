@@ -1,0 +1,132 @@
+"""The real profiles' own stages at full size on this machine: ``python benchmarks/full_size.py [--profiles ...]``.
+
+For each profile (``cityscapes``, ``ade20k``) in a work folder: write a small fake dataset at the real resolutions
+and layout (:mod:`kdrepro.data.fake_trees`), ``kdrepro prepare`` it, import a full-width PSPNet-R101 teacher from an
+mmsegmentation-format checkpoint (``kdrepro teacher teacher_import=...``), calibrate every method (a couple of
+iterations), train each method for a few iterations at the profile's crop (512×1024 / 512×512) with batch 2 (every
+run ends with the whole-image evaluation at the test scale: 2048×1024 / ADE short side 512), evaluate one checkpoint
+again on its own, and collect the results. Every step is a separate process; its wall time and peak resident memory
+(``wait4``'s ``ru_maxrss``) are recorded, with its CPU seconds (user + system), which a machine shared with other
+processes inflates less than wall time. Writes ``<work>/full_size.json`` and prints a markdown table.
+
+``tests/scale/test_full_size.py`` runs a subset of these steps in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("kd", "fitnet", "cirkd", "afdcd", "skd")
+
+
+@dataclass
+class Step:
+    profile: str
+    name: str
+    argv: list[str]
+    result: dict = field(default_factory=dict)
+
+
+def _kdrepro(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kdrepro", *args]
+
+
+def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, iterations: int = 1,
+                  calibrate_methods: tuple[str, ...] | None = None, extra: tuple[str, ...] = ()) -> list[Step]:  # fmt: skip
+    """The stages of one profile as commands (batch 2, the profile's crop, model widths and memory banks)."""
+    from kdrepro.layout import run_path
+
+    data, runs = work / "data" / profile, work / "runs" / profile
+    common = [f"profile={profile}", f"dataset.root={data}", "loader.batch_size=2", "loader.num_workers=0", "threads=2",
+              "log_every=1", *extra]  # fmt: skip
+    teacher = runs / "teacher" / "checkpoint.pt"
+    writer = "write_cityscapes_tree" if profile == "cityscapes" else "write_ade20k_tree"
+    classes = 19 if profile == "cityscapes" else 150
+    steps = [
+        Step(profile, "fake dataset", [sys.executable, "-c", f"from kdrepro.data.fake_trees import {writer}; {writer}({str(data)!r})"]),
+        Step(profile, "prepare / validate", _kdrepro("prepare", *common)),
+        Step(profile, "mmseg checkpoint (R101)", [sys.executable, "-c", (
+            "from kdrepro.config import load_config; from omegaconf import OmegaConf; "
+            "from kdrepro.data.fake_trees import write_mmseg_checkpoint; "
+            f"cfg = load_config(['profile={profile}']); "
+            f"write_mmseg_checkpoint({str(work / f'mmseg_{profile}.pth')!r}, OmegaConf.to_container(cfg.teacher), {classes})")]),
+        Step(profile, "teacher import", _kdrepro("teacher", *common, f"teacher_import={work / f'mmseg_{profile}.pth'}",
+                                                 f"out_dir={runs / 'teacher'}")),
+    ]  # fmt: skip
+    with_teacher = [*common, f"teacher_checkpoint={teacher}"]
+    if calibrate_methods:
+        steps.append(Step(profile, f"calibrate ({len(calibrate_methods)} methods, 1+1 it each)", _kdrepro(
+            "calibrate", *with_teacher, f"calibrate.methods=[{','.join(calibrate_methods)}]", "calibrate.warmup=0",
+            "calibrate.rounds=1", "calibrate.iterations_per_round=1", f"calibrate.output={runs / 'calibration.json'}")))  # fmt: skip
+    for method in methods:
+        out = run_path(runs, "iter_matched", method, seed=0)
+        steps.append(Step(profile, f"train {method} ({iterations} it) + evaluation", _kdrepro(
+            "train", *with_teacher, f"method={method}", "budget=iterations", f"budget.iterations={iterations}",
+            f"out_dir={out}")))  # fmt: skip
+    if methods:
+        checkpoint = run_path(runs, "iter_matched", methods[0], seed=0) / "checkpoint.pt"
+        steps.append(Step(profile, "evaluate (whole image, test scale)", _kdrepro(
+            "evaluate", *common, f"evaluate.checkpoint={checkpoint}")))  # fmt: skip
+        steps.append(Step(profile, "results", _kdrepro("results", *common, f"runs_dir={runs}",
+                                                       f"results_dir={work / 'results' / profile}")))  # fmt: skip
+    return steps
+
+
+def run_step(step: Step, log: Path) -> dict:
+    """Run one step; record seconds, peak RSS (bytes) and the exit status. Raises on failure (log tail attached)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    with open(log, "w") as handle:
+        start = time.perf_counter()
+        process = subprocess.Popen(step.argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    step.result = {"profile": step.profile, "step": step.name, "seconds": round(seconds, 1),
+                   "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+                   "returncode": process.returncode}  # fmt: skip
+    if process.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{step.profile}: {step.name} failed with status {process.returncode}:\n{tail}")
+    return step.result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| profile | step | wall s | CPU s | peak RSS (GiB) |", "|---|---|---|---|---|"]
+    for row in results:
+        cpu = f"{row['cpu_seconds']:.1f}" if "cpu_seconds" in row else "—"
+        lines.append(f"| {row['profile']} | {row['step']} | {row['seconds']:.1f} | {cpu} | {row['peak_rss_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", nargs="+", default=["cityscapes", "ade20k"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--calibrate", nargs="*", default=["none", *METHODS], help="methods to calibrate (none: skip)")
+    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/full_size_work"))
+    arguments = parser.parse_args(argv)
+    results: list[dict] = []
+    output = arguments.work / "full_size.json"
+    for profile in arguments.profiles:
+        steps = profile_steps(profile, arguments.work, tuple(arguments.methods), arguments.iterations,
+                              tuple(arguments.calibrate) or None)  # fmt: skip
+        for index, step in enumerate(steps):
+            print(f"[{profile}] {step.name} ...", flush=True)
+            results.append(run_step(step, arguments.work / "logs" / f"{profile}_{index:02d}.log"))
+            print(f"    {results[-1]['seconds']:.1f} s, peak RSS {results[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            output.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
