@@ -133,7 +133,9 @@ def _train(overrides: list[str], positional: list[str]) -> None:
 def _calibrate(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.train.calibrate import calibrate
+    from kdrepro.train.signals import watch_parent
 
+    watch_parent()  # under dvc repro: a killed dvc ends the calibration too
     base = load_config(overrides)
     table = calibrate(base, lambda name: load_config([*overrides, f"method={name}"]))
     matched = table["matched"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROTOCOLS = ("teacher", "iter_matched", "compute_matched", "extended")
+SUPERSEDED = ".superseded-"  # kdrepro.train.run_folder.SUPERSEDED_INFIX (a test checks they agree)
 BEST_SPECIFIC = "best_specific"  # the extended slot of the best segmentation-specific method (chosen at run time)
 
 
@@ -67,6 +68,8 @@ def parse_run_path(runs_dir: str | Path, path: str | Path) -> RunKey | None:
     try:
         parts = Path(path).relative_to(runs_dir).parts
     except ValueError:
+        return None
+    if any(SUPERSEDED in part for part in parts):  # a run moved aside by on_config_change=archive
         return None
     if parts == ("teacher",):
         return RunKey("teacher", "teacher")

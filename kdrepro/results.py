@@ -259,7 +259,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    from kdrepro.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
     return path
 
 

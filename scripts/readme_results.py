@@ -107,7 +107,7 @@ def extended_figure(stats: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None
     rows = stats[(stats.protocol == "extended") | ((stats.protocol == "compute_matched") &
                  stats.method.isin(stats[stats.protocol == "extended"].method.unique()))]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 4), dpi=150)
-    for method, group in rows.groupby("method"):
+    for _, group in rows.groupby("method"):
         group = group.sort_values("multiplier")
         family = str(group.family.iloc[0])
         ax.plot(group.multiplier, group.miou_mean, marker=MARKERS.get(family, "o"), color=COLORS.get(family, "k"),

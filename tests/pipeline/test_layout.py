@@ -45,3 +45,12 @@ def test_bad_arguments_are_refused(tmp_path):
         method_dir(tmp_path, "iter_matched", "kd", 2)
     with pytest.raises(ValueError):
         method_dir(tmp_path, "nonsense", "kd")
+
+
+def test_superseded_marker_matches_the_run_folder_code():
+    from kdrepro.layout import SUPERSEDED
+    from kdrepro.train.run_folder import SUPERSEDED_INFIX
+
+    assert SUPERSEDED == SUPERSEDED_INFIX
+    assert parse_run_path("r", "r/iter_matched/kd.superseded-20261130T000000Z") is None
+    assert parse_run_path("r", "r/extended/kd-2.superseded-20261130T000000Z/seed0") is None
