@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from kdrepro.data.io import SegmentationDataset, write_png
 from kdrepro.data.labels import valid_train_ids
-from kdrepro.data.transforms import train_transform
 from kdrepro.data.loader import SeededAugmentation, training_loader
+from kdrepro.data.transforms import train_transform
 
 CFG = OmegaConf.create(
     {"image_scale": [64, 32], "ratio_range": [0.5, 2.0], "crop_size": [24, 40], "cat_max_ratio": 0.75,
