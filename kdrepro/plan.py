@@ -159,7 +159,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
     totals = _totals(rows, len(seeds), world_size)
     paper = PAPER_ITERATIONS.get(str(table.get("dataset", cfg.dataset.name)))
     protocols = {"pipeline": protocol_costs(names, methods, reference_iterations, reference)}
-    if paper is not None:
+    if paper is not None and paper != reference_iterations:
         protocols["paper"] = protocol_costs(names, methods, paper, reference)
     for entry in protocols.values():
         for key in ("iteration_matched", "compute_matched"):
@@ -241,6 +241,10 @@ def duration(seconds: float) -> str:
     return f"{seconds / HOUR:,.2f} h"
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _gib(value: float | None) -> str:
     return "not measured" if value is None else f"{value / 2**30:.2f} GiB"
 
@@ -266,15 +270,16 @@ def markdown(plan: dict[str, Any]) -> str:
               "per_seed_with_extended": "per seed, with extended", "all_seeds_without_extended": f"all {seeds} seeds, without extended",
               "all_seeds_with_extended": f"all {seeds} seeds, with extended"}  # fmt: skip
     lines += ["", f"| total | time | GPU-hours (× {world} processes) |", "|---|---|---|"]
-    lines += [f"| {labels[k]} | {duration(v['seconds'])} | {v['gpu_hours']:.3g} |" for k, v in plan["totals"].items()]
+    lines += [f"| {labels[k]} | {duration(v['seconds'])} | {_number(v['gpu_hours'])} |" for k, v in plan["totals"].items()]
     lines += ["", f"| protocol (every method and the student alone, {seeds} seeds) | iterations per method | time | GPU-hours |",
               "|---|---|---|---|"]  # fmt: skip
+    same = "" if "paper" in plan["protocols"] or plan["dataset"] not in PAPER_ITERATIONS else " = the paper's schedule"
     for key, entry in plan["protocols"].items():
-        where = "paper schedule" if key == "paper" else "this pipeline"
+        where = "paper schedule" if key == "paper" else f"this pipeline{same}"
         lines.append(f"| iteration-matched, {where} | {entry['reference_iterations']:,} | "
-                     f"{duration(entry['iteration_matched_seconds'] * seeds)} | {entry['iteration_matched_gpu_hours_all_seeds']:.3g} |")
+                     f"{duration(entry['iteration_matched_seconds'] * seeds)} | {_number(entry['iteration_matched_gpu_hours_all_seeds'])} |")
         lines.append(f"| compute-matched, {where} | budget {duration(entry['budget_seconds'])} | "
-                     f"{duration(entry['compute_matched_seconds'] * seeds)} | {entry['compute_matched_gpu_hours_all_seeds']:.3g} |")  # fmt: skip
+                     f"{duration(entry['compute_matched_seconds'] * seeds)} | {_number(entry['compute_matched_gpu_hours_all_seeds'])} |")  # fmt: skip
     lines += ["", "| method | peak memory | device memory | share | fits |", "|---|---|---|---|---|"]
     for row in plan["memory"]:
         share = "" if row["fraction"] is None else f"{100 * row['fraction']:.0f} %"
