@@ -154,7 +154,7 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     config.write_text(original.replace("temperature: 4.0", "temperature: -4.0"))  # a user's typo
     broken = _dvc(repo, "repro")
     assert broken.returncode != 0
-    assert "cwd temperatures must be positive" in broken.stdout + broken.stderr
+    assert "cwd option temperature must be positive, got -4.0" in broken.stdout + broken.stderr
     assert all(path.exists() for path in finished)
     # a valid change to one method reruns that method's stages (and calibration, which re-measures only it)
     config.write_text(original.replace("temperature: 4.0", "temperature: 2.0"))
