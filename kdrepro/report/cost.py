@@ -63,12 +63,17 @@ def calibration_header(header: dict[str, Any]) -> str:
     budget = matched.get("budget_seconds")
     return (
         f"**Measured on** {device}, torch {hardware.get('torch', '?')}, {header.get('precision', 'fp32')}, batch "
-        f"{header.get('batch_size', '?')} of {crop} px crops; {protocol.get('rounds', '?')} interleaved rounds × "
-        f"{protocol.get('iterations_per_round', '?')} iterations per method after {protocol.get('warmup', '?')} warm-up "
-        f"iterations.  \n**Matched budget** {seconds_label(budget) if budget is not None else '?'} = "
+        f"{header.get('batch_size', '?')} of {crop} px crops; {_count(protocol.get('rounds'), 'interleaved round')} × "
+        f"{_count(protocol.get('iterations_per_round'), 'iteration')} per method after "
+        f"{_count(protocol.get('warmup'), 'warm-up iteration')}.  \n**Matched budget** {seconds_label(budget) if budget is not None else '?'} = "
         f"{matched.get('reference_iterations', '?')} iterations of the reference method "
         f"`{matched.get('reference_method', '?')}`; every compute-matched run gets that much training time."
     )
+
+
+def _count(value: Any, noun: str) -> str:
+    """``"1 interleaved round"``, ``"4 interleaved rounds"``, ``"? interleaved rounds"``."""
+    return f"{value} {noun}" if value == 1 else f"{'?' if value is None else value} {noun}s"
 
 
 def seconds_label(seconds: float) -> str:
@@ -116,7 +121,7 @@ def plot_cost(calibration: pd.DataFrame, families: dict[str, str], names: dict[s
         axes[1].axvline(1.0, color="black", lw=1)
         axes[1].set_xlim(0.5, float(relative.max()) * 1.35)
     axes[1].set(xlabel="× student alone", title="Relative cost")
-    fig.tight_layout(rect=(0, 0.75 / (1.6 + 0.42 * len(frame)) + 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.62 / (1.6 + 0.42 * len(frame)), 1, 1))
     return figure_note(fig, profile)
 
 

@@ -61,17 +61,21 @@ def evaluation_note(frame: pd.DataFrame) -> str:
     if points.empty:
         return "No validation mIoU was logged."
     if points.max() <= 1:
-        return ("**mIoU was evaluated only at the end of each run** (`eval_every: 0`): set `eval_every` in the profile "
-                "for curves.")
+        return ("**mIoU was evaluated only at the end of each run** in this profile: set `eval_points` (evenly spaced "
+                "evaluations per run) in the profile for learning curves. Points are the mean over seeds, error bars ± "
+                "one standard deviation.")
     count = f"{points.min()}" if points.min() == points.max() else f"{points.min()}–{points.max()}"
-    return (f"Validation mIoU at {count} points per run (every `eval_every` iterations and at "
-            "the end); lines are the mean over seeds, bands ± one standard deviation.")
+    return (f"Validation mIoU at {count} points per run (`eval_points` evenly spaced evaluations and the end); lines "
+            "are the mean over seeds, error bars and bands ± one standard deviation.")
 
 
 def _band(ax, group: pd.DataFrame, colour: str, style: str, label: str | None = None) -> None:
     group = group.sort_values("seconds")
-    ax.plot(group.seconds, group["mean"], color=colour, ls=style, lw=1.8, marker="o" if len(group) <= 8 else None,
-            ms=4, label=label)
+    if len(group) <= 8:  # a few evaluation points: error bars (± sd over seeds) on each
+        ax.errorbar(group.seconds, group["mean"], yerr=group["std"], color=colour, ls=style, lw=1.8, marker="o", ms=4,
+                    capsize=3, label=label)
+        return
+    ax.plot(group.seconds, group["mean"], color=colour, ls=style, lw=1.8, label=label)
     ax.fill_between(group.seconds, group["mean"] - group["std"], group["mean"] + group["std"], color=colour, alpha=0.15, lw=0)
 
 

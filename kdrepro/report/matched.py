@@ -53,7 +53,8 @@ def regime_line(verdict: dict[str, Any]) -> str:
         f"(gap {_number(regime.get('teacher_gap'))} points; the paper's gap is 5–5.5).",
     ]
     if regime.get("schedule"):
-        parts.append(str(regime["schedule"]))
+        sentence = str(regime["schedule"]).strip()
+        parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
     return " ".join(parts)
@@ -67,7 +68,8 @@ def verdict_html(verdict: dict[str, Any]) -> str:
     """The verdict block (``templates/verdict.html.j2``): one row per claim, verdict in words and colour."""
     claims = []
     for claim in verdict.get("claims", []):
-        figures = {name: (f"{value:.2f}" if isinstance(value, float) else value) for name, value in (claim.get("figures") or {}).items()}
+        figures = {name: (f"{value:.2f}" if isinstance(value, float) else value)
+                   for name, value in (claim.get("figures") or {}).items() if value not in (None, [], {}, "")}
         verdict_word = claim.get("verdict", "inconclusive")
         claims.append({**claim, "figures": figures, "verdict": verdict_word if verdict_word in BADGE_STYLES else "inconclusive"})
     return render_template("verdict.html.j2", regime_line=regime_line(verdict), claims=claims,
@@ -244,16 +246,17 @@ def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "")
     wide = wide.dropna(subset=[("miou_mean", p) for p in MATCHED])
     colours = method_colours(wide.index)
     fig, ax = plt.subplots(figsize=(FIGURE_WIDTH * 0.8, 1.8 + 0.38 * max(len(wide), 3)))
+    dodges = {m: 0.05 * (i - (len(wide) - 1) / 2) for i, m in enumerate(wide.index)}  # every interval stays visible
     for method, row in wide.iterrows():
         family = info.family.get(method, "segmentation_specific")
         ys = [row[("miou_mean", p)] for p in MATCHED]
         errors = [[ys[i] - row[("miou_ci_low", p)] for i, p in enumerate(MATCHED)], [row[("miou_ci_high", p)] - ys[i] for i, p in enumerate(MATCHED)]]
-        ax.errorbar([0, 1], ys, yerr=np.nan_to_num(errors), color=colours[method], ls=FAMILY_LINES.get(family, "-"),
+        ax.errorbar([dodges[method], 1 + dodges[method]], ys, yerr=np.nan_to_num(errors), color=colours[method], ls=FAMILY_LINES.get(family, "-"),
                     marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=1.8, capsize=3)
     for x, side in ((0, "left"), (1, "right")):
         ys = wide[("miou_mean", MATCHED[x])].to_numpy()
         labels = [f"{info.display_name.get(m, m)} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}" for m, y in zip(wide.index, ys, strict=True)]
-        place_labels(ax, np.full(len(ys), float(x)), ys, labels, [colours[m] for m in wide.index], side=side)
+        place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index], side=side)
     ax.set_xlim(-0.9, 1.9)
     ax.set_xticks([0, 1], ["iteration-matched", "compute-matched"])
     ax.set_ylabel("mIoU (%), mean ± 95 % CI")

@@ -76,14 +76,18 @@ def pick_columns(runs: pd.DataFrame, stats: pd.DataFrame, families: dict[str, st
     return columns
 
 
-def dataset_config(run_dir: Path, dataset_root: str | None = None) -> DictConfig:
-    """The dataset config a run trained with (its ``config.yaml``), optionally pointed at another root folder."""
+def dataset_config(run_dir: Path, dataset_root: str | None = None, base: str | Path | None = None) -> DictConfig:
+    """The dataset config a run trained with (its ``config.yaml``), optionally pointed at another root folder. A
+    relative root (the pipeline records ``data/<profile>``) is taken relative to ``base``, the repository root, so
+    a notebook running in ``notebooks/`` finds the same images as the pipeline."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; qualitative figures need a run trained by `kdrepro train`")
     cfg = OmegaConf.load(path).dataset
     if dataset_root:
         cfg.root = str(dataset_root)
+    if base is not None and not Path(str(cfg.root)).is_absolute():
+        cfg.root = str(Path(base) / str(cfg.root))
     return cfg
 
 
@@ -129,14 +133,14 @@ def _load(run_dir: Path, num_classes: int, dataset: str, device: str) -> torch.n
 
 
 def qualitative_panels(columns: list[Column], num_images: int = 6, dataset_root: str | None = None,
-                       device: str = "auto", threads: int | None = 1) -> dict:
+                       device: str = "auto", threads: int | None = 1, base: str | Path | None = None) -> dict:
     """Images, ground truths, predictions, error maps and per-image mIoU of ``num_images`` evenly spaced validation
-    images. ``threads`` (CPU): one, because a few small forward passes gain nothing from more and OpenMP's spinning
+    images (relative dataset roots are relative to ``base``). ``threads`` (CPU): one, because a few small forward passes gain nothing from more and OpenMP's spinning
     threads make them far slower on a busy shared CPU."""
     if threads:
         torch.set_num_threads(int(threads))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    cfg = dataset_config(columns[0].run_dir, dataset_root)
+    cfg = dataset_config(columns[0].run_dir, dataset_root, base)
     dataset = build_dataset(cfg, "val", train_transforms=False)
     names, colours = class_names(cfg), palette(cfg)
     ignore = int(cfg.ignore_index)

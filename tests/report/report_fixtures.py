@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 SEEDS = (0, 1)
@@ -211,12 +212,15 @@ def make_repository(base: Path, teacher_dir: Path | None = None) -> Path:
     (base / "params.yaml").write_text(f"profile: {PROFILE}\n")
     write_results(base, PROFILE)
     if teacher_dir is not None:
+        config = OmegaConf.load(teacher_dir / "config.yaml")
+        shutil.copytree(config.dataset.root, base / "data" / PROFILE)
+        config.dataset.root = f"data/{PROFILE}"  # relative, as the pipeline records it
         runs = runs_table()
         for run in ["teacher", *runs[runs.seed.eq(0) & runs.protocol.ne("teacher")].run]:
             target = base / "runs" / PROFILE / run
             target.mkdir(parents=True, exist_ok=True)
-            for name in ("checkpoint.pt", "config.yaml"):
-                shutil.copy(teacher_dir / name, target / name)
+            shutil.copy(teacher_dir / "checkpoint.pt", target / "checkpoint.pt")
+            OmegaConf.save(config, target / "config.yaml")
     return base
 
 
