@@ -126,10 +126,11 @@ def plot_cost(calibration: pd.DataFrame, families: dict[str, str], names: dict[s
 
 
 def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], colours: list[str],
-                 side: str = "right", min_gap: float | None = None) -> list[float]:
+                 side: str = "right", min_gap: float | None = None, column: bool = False) -> list[float]:
     """Write ``texts`` beside the points ``(xs, ys)`` without overlaps: labels that would collide are spread
     vertically around their mean (order kept) and joined to their point by a thin leader line. Returns the label
-    y positions (data units)."""
+    y positions (data units). ``column``: the labels form a column right of the axes (clear of every marker and
+    error bar), each joined to its point."""
     ys = np.asarray(ys, dtype=float)
     low, high = ax.get_ylim()
     axis_points = ax.get_position().height * ax.figure.get_figheight() * 72.0
@@ -137,6 +138,11 @@ def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], col
     placed = spread_labels(ys, gap)
     offset = 12 if side == "right" else -12
     for x, y, label_y, text, colour in zip(xs, ys, placed, texts, colours, strict=True):
+        if column:
+            ax.annotate(text, (x, y), xytext=(1.02, label_y), textcoords=("axes fraction", "data"), ha="left",
+                        va="center", fontsize=9, color=colour, annotation_clip=False,
+                        arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "alpha": 0.7, "shrinkA": 0, "shrinkB": 4})
+            continue
         moved = abs(label_y - y) > 1e-9
         ax.annotate(text, (x, y), xytext=(offset, label_y), textcoords=("offset points", "data"),
                     ha="left" if side == "right" else "right", va="center", fontsize=9, color=colour,
@@ -197,20 +203,18 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
         ax.step(front[:, 0], front[:, 1], where="post", color="#888", lw=1, ls="--", zorder=0, label="Pareto front")
     ax.set_xscale("log")
     ax.set(xlabel=label + ", log scale", ylabel="mIoU (%), mean ± 95 % CI", title="Cost–accuracy: what each run's training cost bought")
-    ax.margins(x=0.25)
+    ax.margins(x=0.08)
     _log_ticks(ax, students.train_seconds_mean.to_numpy() / divisor)
-    iteration = students[students.protocol == "iter_matched"]
-    ends = students[students.protocol != "iter_matched"].sort_values("train_seconds_mean").groupby("method").tail(1)
-    for group in (iteration, ends[ends.protocol == "extended"] if (ends.protocol == "extended").any() else ends):
-        place_labels(ax, group.train_seconds_mean.to_numpy() / divisor, group.miou_mean.to_numpy(),
-                     [names.get(m, m) for m in group.method], [colours[m] for m in group.method])
+    ends = students.sort_values("train_seconds_mean").groupby("method").tail(1)  # each method once: its costliest run
+    place_labels(ax, ends.train_seconds_mean.to_numpy() / divisor, ends.miou_mean.to_numpy(),
+                 [names.get(m, m) for m in ends.method], [colours[m] for m in ends.method], column=True)
     handles = [plt.Line2D([], [], color="#333", marker=FAMILY_MARKERS[f], ls="", label=family_label(f))
                for f in ("student", "canonical", "segmentation_specific")]
     handles += [plt.Line2D([], [], color="#333", marker="o", ls="", label="iteration-matched (filled)"),
                 plt.Line2D([], [], color="#333", marker="o", mfc="white", ls="", label="compute-matched / extended (hollow)")]
     ax.legend(handles=handles + ([ax.get_lines()[-1]] if len(front) else []), loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncols=3, frameon=False, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))  # the label column on the right
     return figure_note(fig, profile)
 
 
