@@ -124,7 +124,7 @@ def published_table(stats: pd.DataFrame, names: dict[str, str], teacher_miou: fl
         rows.append({
             "published row": result.label, "dataset": result.dataset, "published mIoU (%)": result.miou,
             "published % of teacher": result.percent_of_teacher, "schedule": result.schedule or "not stated",
-            "source": SOURCES[result.source].title,
+            "source": result.source,  # the key of the source list below the table
             f"this run ({profile}): compute-matched mIoU": compute.miou_mean.max() if len(compute) else np.nan,
             f"this run ({profile}): best extended mIoU": f"{best.miou_mean:.1f} ({best.multiplier:g}×)" if best is not None else "—",
             f"this run ({profile}): % of teacher": 100 * top / teacher_miou if teacher_miou and not pd.isna(top) else np.nan,
