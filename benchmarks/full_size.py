@@ -39,7 +39,8 @@ def _kdrepro(*args: str) -> list[str]:
 
 
 def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, iterations: int = 1,
-                  calibrate_methods: tuple[str, ...] | None = None, extra: tuple[str, ...] = ()) -> list[Step]:  # fmt: skip
+                  calibrate_methods: tuple[str, ...] | None = None, extra: tuple[str, ...] = (),
+                  evaluate_again: bool = True) -> list[Step]:  # fmt: skip
     """The stages of one profile as commands (batch 2, the profile's crop, model widths and memory banks)."""
     from kdrepro.layout import run_path
 
@@ -70,10 +71,11 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
         steps.append(Step(profile, f"train {method} ({iterations} it) + evaluation", _kdrepro(
             "train", *with_teacher, f"method={method}", "budget=iterations", f"budget.iterations={iterations}",
             f"out_dir={out}")))  # fmt: skip
-    if methods:
+    if methods and evaluate_again:
         checkpoint = run_path(runs, "iter_matched", methods[0], seed=0) / "checkpoint.pt"
         steps.append(Step(profile, "evaluate (whole image, test scale)", _kdrepro(
             "evaluate", *common, f"evaluate.checkpoint={checkpoint}")))  # fmt: skip
+    if methods:
         steps.append(Step(profile, "results", _kdrepro("results", *common, f"runs_dir={runs}",
                                                        f"results_dir={work / 'results' / profile}")))  # fmt: skip
     return steps
