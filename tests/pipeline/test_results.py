@@ -47,3 +47,15 @@ def test_extended_selection_takes_the_best_specific_mean():
     selection = extended_selection(runs)
     assert selection["method"] == "dist" and selection["candidates"] == ["cwd", "dist"]
     assert selection["means"] == {"cwd": 20.0, "dist": 25.0}
+
+
+def test_method_info_reads_packaged_and_plugin_configs(tmp_path):
+    from kdrepro.results import method_info
+
+    assert method_info("cwd")["family"] == "segmentation_specific"
+    (tmp_path / "mine" / "method").mkdir(parents=True)
+    (tmp_path / "mine" / "method" / "mymethod.yaml").write_text('family: canonical\ndisplay_name: "Mine"\n')
+    (tmp_path / "params.yaml").write_text("plugins: mine\n")
+    (tmp_path / "notebooks").mkdir()
+    assert method_info("mymethod", tmp_path / "notebooks") == {"family": "canonical", "display_name": "Mine"}
+    assert method_info("nothing", tmp_path) == {}
