@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 MARKERS = {"student": "s", "canonical": "o", "segmentation_specific": "^"}
+METHOD_MARKERS = {"kd": "o", "fitnet": "D"}  # the two canonical methods apart without colour
 FAMILY_ORDER = {"student": 0, "canonical": 1, "segmentation_specific": 2}
 PALETTE = sns.color_palette("colorblind")
 COLORS = {"student": PALETTE[7], "canonical": PALETTE[0], "segmentation_specific": PALETTE[3]}
@@ -107,11 +108,12 @@ def extended_figure(stats: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None
     rows = stats[(stats.protocol == "extended") | ((stats.protocol == "compute_matched") &
                  stats.method.isin(stats[stats.protocol == "extended"].method.unique()))]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 4), dpi=150)
-    for _, group in rows.groupby("method"):
+    for method, group in rows.groupby("method"):
         group = group.sort_values("multiplier")
         family = str(group.family.iloc[0])
-        ax.plot(group.multiplier, group.miou_mean, marker=MARKERS.get(family, "o"), color=COLORS.get(family, "k"),
-                ls="--" if family == "student" else "-", label=group.display_name.iloc[0])  # fmt: skip
+        style = {"student": "--", "canonical": "-" if method == "kd" else "-."}.get(family, "-")
+        ax.plot(group.multiplier, group.miou_mean, marker=METHOD_MARKERS.get(method, MARKERS.get(family, "o")),
+                color=COLORS.get(family, "k"), ls=style, label=group.display_name.iloc[0])  # fmt: skip
         ax.fill_between(group.multiplier, group.miou_ci_low, group.miou_ci_high, color=COLORS.get(family, "k"), alpha=0.12)
     teacher = runs[runs.protocol == "teacher"].miou
     if len(teacher):
