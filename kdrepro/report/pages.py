@@ -28,7 +28,7 @@ PAGES: dict[str, tuple[str, str]] = {
     "cost": ("Cost per iteration",
              "What one training iteration of each method costs (phases, timing spread, FLOPs) and the cost–accuracy view"),
     "extended": ("Extended training",
-                 "2×/4×/8× budgets with the student-alone control at every budget; % of teacher; published numbers"),
+                 "multiples of the compute-matched budget with the student-alone control at every budget; % of teacher; published numbers"),
     "curves": ("Training curves",
                "Validation mIoU during training and the plain cross-entropy against training seconds, mean ± sd over seeds"),
     "qualitative": ("Qualitative results",
