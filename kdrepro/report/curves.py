@@ -79,6 +79,22 @@ def _band(ax, group: pd.DataFrame, colour: str, style: str, label: str | None = 
     ax.fill_between(group.seconds, group["mean"] - group["std"], group["mean"] + group["std"], color=colour, alpha=0.15, lw=0)
 
 
+def _clip_outliers(axes, data: pd.DataFrame, names: dict[str, str]) -> None:
+    """Keep the y-axis on the bulk of the methods when one run blows up (a diverging loss would flatten every other
+    line to zero): limit it to 1.5x the 90th percentile and name the methods drawn off the scale."""
+    values = data["mean"].replace([np.inf, -np.inf], np.nan).dropna()
+    if values.empty:
+        return
+    upper = 1.5 * float(np.nanpercentile(values, 90))
+    high = sorted({names.get(m, m) for m in data.loc[data["mean"] > upper, "method"]})
+    if not high or upper <= 0:
+        return
+    for ax in axes:
+        ax.set_ylim(min(0.0, float(values.min())), upper)
+    axes[-1].text(1.0, -0.16, "off the scale: " + ", ".join(high), transform=axes[-1].transAxes, ha="right", va="top",
+                  fontsize=8, color="#8a1c1c")
+
+
 def plot_matched(agg: pd.DataFrame, metric: str, ylabel: str, families: dict[str, str], names: dict[str, str],
                  budget_seconds: float | None = None, profile: str = "") -> Figure:
     """One panel per matched protocol: ``metric`` vs training seconds, a line per method (line style = family,
@@ -95,6 +111,7 @@ def plot_matched(agg: pd.DataFrame, metric: str, ylabel: str, families: dict[str
             ax.text(budget_seconds, 1.0, " matched budget", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=9)
         ax.set(title=PROTOCOL_LABELS[protocol], xlabel="training seconds")
     axes[0][0].set_ylabel(ylabel)
+    _clip_outliers(axes[0], data, names)
     handles, labels = axes[0][0].get_legend_handles_labels()
     family_handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], label=family_label(f))
                       for f in ("canonical", "segmentation_specific")]
