@@ -61,8 +61,7 @@ def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
     if iters.empty or comp.empty:
         return _claim("a", "inconclusive", "one of the two protocols has no runs")
     order_iter, order_comp = _orders(iters), _orders(comp)
-    flips = sorted((a, b) for a, b in order_iter if (b, a) in order_comp)
-    flips += sorted((a, b) for a, b in order_comp if (b, a) in order_iter)
+    flips = sorted((a, b) for a, b in order_iter if (b, a) in order_comp)  # a > b iteration-matched, b > a compute
     lost = []
     for method in specific:
         row_iter = iters[(iters.a == method) & (iters.b == LOGIT_KD)]
@@ -71,11 +70,12 @@ def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
             if not (row_comp.significant.iloc[0] and row_comp["mean"].iloc[0] > 0):
                 lost.append(method)
     figures = {"significant_orders_iter_matched": len(order_iter), "significant_orders_compute_matched": len(order_comp),
-               "flips": [f"{a}>{b}" for a, b in flips], "specific_advantage_lost": lost}  # fmt: skip
+               "flips": [f"{a}>{b} iteration-matched, {b}>{a} compute-matched" for a, b in flips],
+               "specific_advantage_lost": lost}  # fmt: skip
     if flips or lost:
         parts = []
         if flips:
-            parts.append(f"{len(flips)} pair(s) significantly ordered in opposite directions ({', '.join(figures['flips'][:4])})")
+            parts.append(f"{len(flips)} pair(s) significantly ordered in opposite directions ({'; '.join(figures['flips'][:4])})")
         if lost:
             parts.append(f"{', '.join(lost)} significantly above logit KD iteration-matched but not compute-matched")
         return _claim("a", "supported", "; ".join(parts) + ".", **figures)
