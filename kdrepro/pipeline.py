@@ -93,13 +93,13 @@ def read_params(path: Path) -> dict[str, Any]:
     if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 1):
         raise ConfigError(f"{path}: reference_iterations must be a positive whole number or null, got {reference!r}")
     folder = params.get("plugins")
-    if not isinstance(folder, str) or not folder:
+    if folder is not None and (not isinstance(folder, str) or not folder):
         raise ConfigError(f"{path}: plugins must be one folder (your own methods), e.g. plugins: plugins")
-    if not Path(folder).is_dir():
+    if folder is not None and not Path(folder).is_dir():
         raise ConfigError(
             f"{path}: plugins folder {folder} does not exist; create it (it may stay empty) or point plugins at yours"
         )
-    plugins = [folder]
+    plugins = [folder] if folder else []
     methods = params.get("methods") or []
     if not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list of method config names")

@@ -13,6 +13,7 @@ Three kinds (``conf/budget/``):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kdrepro.errors import ConfigError
+
+log = logging.getLogger("kdrepro.budget")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,9 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, wor
     entry = methods[method_name]
     available = multiplier * budget_seconds - float(entry.get("pretrain_seconds", 0.0))
     iterations = whole_iterations(available, float(entry["seconds_per_iteration"]))
-    if iterations < 1:
-        raise ConfigError(f"the matched budget of {budget_seconds:.1f} s x {multiplier:g} leaves no iteration for {method_name!r}")
-    return Budget("calibrated", iterations=iterations, source=f"{multiplier:g} x {budget_seconds:.1f} s matched budget")
+    source = f"{multiplier:g} x {budget_seconds:.1f} s matched budget"
+    if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so
+        log.warning("the matched budget of %.1f s x %g buys no whole iteration of %r (%.2f s each): training 1",
+                    budget_seconds, multiplier, method_name, float(entry["seconds_per_iteration"]))  # fmt: skip
+        iterations, source = 1, source + ", over budget: one iteration costs more than the budget"
+    return Budget("calibrated", iterations=iterations, source=source)

@@ -389,6 +389,6 @@ def _save(run: Run) -> None:
         state = checkpoint_state(run.trainer, run.cfg, run.state)
         state["finished"] = run.budget.exhausted(run.state.step, run.state.train_seconds)
         save_checkpoint(state, run.checkpoint_path)
-        run.state.saved_step = run.state.step
+    run.state.saved_step = run.state.step  # on every rank: they must agree on whether a final save is due
     barrier(run.dist)
 

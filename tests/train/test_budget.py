@@ -59,6 +59,12 @@ def test_calibrated_budget_divides_matched_seconds(tmp_path):
     assert resolve_budget(cfg, "kd").iterations == 1333
 
 
+def test_a_step_dearer_than_the_budget_trains_once_and_says_so(tmp_path):
+    path = _calibration(tmp_path, {"skd": {"seconds_per_iteration": 3.0}}, budget_seconds=2.0)
+    budget = resolve_budget(OmegaConf.create({"kind": "calibrated", "calibration": str(path), "multiplier": 1}), "skd")
+    assert budget.iterations == 1 and "over budget" in budget.source
+
+
 def test_calibrated_budget_errors(tmp_path):
     cfg = OmegaConf.create({"kind": "calibrated", "calibration": str(tmp_path / "missing.json")})
     with pytest.raises(ConfigError, match="run `kdrepro calibrate`"):
