@@ -45,8 +45,9 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
     from kdrepro.layout import run_path
 
     data, runs = work / "data" / profile, work / "runs" / profile
+    backbone = runs / "pretrain" / "student" / "backbone.pth"  # the student's ImageNet weights, imported below
     common = [f"profile={profile}", f"dataset.root={data}", "loader.batch_size=2", "loader.num_workers=0", "threads=2",
-              "log_every=1", *extra]  # fmt: skip
+              "log_every=1", f"student.pretrained={backbone}", "teacher.pretrained=null", *extra]  # fmt: skip
     teacher = runs / "teacher" / "checkpoint.pt"
     writer = "write_cityscapes_tree" if profile == "cityscapes" else "write_ade20k_tree"
     classes = 19 if profile == "cityscapes" else 150
@@ -56,10 +57,18 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
         Step(profile, "mmseg checkpoint (R101)", [sys.executable, "-c", (
             "from kdrepro.config import load_config; from omegaconf import OmegaConf; "
             "from kdrepro.data.fake_trees import write_mmseg_checkpoint; "
-            f"cfg = load_config(['profile={profile}']); "
+            f"cfg = load_config(['profile={profile}', 'teacher.pretrained=null']); "
             f"write_mmseg_checkpoint({str(work / f'mmseg_{profile}.pth')!r}, OmegaConf.to_container(cfg.teacher), {classes})")]),
         Step(profile, "teacher import", _kdrepro("teacher", *common, f"teacher_import={work / f'mmseg_{profile}.pth'}",
                                                  f"out_dir={runs / 'teacher'}")),
+        Step(profile, "ImageNet backbone (R18, fake)", [sys.executable, "-c", (
+            "from kdrepro.config import load_config; from omegaconf import OmegaConf; "
+            "from kdrepro.data.fake_trees import write_imagenet_backbone; "
+            f"cfg = load_config(['profile={profile}', 'student.pretrained=null']); "
+            f"write_imagenet_backbone({str(work / 'resnet18_v1c.pth')!r}, OmegaConf.to_container(cfg.student))")]),
+        Step(profile, "pretrain (ImageNet import)", _kdrepro("pretrain", *common, "which=student",
+                                                             f"pretrain.source.student={work / 'resnet18_v1c.pth'}",
+                                                             f"out_dir={runs / 'pretrain'}")),
     ]  # fmt: skip
     with_teacher = [*common, f"teacher_checkpoint={teacher}"]
     if calibrate_methods:

@@ -94,7 +94,7 @@ def write_mmseg_checkpoint(path: Path, model_cfg: dict, num_classes: int, seed: 
     from kdrepro.models.weights import MMSEG_MODULE_MAP
 
     torch.manual_seed(seed)
-    model = build_segmentor(dict(model_cfg), int(num_classes))
+    model = build_segmentor({**dict(model_cfg), "pretrained": None}, int(num_classes))
     to_mmseg = {ours: theirs for theirs, ours in MMSEG_MODULE_MAP.items()}
     state_dict = {}
     for key, value in model.state_dict().items():
@@ -103,4 +103,18 @@ def write_mmseg_checkpoint(path: Path, model_cfg: dict, num_classes: int, seed: 
     meta = {"mmseg_version": "0.30.0", "config": f"# kdrepro fake {model_cfg.get('name')}", "iter": 0}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"meta": meta, "state_dict": state_dict}, path)
+    return Path(path)
+
+
+def write_imagenet_backbone(path: Path, model_cfg: dict, seed: int = 0) -> Path:
+    """A randomly initialised ResNetV1c backbone saved as mmcv saves ImageNet weights (``{"state_dict": ...}`` with
+    ``stem.*`` / ``layer*`` keys), for testing ``kdrepro pretrain`` with ``pretrain.source`` offline."""
+    import torch
+
+    from kdrepro.models import build_segmentor
+
+    torch.manual_seed(seed)
+    model = build_segmentor({**dict(model_cfg), "pretrained": None}, 19)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.backbone.state_dict()}, path)
     return Path(path)

@@ -46,7 +46,7 @@ CI_OVERRIDES = {
 @functools.cache
 def _shapes(profile: str, widths: tuple[str, ...] = ()) -> dict[str, dict[str, tuple[int, ...]]]:
     """Output shapes of the profile's student and teacher on a batch of 2 crops (meta device: no compute)."""
-    cfg = load_config([f"profile={profile}", *widths])
+    cfg = load_config([f"profile={profile}", "student.pretrained=null", "teacher.pretrained=null", *widths])
     height, width = (int(v) for v in cfg.dataset.crop_size)
     shapes = {}
     for role in ("student", "teacher"):
