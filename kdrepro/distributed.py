@@ -1,6 +1,6 @@
 """Multi-process training with ``torchrun`` (DDP): process group, sharding of the global batch, gradient sync.
 
-A leaf module (it imports torch only) shared by the training loop (:mod:`kdrepro.train`) and the methods
+A leaf module (it imports torch and kdrepro.errors only) shared by the training loop (:mod:`kdrepro.train`) and the methods
 (:mod:`kdrepro.distill`).
 
 ``kdrepro train`` run under ``torchrun --nproc_per_node=N`` detects ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``, joins a
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kdrepro.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,20 @@ def gather_from_all_ranks(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(context.world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def rank_device(device: torch.device, context: DistributedContext) -> torch.device:
+    """This rank's GPU under torchrun (``cuda:<local rank>``), else ``device``."""
+    if context.enabled and device.type == "cuda":
+        return torch.device("cuda", context.local_rank)
+    return device
+
+
+def check_global_batch(batch: int, context: DistributedContext) -> None:
+    """The same rule as training: the global batch splits into at least 2 images per process."""
+    if batch % context.world_size or batch // context.world_size < 2:
+        raise ConfigError(
+            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
+            f"{context.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
+            f"{2 * context.world_size}"
+        )

@@ -53,16 +53,21 @@ from torch.utils.flop_counter import flop_registry
 
 from kdrepro.data import build_dataset
 from kdrepro.data.loader import training_loader
-from kdrepro.distributed import DistributedContext, barrier, init_from_environment, shard
+from kdrepro.distributed import (
+    DistributedContext,
+    barrier,
+    check_global_batch,
+    init_from_environment,
+    rank_device,
+    shard,
+)
 from kdrepro.errors import ConfigError
 from kdrepro.io import write_text_atomic
 from kdrepro.train.budget import whole_iterations
 from kdrepro.train.calibrate_ranks import (
-    check_global_batch,
     device_memory_bytes,
     from_rank_zero,
     peak_rss_bytes,
-    rank_device,
     reduce_over_ranks,
     resident_bytes,
     slowest_rank_history,

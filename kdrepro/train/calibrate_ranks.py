@@ -13,24 +13,6 @@ import torch
 import torch.distributed as dist
 
 from kdrepro.distributed import DistributedContext
-from kdrepro.errors import ConfigError
-
-
-def rank_device(device: torch.device, context: DistributedContext) -> torch.device:
-    """This rank's GPU under torchrun (``cuda:<local rank>``), else ``device``."""
-    if context.enabled and device.type == "cuda":
-        return torch.device("cuda", context.local_rank)
-    return device
-
-
-def check_global_batch(batch: int, context: DistributedContext) -> None:
-    """The same rule as training: the global batch splits into at least 2 images per process."""
-    if batch % context.world_size or batch // context.world_size < 2:
-        raise ConfigError(
-            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
-            f"{context.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
-            f"{2 * context.world_size}"
-        )
 
 
 def from_rank_zero(value: Any, context: DistributedContext) -> Any:

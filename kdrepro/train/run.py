@@ -29,7 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.data import build_dataset, class_names
 from kdrepro.data.loader import training_loader
-from kdrepro.distributed import DistributedContext, any_rank, barrier, broadcast_float, init_from_environment
+from kdrepro.distributed import (
+    DistributedContext,
+    any_rank,
+    barrier,
+    broadcast_float,
+    check_global_batch,
+    init_from_environment,
+)
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
 from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
@@ -125,7 +132,7 @@ def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: tor
     budget = resolve_budget(cfg.budget, str(cfg.method.name))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    _check_batch(int(cfg.loader.batch_size), dist)
+    check_global_batch(int(cfg.loader.batch_size), dist)
     torch.manual_seed(int(cfg.seed))
     train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
     val_loader = _eval_loader(cfg)
@@ -145,15 +152,6 @@ def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: tor
         if resumed:
             trim_live_logs(out_dir / "dvclive", run.state.step)
     return run
-
-
-def _check_batch(batch: int, dist: DistributedContext) -> None:
-    if batch % dist.world_size or batch // dist.world_size < 2:
-        raise ConfigError(
-            f"loader.batch_size={batch} is the global batch: it must split into at least 2 images on each of the "
-            f"{dist.world_size} processes (BatchNorm on the pooled PSP branch needs 2); use a multiple of "
-            f"{2 * dist.world_size}"
-        )
 
 
 def _resume(run: Run) -> None:
