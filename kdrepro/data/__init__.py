@@ -24,6 +24,7 @@ from kdrepro.data.io import SegmentationDataset
 from kdrepro.data.labels import (
     CITYSCAPES_CATEGORIES,
     CITYSCAPES_CLASSES,
+    CITYSCAPES_CATEGORY_PALETTE,
     CITYSCAPES_PALETTE,
     bit_interleaved_palette,
     label_id_to_train_id,
@@ -112,7 +113,10 @@ def class_names(dataset_cfg: Any) -> list[str]:
 
 
 def palette(dataset_cfg: Any) -> list[tuple[int, int, int]]:
-    """An RGB colour per class: the official Cityscapes colours, or a deterministic bit-interleaved palette."""
+    """An RGB colour per class: the official Cityscapes colours (for the 7 categories, the colour of each one's most
+    frequent class), or a deterministic bit-interleaved palette."""
+    if _categories(dataset_cfg):
+        return list(CITYSCAPES_CATEGORY_PALETTE)
     if _layout(dataset_cfg) == "cityscapes":
         return list(CITYSCAPES_PALETTE)
     return list(bit_interleaved_palette(len(class_names(dataset_cfg))))

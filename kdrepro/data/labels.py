@@ -90,6 +90,12 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
 )
 
 
+CITYSCAPES_CATEGORY_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
+    CITYSCAPES_PALETTE[CITYSCAPES_CLASSES.index(name)] for name in ("road", "building", "pole", "vegetation", "sky", "person", "car")
+)
+"""A colour per category: the Cityscapes colour of its most frequent class (flat = road, construction = building, ...)."""
+
+
 def _cityscapes_lookup_tables() -> tuple[np.ndarray, np.ndarray]:
     """(id -> train id LUT, id-is-valid mask), both indexed by the uint8 pixel value; -1 is stored as 255."""
     train_ids = np.full(256, IGNORE_INDEX, dtype=np.uint8)

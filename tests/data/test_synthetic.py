@@ -172,7 +172,7 @@ def test_small_object_settings_enlarge_the_thin_classes_and_keep_old_manifests()
 
 
 def test_category_labels_for_pretraining(tmp_path):
-    from kdrepro.data import build_dataset, class_names
+    from kdrepro.data import build_dataset, class_names, palette
     from kdrepro.errors import ConfigError
 
     root = tmp_path / "synthetic"
@@ -184,6 +184,8 @@ def test_category_labels_for_pretraining(tmp_path):
     assert class_names(cfg)[0] == "flat" and len(class_names(cfg)) == 7
     assert set(coarse.unique().tolist()) <= set(range(7)) | {255}
     assert ((fine == 0) <= (coarse == 0)).all() and ((fine == 13) <= (coarse == 6)).all()  # road: flat, car: vehicle
+    colours = palette(cfg)
+    assert len(set(colours)) == 7 and colours[0] == (128, 64, 128) and colours[6] == (0, 0, 142)  # road's, car's
     cfg.num_classes = 19
     with pytest.raises(ConfigError, match="num_classes=7"):
         class_names(cfg)

@@ -113,7 +113,7 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     assert all(c["verdict"] in ("supported", "contradicted", "inconclusive") for c in verdict["claims"])
     assert verdict["regime"]["seeds"] == [0, 1] and verdict["regime"]["teacher_gap"] is not None
     per_class = pd.read_csv(repo / "results" / "smoke" / "per_class.csv")
-    assert len(per_class) == 19 * len(runs)
+    assert len(per_class) == 7 * len(runs)  # the smoke profile scores the 7 categories
     # the compute-matched iteration counts come from calibration; the reference trains the standard schedule
     calibration = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
     assert calibration["matched"]["reference_method"] == "kd"
