@@ -203,10 +203,12 @@ def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict
     iterations = float(student_rows.iterations_mean.iloc[0]) if len(student_rows) else math.nan
     seeds = sorted(int(s) for s in runs.loc[runs.protocol != "teacher", "seed"].dropna().unique()) if not runs.empty else []
     longer = stats[(stats.protocol == "extended") & (stats.method == STUDENT_ALONE)].sort_values("iterations_mean")
-    fraction, longer_iterations = None, None
+    fraction, longer_iterations, longest_gap, longest_iterations = None, None, None, None
     if len(longer) and math.isfinite(student):
         target = longer.iloc[(longer.iterations_mean - 4 * iterations).abs().argsort().iloc[0]]
         fraction, longer_iterations = student / float(target.miou_mean), float(target.iterations_mean)
+        if teacher is not None and math.isfinite(float(longer.miou_mean.iloc[-1])):
+            longest_gap, longest_iterations = teacher - float(longer.miou_mean.iloc[-1]), float(longer.iterations_mean.iloc[-1])
     teacher_runs = runs[runs.protocol == "teacher"]
     schedule = "no student-alone run yet"
     if fraction is not None:
@@ -214,6 +216,9 @@ def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict
         schedule = (f"schedule regime: at the reference schedule ({iterations:.0f} iterations) the student alone reaches "
                     f"{100 * fraction:.0f} % of its mIoU after {longer_iterations:.0f} iterations — {stage}, not "
                     "converged")  # fmt: skip
+        if longest_gap is not None:  # how much of the teacher's lead is capacity, not training length
+            schedule += (f"; after {longest_iterations:.0f} iterations the student alone is {longest_gap:.1f} points below "
+                         "the teacher")  # fmt: skip
     return {
         "profile": profile,
         "seeds": seeds,
@@ -224,6 +229,8 @@ def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict
         "teacher_gap": None if teacher is None or not math.isfinite(student) else teacher - student,
         "student_fraction_of_longer": fraction,
         "student_longer_iterations": longer_iterations,
+        "teacher_gap_at_longest_control": longest_gap,
+        "longest_control_iterations": longest_iterations,
         "schedule": schedule,
         "percent_of_teacher_basis": PERCENT_OF_TEACHER_BASIS,
     }

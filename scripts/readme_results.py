@@ -32,17 +32,33 @@ COLORS = {"student": PALETTE[7], "canonical": PALETTE[0], "segmentation_specific
 
 def _interval(row: pd.Series, prefix: str = "miou") -> str:
     mean, low, high = row[f"{prefix}_mean"], row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"]
+    diverged = int(row.get("n_diverged", 0) or 0) if prefix == "miou" else 0
     if not math.isfinite(mean):
         return "diverged"
-    return f"{mean:.1f} ± {(high - low) / 2:.1f}" if math.isfinite(low) else f"{mean:.1f}"
+    text = f"{mean:.1f} ± {(high - low) / 2:.1f}" if math.isfinite(low) else f"{mean:.1f}"
+    if diverged:
+        text += f" ({diverged} of {int(row['n_seeds']) + diverged} seeds diverged)"
+    return text
 
 
 def _delta(row: pd.Series, prefix: str) -> str:
     mean = row.get(f"{prefix}_mean")
     if mean is None or not math.isfinite(mean):
         return "—"
-    text = f"{mean:+.1f} [{row[f'{prefix}_ci_low']:+.1f}, {row[f'{prefix}_ci_high']:+.1f}]"
+    low, high = row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:+.1f} (one seed pair: no interval)"
+    text = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
     return f"**{text}**" if bool(row.get(f"{prefix}_significant")) else text
+
+
+def _classes(regime: dict) -> str:
+    learned = regime.get("classes_learned_by_student") or {}
+    if not learned.get("present"):
+        return ""
+    missing = learned.get("not_learned") or []
+    return (f" The student alone learns {learned.get('learned')} of the {learned['present']} classes present in validation"
+            + (f" (IoU 0: {', '.join(missing)})." if missing else "."))  # fmt: skip
 
 
 def table(stats: pd.DataFrame, calibration: pd.DataFrame | None) -> str:
@@ -150,7 +166,7 @@ def main() -> None:
              f"rendered {date.today().isoformat()} by `python scripts/readme_results.py --profile {args.profile}`.",
              "", f"*Regime:* teacher {regime.get('teacher_miou', float('nan')):.1f} mIoU, student alone "
              f"{regime.get('student_miou', float('nan')):.1f} at the reference schedule (gap "
-             f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}.", "",
+             f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}.{_classes(regime)}", "",
              "| claim | verdict | evidence |", "|---|---|---|"]  # fmt: skip
     lines += [f"| ({c['id']}) {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in verdict["claims"]]
     lines += ["", table(stats, calibration), "",

@@ -59,3 +59,19 @@ def test_method_info_reads_packaged_and_plugin_configs(tmp_path):
     (tmp_path / "notebooks").mkdir()
     assert method_info("mymethod", tmp_path / "notebooks") == {"family": "canonical", "display_name": "Mine"}
     assert method_info("nothing", tmp_path) == {}
+
+
+def test_regime_states_the_schedule_fraction_and_the_teacher_gap_at_the_longest_control():
+    from kdrepro.results import regime
+    from kdrepro.stats import summarize
+
+    rows = [("teacher", "teacher", 1.0, 0, 0.52, 1000, 100.0)]
+    for seed, noise in ((0, -0.01), (1, 0.0), (2, 0.01)):
+        rows += [("iter_matched", "none", 1.0, seed, 0.43 + noise, 60, 3.0),
+                 ("extended", "none", 2.0, seed, 0.48 + noise, 240, 12.0), ("extended", "none", 4.0, seed, 0.51 + noise, 480, 24.0)]  # fmt: skip
+    runs = pd.DataFrame(rows, columns=["protocol", "method", "multiplier", "seed", "miou", "iterations", "train_seconds"])
+    result = regime(runs, summarize(runs[runs.protocol != "teacher"], 52.0), "synthetic")
+    assert result["teacher_gap"] == pytest.approx(9.0)
+    assert result["student_longer_iterations"] == 240 and result["student_fraction_of_longer"] == pytest.approx(43 / 48)
+    assert result["teacher_gap_at_longest_control"] == pytest.approx(1.0) and result["longest_control_iterations"] == 480
+    assert "past early training" in result["schedule"] and "the student alone is 1.0 points below the teacher" in result["schedule"]

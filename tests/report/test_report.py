@@ -116,6 +116,9 @@ def test_verdict_block_states_every_claim_in_words():
     assert "86 % of its mIoU at 4x the schedule" in matched.regime_line(verdict)
     verdict["regime"].pop("schedule")
     assert "has 86 % of its mIoU at 4× the schedule" in matched.regime_line(verdict)
+    assert "learns" not in matched.regime_line(verdict)
+    verdict["regime"]["classes_learned_by_student"] = {"present": 7, "learned": 5, "not_learned": ["object", "human"]}
+    assert "learns 5 of the 7 classes present in validation (IoU 0: object, human)." in matched.regime_line(verdict)
 
 
 def test_per_class_matrix_averages_seeds_and_drops_absent_classes(stats, meta):
