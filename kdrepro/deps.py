@@ -79,7 +79,7 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}  # `from kdrepro import distill`
-    if "iter_modules(__path__)" in path.read_text():
+    if path.name == "__init__.py" and "iter_modules(__path__)" in path.read_text():  # not this module's own text
         found |= {_module_name(child) for child in path.parent.glob("*.py") if child.name != "__init__.py"}
     return {name for name in found if name == "kdrepro" or name.startswith("kdrepro.")}
 

@@ -126,3 +126,12 @@ def test_update_rewrites_stale_code_deps(tmp_path):
     assert update_dvc_yaml(target)
     assert not update_dvc_yaml(target)  # idempotent
     assert target.read_text() == (ROOT / "dvc.yaml").read_text()
+
+
+def test_analysis_code_is_not_a_dependency_of_training_or_calibration():
+    """Editing the statistics, the verdict or the plan must not re-calibrate and re-train every method (the dynamic
+    submodule rule once matched kdrepro/deps.py's own source text and pulled every top-level module into calibrate)."""
+    analysis = {Path("kdrepro/results.py"), Path("kdrepro/stats.py"), Path("kdrepro/verdict.py"), Path("kdrepro/plan.py")}
+    for stage in ("pretrain", "teacher", "train", "calibrate"):
+        assert not analysis & set(code_files(stage)), stage
+    assert analysis - {Path("kdrepro/plan.py")} <= set(code_files("results"))
