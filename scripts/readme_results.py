@@ -110,7 +110,8 @@ def matched_figure(stats: pd.DataFrame, path: Path) -> None:
             ax.axvspan(student.miou_ci_low, student.miou_ci_high, color=COLORS["student"], alpha=0.15, lw=0)
             ax.axvline(student.miou_mean, color=COLORS["student"], ls="--", lw=1)
         ax.set_title(title)
-        ax.set_xlabel("mIoU (%), mean and 95 % interval over seeds")
+        ax.set_xlabel("mIoU (%), mean and 95 % interval over seeds (clipped at 0)")
+        ax.set_xlim(left=0)
     axes[0].set_yticks(range(len(order)), [one[one.method == m].display_name.iloc[0] for m in order])
     handles = [plt.Line2D([], [], marker=MARKERS[f], color=COLORS[f], ls="", label=f.replace("_", "-"))
                for f in ("student", "canonical", "segmentation_specific")]  # fmt: skip
@@ -133,8 +134,11 @@ def extended_figure(stats: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None
         ax.fill_between(group.multiplier, group.miou_ci_low, group.miou_ci_high, color=COLORS.get(family, "k"), alpha=0.12)
     teacher = runs[runs.protocol == "teacher"].miou
     if len(teacher):
-        ax.axhline(100 * float(teacher.iloc[0]), color="k", lw=1, ls=":")
-        ax.text(1.0, 100 * float(teacher.iloc[0]), " teacher", va="bottom", ha="left", fontsize=8)
+        level = 100 * float(teacher.iloc[0])
+        ax.axhline(level, color="k", lw=1, ls=":")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, max(high, level + 0.06 * (high - low)))  # room for the label above the line
+        ax.text(1.0, level, f" teacher {level:.1f}", va="bottom", ha="left", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(rows.multiplier.unique()), [f"{m:g}×" for m in sorted(rows.multiplier.unique())])
     ax.set_xlabel("budget (× the compute-matched budget)")
