@@ -1,6 +1,6 @@
 """Qualitative page (``notebooks/qualitative.ipynb``): evenly spaced validation images with the ground truth and
 the predictions of the student alone, logit KD, the best segmentation-specific method (compute-matched), the best
-extended student and the teacher; under each prediction its error map; in each title the image's mIoU.
+extended distilled student (the student alone at every budget is on the extended page) and the teacher; under each prediction its error map; in each title the image's mIoU.
 
 Predictions follow :mod:`kdrepro.evaluate` (whole image at ``test_scale``, logits upsampled bilinearly to the
 label's size, argmax). Colours: the dataset's palette (Cityscapes colours for the Cityscapes layout); ignored
@@ -62,7 +62,7 @@ def pick_columns(runs: pd.DataFrame, stats: pd.DataFrame, families: dict[str, st
         wanted.append(("compute_matched", best.method, 1.0, "best seg.-specific"))
     if len(extended):
         best = extended.loc[extended.miou_mean.idxmax()]
-        wanted.append(("extended", best.method, float(best.multiplier), f"best extended ({best.multiplier:g}×)"))
+        wanted.append(("extended", best.method, float(best.multiplier), f"best extended KD ({best.multiplier:g}×)"))
     columns = []
     for protocol, method, multiplier, role in wanted:
         match = finished[(finished.protocol == protocol) & (finished.method == method) & (finished.multiplier == multiplier)
