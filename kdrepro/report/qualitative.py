@@ -1,6 +1,7 @@
 """Qualitative page (``notebooks/qualitative.ipynb``): evenly spaced validation images with the ground truth and
 the predictions of the student alone, logit KD, the best segmentation-specific method (compute-matched), the best
-extended distilled student (the student alone at every budget is on the extended page) and the teacher; under each prediction its error map; in each title the image's mIoU.
+extended distilled student (the student alone at every budget is on the extended page) and the teacher; under each
+prediction its error map; in each title the image's mIoU.
 
 Predictions follow :mod:`kdrepro.evaluate` (whole image at ``test_scale``, logits upsampled bilinearly to the
 label's size, argmax). Colours: the dataset's palette (Cityscapes colours for the Cityscapes layout); ignored
