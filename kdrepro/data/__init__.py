@@ -23,8 +23,8 @@ from kdrepro.data import ade20k, cityscapes
 from kdrepro.data.io import SegmentationDataset
 from kdrepro.data.labels import (
     CITYSCAPES_CATEGORIES,
-    CITYSCAPES_CLASSES,
     CITYSCAPES_CATEGORY_PALETTE,
+    CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     bit_interleaved_palette,
     label_id_to_train_id,

@@ -158,7 +158,8 @@ def test_kdrepro_checkpoints_load_with_weights_only(tmp_path):
 def test_import_teacher_cli_writes_a_loadable_teacher(tmp_path, capsys):
     source = save(mmseg1_runner(mmseg_state(3)), tmp_path / "runner.pth", legacy=False)
     output = tmp_path / "teacher" / "checkpoint.pt"
-    overrides = ["model@teacher=pspnet_r18", "teacher.base_width=8", f"import_teacher.output={output}"]
+    overrides = ["model@teacher=pspnet_r18", "teacher.base_width=8", "dataset.label_set=classes", "dataset.num_classes=19",
+                 f"import_teacher.output={output}"]  # fmt: skip
     assert main(["import-teacher", str(source), *overrides]) == 0, capsys.readouterr().err
     teacher = torch.load(output, weights_only=True)
     assert torch.equal(teacher["model"]["decode_head.conv_seg.weight"], mmseg_state(3)["decode_head.conv_seg.weight"])

@@ -55,7 +55,7 @@ def pipeline_copy(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("profile", sorted(set(options("profile"))))
 def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     repo = _copy_repository(tmp_path)
-    _write_params(repo, profile=profile)
+    _write_params(repo, profile=profile, extended={"multipliers": ["2", "4"]})  # the synthetic_study run's budgets
     dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
     stages = ("data", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
