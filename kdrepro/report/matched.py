@@ -69,12 +69,23 @@ def _number(value: Any) -> str:
     return "?" if value is None or pd.isna(value) else f"{float(value):.1f}"
 
 
+def _figure_text(value: Any) -> str:
+    """A verdict figure as text: numbers to 2 decimals, lists joined, nested tables as ``key: value · ...``."""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_figure_text(item) for item in value) or "none"
+    if isinstance(value, dict):
+        return " · ".join(f"{key.replace('_', ' ')}: {_figure_text(item)}" for key, item in value.items() if item is not None)
+    return str(value)
+
+
 def verdict_html(verdict: dict[str, Any]) -> str:
     """The verdict block (``templates/verdict.html.j2``): one row per claim, verdict in words and colour."""
     claims = []
     for claim in verdict.get("claims", []):
-        figures = {name: (f"{value:.2f}" if isinstance(value, float) else value)
-                   for name, value in (claim.get("figures") or {}).items() if value not in (None, [], {}, "")}
+        figures = {name: _figure_text(value) for name, value in (claim.get("figures") or {}).items()
+                   if value not in (None, [], {}, "")}  # fmt: skip
         verdict_word = claim.get("verdict", "inconclusive")
         claims.append({**claim, "figures": figures, "verdict": verdict_word if verdict_word in BADGE_STYLES else "inconclusive"})
     return render_template("verdict.html.j2", regime_line=regime_line(verdict), claims=claims,

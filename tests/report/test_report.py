@@ -113,6 +113,8 @@ def test_verdict_block_states_every_claim_in_words():
     for word in ("supported", "contradicted", "inconclusive"):
         assert f"verdict-{word}" in html
     assert "dist_minus_kd_iter = 1.50" in html and "gap 10.0 points" in html
+    verdict["claims"][1]["figures"]["per_class"] = {"difference": 0.1188, "deciding": ["flat", "vehicle"], "largest": "sky"}
+    assert "per_class = difference: 0.12 · deciding: flat, vehicle · largest: sky" in matched.verdict_html(verdict)
     assert "86 % of its mIoU at 4x the schedule" in matched.regime_line(verdict)
     verdict["regime"].pop("schedule")
     assert "has 86 % of its mIoU at 4× the schedule" in matched.regime_line(verdict)
