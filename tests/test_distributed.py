@@ -20,7 +20,7 @@ WORLD = 2
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(11)
     images = torch.randn(4, 3, 32, 64, generator=generator)
-    labels = torch.randint(0, 19, (4, 32, 64), generator=generator)  # no ignore pixels: equal pixels per rank
+    labels = torch.randint(0, 7, (4, 32, 64), generator=generator)  # the 7 categories; no ignore pixels: equal pixels per rank
     return images, labels
 
 

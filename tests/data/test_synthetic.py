@@ -156,7 +156,8 @@ def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
                                                                  "height": 64, "width": 128}  # fmt: skip
-    assert cfg["label_set"] == "classes"
+    assert cfg["label_set"] == "categories" and cfg["num_classes"] == 7  # the synthetic profile scores the categories
+    assert OmegaConf.to_container(load_config(["profile=cityscapes"]).dataset).get("label_set", "classes") == "classes"
 
 
 def test_small_object_settings_enlarge_the_thin_classes_and_keep_old_manifests():

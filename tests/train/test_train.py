@@ -28,7 +28,7 @@ def test_train_writes_metrics_timing_and_dvclive(tiny_teacher, tmp_path):
     phases = metrics["phase_median_seconds"]
     assert phases["teacher"] > 0 and phases["distill"] > 0 and phases["backward"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["miou"] == metrics["miou"] and len(saved["per_class_iou"]) == 19
+    assert saved["miou"] == metrics["miou"] and len(saved["per_class_iou"]) == 7
     assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "kd.tsv").exists()
     assert (tmp_path / "config.yaml").exists()
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -181,7 +181,7 @@ def test_on_nonfinite_record_writes_a_diverged_result_instead_of_failing(tiny_te
         (["method=kd", "teacher_checkpoint=null"], "needs a teacher"),
         (["method=none", "budget.iterations=0"], "must be a positive number"),
         (["method=none", "budget=calibrated", "budget.calibration=/nonexistent.json"], "run `kdrepro calibrate` first"),
-        (["method=kd", "dataset.num_classes=7"], "predicts 19 classes"),
+        (["method=kd", "dataset.label_set=classes", "dataset.num_classes=19"], "predicts 7 classes"),
     ],
 )
 def test_bad_input_is_one_line_error_with_exit_2(tiny_teacher, tmp_path, capsys, overrides, message):
