@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from kdrepro.report.matched import classes_sentence  # noqa: E402
+
 MARKERS = {"student": "s", "canonical": "o", "segmentation_specific": "^"}
 METHOD_MARKERS = {"kd": "o", "fitnet": "D"}  # the two canonical methods apart without colour
 FAMILY_ORDER = {"student": 0, "canonical": 1, "segmentation_specific": 2}
@@ -50,15 +52,6 @@ def _delta(row: pd.Series, prefix: str) -> str:
         return f"{mean:+.1f} (one seed pair: no interval)"
     text = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
     return f"**{text}**" if bool(row.get(f"{prefix}_significant")) else text
-
-
-def _classes(regime: dict) -> str:
-    learned = regime.get("classes_learned_by_student") or {}
-    if not learned.get("present"):
-        return ""
-    missing = learned.get("not_learned") or []
-    return (f" The student alone learns {learned.get('learned')} of the {learned['present']} classes present in validation"
-            + (f" (IoU 0: {', '.join(missing)})." if missing else "."))  # fmt: skip
 
 
 def table(stats: pd.DataFrame, calibration: pd.DataFrame | None) -> str:
@@ -170,7 +163,7 @@ def main() -> None:
              f"rendered {date.today().isoformat()} by `python scripts/readme_results.py --profile {args.profile}`.",
              "", f"*Regime:* teacher {regime.get('teacher_miou', float('nan')):.1f} mIoU, student alone "
              f"{regime.get('student_miou', float('nan')):.1f} at the reference schedule (gap "
-             f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}.{_classes(regime)}", "",
+             f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}. {classes_sentence(regime)}", "",
              "| claim | verdict | evidence |", "|---|---|---|"]  # fmt: skip
     lines += [f"| ({c['id']}) {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in verdict["claims"]]
     lines += ["", table(stats, calibration), "",

@@ -57,12 +57,19 @@ def regime_line(verdict: dict[str, Any]) -> str:
         parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
-    learned = regime.get("classes_learned_by_student") or {}
-    if learned.get("present"):
-        missing = learned.get("not_learned") or []
-        parts.append(f"The student alone learns {learned.get('learned')} of the {learned['present']} classes present in "
-                     "validation" + (f" (IoU 0: {', '.join(missing)})." if missing else "."))  # fmt: skip
+    if classes_sentence(regime):
+        parts.append(classes_sentence(regime))
     return " ".join(parts)
+
+
+def classes_sentence(regime: dict[str, Any]) -> str:
+    """How many of the classes present in validation the student alone learns, naming those at IoU 0 ('' if unknown)."""
+    learned = regime.get("classes_learned_by_student") or {}
+    if not learned.get("present"):
+        return ""
+    missing = learned.get("not_learned") or []
+    return (f"The student alone learns {learned.get('learned')} of the {learned['present']} classes present in validation"
+            + (f" (IoU 0: {', '.join(missing)})." if missing else "."))  # fmt: skip
 
 
 def _number(value: Any) -> str:
