@@ -138,10 +138,14 @@ def _calibrate(overrides: list[str], positional: list[str]) -> None:
     watch_parent()  # under dvc repro: a killed dvc ends the calibration too
     base = load_config(overrides)
     table = calibrate(base, lambda name: load_config([*overrides, f"method={name}"]))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports; every rank holds the same table
+        return
     matched = table["matched"]
     print(f"matched budget {matched['budget_seconds']:.1f} s (reference {matched['reference_method']} x {matched['reference_iterations']} it)")
     for name, entry in table["methods"].items():
-        print(f"  {name:<16} {entry['seconds_per_iteration'] * 1000:8.1f} ms/it  -> {matched['iterations'][name]} iterations")
+        spread = f"IQR {100 * entry['relative_spread']:3.0f} % of median" if "relative_spread" in entry else ""
+        flag = "  DISTURBED: calibrate again on an idle machine" if name in table.get("disturbed", {}) else ""
+        print(f"  {name:<16} {entry['seconds_per_iteration'] * 1000:8.1f} ms/it  {spread}  -> {matched['iterations'][name]} iterations{flag}")
     print(f"written to {base.calibrate.output}")
 
 

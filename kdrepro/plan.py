@@ -4,8 +4,9 @@ Every training stage is an iteration budget, so its cost is ``iterations × seco
 pre-training stage, e.g. MasKD's tokens), with seconds/iteration from ``kdrepro calibrate`` (the median of the
 interleaved rounds, at the world size it was measured with):
 
-* once per pipeline: the teacher (imported: free; trained: ``teacher_iterations`` × an estimate from FLOPs, since
-  the teacher's training step is not calibrated) and the calibration itself;
+* once per pipeline: the backbones' pre-training where the profile trains them (the embedded profiles' stand-in for
+  ImageNet; copying ImageNet weights is free), the teacher (imported: free; trained: ``teacher_iterations`` × an
+  estimate from FLOPs, since the teacher's training step is not calibrated) and the calibration itself;
 * per seed: the student alone and every method at the reference schedule (``iter_matched``) and at the matched budget
   (``compute_matched``); the extended runs (the student alone, kd, fitnet and the best segmentation-specific method,
   chosen at run time from the results: priced as the *most expensive* segmentation-specific method per iteration,
@@ -93,22 +94,50 @@ def best_specific(kd_methods: list[str], methods: dict, plugins: list[str]) -> t
                   f"the most expensive segmentation-specific method per iteration")  # fmt: skip
 
 
+def teacher_flop_ratio(methods: dict) -> float | None:
+    """How many times the student alone's training step the teacher's costs, from the calibrated FLOPs (training
+    FLOPs ≈ 3 × forward; kd − none ≈ the teacher's forward, none ≈ 3 × the student's forward); None without them."""
+    none, kd = methods.get("none", {}), methods.get("kd", {})
+    if not (none.get("flops_per_iteration") and kd.get("flops_per_iteration")):
+        return None
+    return 3.0 * (kd["flops_per_iteration"] - none["flops_per_iteration"]) / none["flops_per_iteration"]
+
+
 def teacher_run(cfg: DictConfig, methods: dict) -> tuple[dict[str, Any], str]:
     """The teacher stage: free when imported, else an estimate from FLOPs (its training step is not calibrated)."""
     iterations = int(cfg.teacher_iterations)
     if cfg.get("teacher_import"):
         return _run("teacher", str(cfg.teacher.name), 0, {"seconds_per_iteration": 0.0}, "pipeline", "imported"), ""
-    none, kd = methods.get("none", {}), methods.get("kd", {})
-    if not (none.get("flops_per_iteration") and kd.get("flops_per_iteration")):
+    ratio = teacher_flop_ratio(methods)
+    if ratio is None:
         row = _run("teacher", str(cfg.teacher.name), iterations, {"seconds_per_iteration": 0.0}, "pipeline", "not priced")
         return row, "teacher training is not priced: calibrate none and kd (their FLOPs give the estimate)"
-    # training FLOPs ≈ 3 × forward; kd − none ≈ the teacher's forward, none ≈ 3 × the student's forward
-    ratio = 3.0 * (kd["flops_per_iteration"] - none["flops_per_iteration"]) / none["flops_per_iteration"]
-    entry = {"seconds_per_iteration": float(none["seconds_per_iteration"]) * ratio}
+    entry = {"seconds_per_iteration": float(methods["none"]["seconds_per_iteration"]) * ratio}
     note = "estimate: student-alone s/it × teacher/student training FLOPs"
     return _run("teacher", str(cfg.teacher.name), iterations, entry, "pipeline", note), (
         f"teacher training is estimated from FLOPs ({ratio:.1f}× the student alone per iteration), not timed; "
         "set teacher_import to an mmsegmentation checkpoint to skip it")  # fmt: skip
+
+
+def pretrain_runs(cfg: DictConfig, methods: dict) -> list[dict[str, Any]]:
+    """The pretrain stage where it trains the backbones (the embedded profiles' stand-in for ImageNet; copying
+    ImageNet weights is free): the student's pre-training at the student alone's calibrated cost per iteration,
+    the teacher's at the FLOP estimate of :func:`teacher_flop_ratio` (the pre-training head differs in its number
+    of classes only, a negligible share of the step); an imported teacher needs none."""
+    from kdrepro.train.pretrain import iterations
+
+    if "none" not in methods:
+        return []
+    student = float(methods["none"]["seconds_per_iteration"])
+    ratio = teacher_flop_ratio(methods)
+    rows = []
+    if iterations(cfg, "student") > 0:
+        rows.append(_run("pretrain", f"{cfg.student.name} backbone", iterations(cfg, "student"),
+                         {"seconds_per_iteration": student}, "pipeline", "estimate: the student alone's s/it"))
+    if iterations(cfg, "teacher") > 0 and ratio is not None and not cfg.get("teacher_import"):
+        rows.append(_run("pretrain", f"{cfg.teacher.name} backbone", iterations(cfg, "teacher"),
+                         {"seconds_per_iteration": student * ratio}, "pipeline", "estimate from FLOPs, as the teacher"))
+    return rows
 
 
 def calibration_run(cfg: DictConfig, names: list[str], methods: dict) -> dict[str, Any]:
@@ -146,7 +175,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
     world_size = int(table.get("world_size", 1))
     teacher, teacher_note = teacher_run(cfg, methods)
     best, best_note = best_specific(kd_methods, methods, plugins)
-    rows = [teacher, calibration_run(cfg, names, methods)]
+    rows = [*pretrain_runs(cfg, methods), teacher, calibration_run(cfg, names, methods)]
     rows += [_run("iter_matched", n, reference_iterations, methods[n], "seed") for n in names]
     rows += matched_runs("compute_matched", names, methods, budget)
     extended_names = [n for n in (*EXTENDED_METHODS, best) if n is not None and n in methods]
@@ -266,7 +295,7 @@ def markdown(plan: dict[str, Any]) -> str:
         note = f" ({row['note']})" if row["note"] else ""
         lines.append(f"| {row['stage']} | {row['method']}{note} | {runs} | {row['iterations']:,} | {row['seconds_per_iteration']:.4g} "
                      f"| {duration(row['seconds'])} | {duration(row['seconds'] * runs)} |")  # fmt: skip
-    labels = {"once": "once per pipeline (teacher, calibration)", "per_seed_without_extended": "per seed, without extended",
+    labels = {"once": "once per pipeline (pre-training, teacher, calibration)", "per_seed_without_extended": "per seed, without extended",
               "per_seed_with_extended": "per seed, with extended", "all_seeds_without_extended": f"all {seeds} seeds, without extended",
               "all_seeds_with_extended": f"all {seeds} seeds, with extended"}  # fmt: skip
     lines += ["", f"| total | time | GPU-hours (× {world} processes) |", "|---|---|---|"]

@@ -68,7 +68,19 @@ def calibration_header(header: dict[str, Any]) -> str:
         f"{_count(protocol.get('warmup'), 'warm-up iteration')}.  \n**Matched budget** {seconds_label(budget) if budget is not None else '?'} = "
         f"{matched.get('reference_iterations', '?')} iterations of the reference method "
         f"`{matched.get('reference_method', '?')}`; every compute-matched run gets that much training time."
+        + _disturbed_note(header.get("disturbed") or {}, header.get("max_spread"))
     )
+
+
+def _disturbed_note(disturbed: dict[str, float], max_spread: float | None) -> str:
+    """Markdown warning for methods whose timing spread says the machine was busy while they were measured."""
+    if not disturbed:
+        return ""
+    listed = ", ".join(f"`{name}` ({100 * spread:.0f} %)" for name, spread in disturbed.items())
+    limit = f" above {100 * max_spread:.0f} %" if max_spread is not None else ""
+    return (f"  \n**Disturbed timing**: IQR / median{limit} for {listed}. Something else loaded the machine while "
+            "they were measured, so their compute-matched iteration counts may be off; calibrate again on an idle "
+            "machine (`dvc repro -f -s calibrate`, then `dvc repro`), which re-measures them.")
 
 
 def _count(value: Any, noun: str) -> str:
@@ -204,6 +216,8 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
     ax.set_xscale("log")
     ax.set(xlabel=label + ", log scale", ylabel="mIoU (%), mean ± 95 % CI", title="Cost–accuracy: what each run's training cost bought")
     ax.margins(x=0.08)
+    low, high = ax.get_ylim()  # mIoU lies in [0, 100]: a wide interval of a diverged method does not stretch the axis
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))
     _log_ticks(ax, students.train_seconds_mean.to_numpy() / divisor)
     ends = students.sort_values("train_seconds_mean").groupby("method").tail(1)  # each method once: its costliest run
     place_labels(ax, ends.train_seconds_mean.to_numpy() / divisor, ends.miou_mean.to_numpy(),

@@ -23,6 +23,11 @@ are measured, interleaved with the *anchor* (the previous reference method); the
 ``previous anchor seconds / anchor seconds now``, so drift between the two sessions cancels. Unchanged entries are
 kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=false``, everything is re-measured.
 
+**Disturbed measurements**: a method whose timed iterations spread by more than ``calibrate.max_spread`` (IQR over
+median; 0.5 by default, where 12 samples per method on an idle 2-core machine spread by 3–24 %) was measured while
+something else loaded the machine. The table lists it under ``disturbed``, a warning says so, and the next
+calibration re-measures it instead of reusing it.
+
 **Under torchrun** (``torchrun --nproc_per_node=N -m kdrepro calibrate ...``) every rank builds the same trainers
 (DDP students, each rank on its slice of the global batch, exactly as ``kdrepro train`` under torchrun) and runs the
 same rounds in lockstep, with a barrier around every timed block; each iteration's timings are reduced to their
@@ -177,7 +182,8 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     output = Path(str(settings.output))
     previous = _previous_methods(output) if settings.get("incremental", True) else {}
     previous = from_rank_zero(previous, context)  # every rank measures the same methods, in the same order
-    kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"))
+    max_spread = settings.get("max_spread")
+    kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"), max_spread)
     to_measure = [name for name in names if name not in kept]
     if to_measure and anchor is not None and anchor not in to_measure:
         to_measure.append(anchor)
@@ -208,10 +214,18 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "process_peak_rss_bytes": peak_rss_bytes(),
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
         "reused": sorted(kept),
+        "max_spread": max_spread,
+        "disturbed": disturbed(methods, max_spread),
         "methods": methods,
         "matched": matched,
     }
     if context.is_main:
+        for name, spread in table["disturbed"].items():
+            log.warning(
+                "%s's iteration times varied by %.0f %% (IQR / median > %.0f %%): the machine was busy while it was "
+                "measured, so the matched budgets may be off; run the calibration again on an idle machine (`dvc "
+                "repro -f -s calibrate`, or `kdrepro calibrate`): it re-measures disturbed entries instead of reusing "
+                "them", name, 100 * spread, 100 * max_spread)
         write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
         _write_per_method(output.with_suffix(""), methods, matched, context.world_size)
     barrier(context)  # no rank returns before the files exist
@@ -346,10 +360,24 @@ def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:
     return {name: entry for name, entry in methods.items() if isinstance(entry, dict) and "fingerprint" in entry}
 
 
-def _reusable(previous: dict[str, dict[str, Any]], fingerprints: dict[str, str], reference: str | None) -> tuple[list[str], str | None]:
+def disturbed(methods: dict[str, dict[str, Any]], max_spread: float | None) -> dict[str, float]:
+    """Methods whose timed iterations spread by more than ``max_spread`` (IQR / median): measured while something
+    else loaded the machine. ``{name: spread}``; empty when ``max_spread`` is null."""
+    if max_spread is None:
+        return {}
+    return {name: float(entry["relative_spread"]) for name, entry in methods.items()
+            if entry.get("relative_spread", 0.0) > float(max_spread)}
+
+
+def _reusable(
+    previous: dict[str, dict[str, Any]], fingerprints: dict[str, str], reference: str | None, max_spread: float | None = None
+) -> tuple[list[str], str | None]:
     """(methods whose previous entry still holds, the anchor to rescale new measurements by) — nothing is reused if
-    the anchor (the configured reference, else the previous table's slowest method) changed."""
-    unchanged = [name for name, digest in fingerprints.items() if previous.get(name, {}).get("fingerprint") == digest]
+    the anchor (the configured reference, else the previous table's slowest method) changed. A disturbed entry
+    (:func:`disturbed`) is not reused: calibrating again re-measures it."""
+    noisy = disturbed(previous, max_spread)
+    unchanged = [name for name, digest in fingerprints.items()
+                 if previous.get(name, {}).get("fingerprint") == digest and name not in noisy]
     if not unchanged:
         return [], None
     anchor = reference if reference is not None else max(previous, key=lambda name: previous[name]["seconds_per_iteration"])

@@ -153,9 +153,26 @@ def test_labels_of_a_figure_do_not_overlap(stats, meta):
     plt.close("all")
 
 
+def test_pareto_axis_stays_within_miou_range(stats):
+    _, names, families = readers.method_maps(stats)
+    wide = stats.copy()
+    wide.loc[wide.index[0], "miou_ci_low"] = -25.0  # a diverged seed's interval
+    low, high = cost.plot_pareto(wide, families, names, {}, "smoke").axes[0].get_ylim()
+    plt.close("all")
+    assert 0.0 <= low < high <= 100.0
+
+
 def test_pareto_front_keeps_only_undominated_points():
     front = cost.pareto_front(np.array([1.0, 2.0, 2.0, 3.0, 4.0]), np.array([30.0, 29.0, 33.0, 32.0, 35.0]))
     assert front.tolist() == [[1.0, 30.0], [2.0, 33.0], [4.0, 35.0]]
+
+
+def test_calibration_header_warns_of_disturbed_timing():
+    header = {"matched": {"budget_seconds": 12.0, "reference_method": "kd", "reference_iterations": 60}}
+    assert "Disturbed" not in cost.calibration_header(header)
+    text = cost.calibration_header({**header, "disturbed": {"cwd": 0.63}, "max_spread": 0.5})
+    assert "**Disturbed timing**: IQR / median above 50 % for `cwd` (63 %)" in text
+    assert "dvc repro -f -s calibrate" in text
 
 
 def test_cost_table_shows_the_timing_spread():

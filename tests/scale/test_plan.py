@@ -89,6 +89,21 @@ def test_imported_teacher_is_free_and_extended_follows_params(tmp_path):
     assert plan["extended_best_specific"] is None and not [r for r in plan["stages"] if r["stage"].startswith("extended")]
 
 
+def test_plan_prices_the_backbone_pretraining_of_the_embedded_profile(tmp_path):
+    # the embedded profile pre-trains both backbones (2000 student, 1000 teacher iterations); the real profiles copy
+    # ImageNet weights (free), and an imported teacher needs no backbone
+    plan, text, _ = write_plan(_cfg(tmp_path, "profile=synthetic", "seeds=[0,1,2]", "reference_iterations=1000"))
+    student, teacher = _row(plan, "pretrain", "pspnet_r18 backbone"), _row(plan, "pretrain", "pspnet_r101 backbone")
+    assert student["seconds"] == pytest.approx(2000 * 0.2) and teacher["seconds"] == pytest.approx(1000 * 0.2 * 4.5)
+    assert plan["totals"]["once"]["seconds"] == pytest.approx(
+        sum(r["seconds"] for r in plan["stages"] if r["per"] == "pipeline"))
+    assert "| pretrain | pspnet_r101 backbone" in text and "once per pipeline (pre-training, teacher, calibration)" in text
+    imported, _, _ = write_plan(_cfg(tmp_path, "profile=synthetic", "teacher_import=pspnet.pth"))
+    assert [r["method"] for r in imported["stages"] if r["stage"] == "pretrain"] == ["pspnet_r18 backbone"]
+    real, _, _ = write_plan(_cfg(tmp_path))
+    assert not [r for r in real["stages"] if r["stage"] == "pretrain"]
+
+
 def test_plan_errors_are_one_line(tmp_path, capsys):
     assert main(["plan", "profile=cityscapes", f"plan.calibration={tmp_path / 'missing.json'}"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: calibration {tmp_path / 'missing.json'} does not exist")

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from kdrepro.errors import ConfigError
 from kdrepro.train.budget import Budget, poly_lr, resolve_budget
-from kdrepro.train.calibrate import matched_iterations, rotated_order
+from kdrepro.train.calibrate import _reusable, disturbed, matched_iterations, rotated_order
 
 
 def test_poly_lr_endpoints_and_midpoint():
@@ -93,6 +93,19 @@ def test_rotated_order_gives_each_method_each_position():
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     for position in range(3):
         assert sorted(r[position] for r in rounds) == names
+
+
+def test_disturbed_entries_are_flagged_and_not_reused():
+    previous = {"none": {"fingerprint": "a", "seconds_per_iteration": 1.0, "relative_spread": 0.9},
+                "kd": {"fingerprint": "b", "seconds_per_iteration": 2.0, "relative_spread": 0.1},
+                "cwd": {"fingerprint": "c", "seconds_per_iteration": 1.5, "relative_spread": 0.5}}
+    assert disturbed(previous, 0.5) == {"none": 0.9}  # strictly above the threshold
+    assert disturbed(previous, None) == {}
+    fingerprints = {"none": "a", "kd": "b", "cwd": "c"}
+    assert _reusable(previous, fingerprints, None, None) == (["none", "kd", "cwd"], "kd")
+    assert _reusable(previous, fingerprints, None, 0.5) == (["kd", "cwd"], "kd")
+    # a disturbed anchor cannot rescale anything: everything is re-measured
+    assert _reusable(previous, fingerprints, None, 0.05) == ([], None)
 
 
 def test_budget_describe():

@@ -112,7 +112,7 @@ def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(t
 
     output = tmp_path / "calibration.json"
     base = [*tiny_teacher, "calibrate.warmup=1", "calibrate.rounds=1", "calibrate.iterations_per_round=2",
-            "calibrate.reference_method=kd", f"calibrate.output={output}"]
+            "calibrate.reference_method=kd", f"calibrate.output={output}", "calibrate.max_spread=null"]
 
     def run(methods, *extra):
         overrides = [*base, f"calibrate.methods=[{','.join(methods)}]", *extra]
@@ -141,6 +141,16 @@ def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(t
     run_metrics = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={folder}",
                                      f"out_dir={tmp_path / 'run'}"]))
     assert run_metrics["iterations"] == third["matched"]["iterations"]["none"]
+
+    # an entry measured under load (spread above calibrate.max_spread) is re-measured, not reused
+    table = json.loads(output.read_text())
+    for name, spread in (("none", 0.9), ("kd", 0.05)):
+        table["methods"][name]["relative_spread"] = spread
+    output.write_text(json.dumps(table))
+    fourth = run(["none", "kd"], "calibrate.max_spread=0.5")
+    assert fourth["reused"] == ["kd"] and fourth["methods"]["none"]["rescaled"]["anchor"] == "kd"
+    assert fourth["max_spread"] == 0.5
+    assert fourth["disturbed"] == {n: e["relative_spread"] for n, e in fourth["methods"].items() if e["relative_spread"] > 0.5}
 
 
 def test_seconds_budget_stops_on_training_time(tiny_teacher, tmp_path):
