@@ -169,6 +169,23 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == ["fitnet", "kd", "mymethod", "none"]
 
 
+def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(pipeline_copy):
+    repo = pipeline_copy
+    output = repo / "runs" / "smoke" / "calibration.json"
+    assert output.exists(), "run test_whole_pipeline_on_the_smoke_profile first"
+    table = json.loads(output.read_text())
+    for name, entry in table["methods"].items():  # none was measured under load, the others on an idle machine
+        entry["relative_spread"] = 0.9 if name == "none" else 0.0
+    output.write_text(json.dumps(table))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    _write_params(repo, calibrate={**params["calibrate"], "max_spread": 0.5})
+    rerun = _dvc(repo, "repro", "-f", "-s", "calibrate")  # what the warning and the cost page tell the user to run
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
+    after = json.loads(output.read_text())
+    assert "none" not in after["reused"] and {"kd", "fitnet"} <= set(after["reused"])
+    assert after["methods"]["none"]["rescaled"]["anchor"] == "kd" and after["max_spread"] == 0.5
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
