@@ -42,3 +42,16 @@ def test_same_seed_gives_every_method_the_same_student_and_batches(tiny_teacher,
     assert alone.keys() == distilled.keys()
     for key in alone:
         assert torch.equal(alone[key], distilled[key]), key
+
+
+def test_a_run_repeated_is_bit_identical(tiny_teacher, tmp_path):
+    """Iteration-matched runs do not depend on the machine's timing: the same config and seed twice give the same
+    weights and the same scores (what lets the README compare two pipeline runs number for number)."""
+    runs = []
+    for name in ("first", "second"):
+        cfg = load_config([*tiny_teacher, "method=kd", "seeds=[3]", f"out_dir={tmp_path / name}", "budget.iterations=3"])
+        (metrics,) = train_seeds(cfg)
+        runs.append((metrics, load_checkpoint(tmp_path / name / "seed3" / "checkpoint.pt")["model"]))
+    (first, first_model), (second, second_model) = runs
+    assert first["miou"] == second["miou"] and first["per_class_iou"] == second["per_class_iou"]
+    assert all(torch.equal(first_model[key], second_model[key]) for key in first_model)
