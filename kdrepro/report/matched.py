@@ -223,13 +223,11 @@ def table1_caption(profile: str, n_seeds: int) -> str:
     return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
             f"95 % t-interval over {n_seeds} seeds. Δ: mIoU difference paired by seed, with its 95 % interval below; "
             "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
-            "iteration relative to the student alone on this hardware. Iteration-matched runs repeat bit for bit on one "
-            "machine; 
-            "compute-matched iteration counts come from this run's calibration, so another calibration (another "
-            "machine, or the same one on another day) moves them by a few iterations, and their scores with them. "
-            "Published: Cityscapes mIoU as reported by the "
-            "cited source with its schedule (real data and full-size models: a scale reference, never comparable "
-            "with this profile's numbers).")
+            "iteration relative to the student alone on this hardware. Iteration-matched runs repeat bit for bit on "
+            "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
+            "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
+            "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "
+            "full-size models: a scale reference, never comparable with this profile's numbers).")
 
 
 # ------------------------------------------------------------------------------------------------------- figures
