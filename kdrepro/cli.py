@@ -202,9 +202,10 @@ def _select(overrides: list[str], positional: list[str]) -> None:
 
 
 def _validate(overrides: list[str], positional: list[str]) -> None:
-    from kdrepro.config import load_config
+    from kdrepro.config import check_calibrate, load_config
 
     cfg = load_config(overrides)  # --params has been read and checked by now
+    check_calibrate(cfg.calibrate)
     methods = [name for name in cfg.calibrate.methods if name != "none"]
     print(f"ok: profile {cfg.profile_name}, student alone + {len(methods)} methods: {', '.join(methods)}")
 

@@ -104,6 +104,23 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
     return cfg
 
 
+def check_calibrate(settings: DictConfig) -> None:
+    """One-line errors for a ``calibrate`` section that cannot run: no or repeated methods, rounds or iterations per
+    round below 1, a ``max_spread`` that is not a positive number or null. ``kdrepro validate`` runs this before a
+    pipeline starts, and ``kdrepro calibrate`` again."""
+    names = list(settings.methods)
+    if not names:
+        raise ConfigError("calibrate.methods is empty; list the methods to compare, e.g. calibrate.methods=[none,kd]")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"calibrate.methods lists a method twice: {names}")
+    for key in ("rounds", "iterations_per_round"):
+        if int(settings[key]) < 1:
+            raise ConfigError(f"calibrate.{key} must be at least 1, got {settings[key]}")
+    spread = settings.get("max_spread")
+    if spread is not None and (isinstance(spread, bool) or not isinstance(spread, int | float) or spread <= 0):
+        raise ConfigError(f"calibrate.max_spread must be a positive number (e.g. 0.5) or null, got {spread!r}")
+
+
 def _explain(error: HydraException, plugins: Sequence[Path] = ()) -> str:
     message = " ".join(str(error).split())
     for group in GROUPS:

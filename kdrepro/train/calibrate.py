@@ -56,6 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from kdrepro.config import check_calibrate
 from kdrepro.data import build_dataset
 from kdrepro.data.loader import training_loader
 from kdrepro.distributed import (
@@ -163,14 +164,8 @@ def _quantile(values: list[float], q: float) -> float:
 def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> dict[str, Any]:
     """Measure every method in ``base_cfg.calibrate.methods``; ``method_cfg(name)`` composes that method's config."""
     settings = base_cfg.calibrate
+    check_calibrate(settings)
     names = list(settings.methods)
-    if not names:
-        raise ConfigError("calibrate.methods is empty; list the methods to compare, e.g. calibrate.methods=[none,kd]")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"calibrate.methods lists a method twice: {names}")
-    for key in ("rounds", "iterations_per_round"):
-        if int(settings[key]) < 1:
-            raise ConfigError(f"calibrate.{key} must be at least 1, got {settings[key]}")
     if base_cfg.get("threads"):
         torch.set_num_threads(int(base_cfg.threads))
     context = init_from_environment(str(base_cfg.device))

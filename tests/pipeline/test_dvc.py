@@ -201,6 +201,9 @@ def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(pi
         ("profile: synthetic\nseed: 3\n", "seed became seeds"),
         ("profile: synthetic\nseeds: [0, 0]\n", "seeds must be distinct"),
         ("profile: synthetic\nplugins: nowhere\n", "plugins folder nowhere does not exist"),
+        ("profile: synthetic\ncalibrate: {max_spread: -1}\n", "calibrate.max_spread must be a positive number"),
+        ("profile: synthetic\ncalibrate: {max_spread: lots}\n", "calibrate.max_spread must be a positive number"),
+        ("profile: synthetic\ncalibrate: {rounds: 0}\n", "calibrate.rounds must be at least 1"),
     ],
 )
 def test_bad_params_file_is_one_line_error(tmp_path, capsys, params, message):
