@@ -62,6 +62,12 @@ def regime_line(verdict: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def regime_note(verdict: dict[str, Any]) -> str:
+    """Markdown for the top of every report page that shows results: the regime line under a bold lead-in, so no
+    number is read without its schedule, teacher gap and seeds ('' when the verdict has no regime)."""
+    return f"**Regime of this run.** {regime_line(verdict)}" if verdict.get("regime") else ""
+
+
 def classes_sentence(regime: dict[str, Any]) -> str:
     """How many of the classes present in validation the student alone learns, naming those at IoU 0 ('' if unknown)."""
     learned = regime.get("classes_learned_by_student") or {}

@@ -75,6 +75,15 @@ def test_every_page_is_rendered_offline_with_navigation_and_alt_text(rendered):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["cost", "extended", "curves"])
+def test_every_results_page_states_the_regime_under_its_banner(rendered, name):
+    html = page(rendered, name)
+    regime = html.index("Regime of this run.")
+    assert html.index("SYNTHETIC PROFILE (smoke)") < regime < html.index(FIGURE)
+    assert "Profile smoke, 2 seeds (0, 1), reference schedule 40 iterations" in html[regime:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["matched", "index"])
 def test_verdict_and_table1_come_first(rendered, name):
     html = page(rendered, name)
@@ -134,5 +143,5 @@ def test_notebook_from_its_own_folder_reads_the_profile_of_params_yaml(tmp_path)
     html = fixtures.execute(repository, "extended").read_text()
     assert "SYNTHETIC PROFILE (smoke)" in html and "Traceback" not in html
     (repository / "params.yaml").write_text("profile: elsewhere\n")
-    with pytest.raises(Exception, match="results/elsewhere/stats.csv does not exist"):
+    with pytest.raises(Exception, match=r"results/elsewhere/\w+\.\w+ does not exist; run `make repro`"):
         fixtures.execute(repository, "extended")
