@@ -75,7 +75,7 @@ def test_every_page_is_rendered_offline_with_navigation_and_alt_text(rendered):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cost", "extended", "curves"])
+@pytest.mark.parametrize("name", ["cost", "extended", "curves", "qualitative"])
 def test_every_results_page_states_the_regime_under_its_banner(rendered, name):
     html = page(rendered, name)
     regime = html.index("Regime of this run.")
