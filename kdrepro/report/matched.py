@@ -57,9 +57,8 @@ def regime_line(verdict: dict[str, Any]) -> str:
         parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
-    if classes_sentence(regime):
-        parts.append(classes_sentence(regime))
-    return " ".join(parts)
+    parts.append(classes_sentence(regime))
+    return " ".join(part for part in parts if part)
 
 
 def regime_note(verdict: dict[str, Any]) -> str:
