@@ -31,10 +31,11 @@ COMMON = ("kdrepro.cli", "kdrepro.pipeline", "kdrepro.config", "kdrepro.errors")
 DISPATCHERS = ("kdrepro.cli", "kdrepro.pipeline")
 ENTRIES: dict[str, tuple[str, ...]] = {
     "data": ("kdrepro.data",),
+    "hardware": ("kdrepro.train.hardware",),
     "pretrain": ("kdrepro.train.pretrain",),
     "teacher": ("kdrepro.train.seeds", "kdrepro.train.run", "kdrepro.models.weights"),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
-    "calibrate": ("kdrepro.train.calibrate",),
+    "calibrate": ("kdrepro.train.calibrate", "kdrepro.train.hardware"),
     "select": ("kdrepro.results",),
     "results": ("kdrepro.results",),
     "report": ("kdrepro.report",),
@@ -43,7 +44,7 @@ ENTRIES: dict[str, tuple[str, ...]] = {
 
 
 #: dvc.yaml stage -> the command it runs (the report stages run notebooks: :func:`notebook_code_files`)
-STAGE_KIND = {"data": "data", "pretrain": "pretrain", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
+STAGE_KIND = {"data": "data", "hardware": "hardware", "pretrain": "pretrain", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
               "iter_matched": "train", "compute_matched": "train", "student_extended": "train", "extended": "train",
               "extended_best": "train", "select": "select", "results": "results", "index": "index"}  # fmt: skip
 

@@ -8,16 +8,15 @@ the label; pixels labelled ``ignore_index`` are skipped. Inference is ``whole`` 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from kdrepro.models.output import resize_logits
+from kdrepro.train.progress import Progress
 
 
 def confusion_matrix(prediction: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -97,11 +96,14 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     autocast_dtype: torch.dtype | None = None,
+    progress_label: str = "",
+    progress_seconds: float = 30.0,
 ) -> tuple[SegMetrics, Tensor]:
     """Evaluate ``model`` on ``(image, label)`` batches; returns the metrics and the confusion matrix.
 
     Labels may be larger than images (images resized to the test scale, labels at original size): logits are resized
-    to the label size before the arg-max, as in mmsegmentation.
+    to the label size before the arg-max, as in mmsegmentation. ``progress``: a tqdm bar (True), nothing (False), or
+    by default a bar on a terminal and elsewhere a line every ``progress_seconds`` naming ``progress_label``.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"unknown evaluation mode {mode!r}; use whole or slide")
@@ -109,8 +111,10 @@ def evaluate(
     model.eval()
     device = torch.device(device)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    show = sys.stderr.isatty() if progress is None else progress
-    for image, label in tqdm(batches, desc="evaluate", disable=not show, leave=False):
+    total = len(batches) if isinstance(batches, Sized) else None
+    shown = Progress("evaluate", total, progress_label, every_seconds=progress_seconds, terminal=progress or None,
+                     enabled=progress is not False)
+    for image, label in batches:
         image, label = image.to(device), label.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             if mode == "whole":
@@ -119,6 +123,8 @@ def evaluate(
                 logits = slide_logits(model, image, num_classes, slide_crop, slide_stride)
         prediction = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
         matrix += confusion_matrix(prediction, label, num_classes, ignore_index)
+        shown.update()
+    shown.close()
     model.train(was_training)
     return metrics_from_confusion(matrix), matrix
 

@@ -15,6 +15,9 @@ params.yaml               Hydra override
 ``extended``              read by dvc.yaml only (the multipliers of the extended runs)
 ========================  ===========================================================================
 
+Every command also gets ``speed.file=runs/<profile>/hardware.json``: the decision of the ``hardware`` stage (the
+pipeline's first), which settles a profile's ``auto`` precision, channels_last and threads once for every stage.
+
 Unknown profiles or method names are rejected here, before any stage runs.
 """
 
@@ -123,7 +126,8 @@ def read_params(path: Path) -> dict[str, Any]:
 def params_overrides(path: Path) -> list[str]:
     """Hydra overrides from a params file (see the module docstring)."""
     params = read_params(path)
-    overrides = [f"profile={params.get('profile', 'synthetic')}"]
+    profile = params.get("profile", "synthetic")
+    overrides = [f"profile={profile}", f"speed.file=runs/{profile}/hardware.json"]  # the `hardware` stage's decision
     if params.get("seeds"):
         overrides.append(f"seeds=[{','.join(str(int(s)) for s in params['seeds'])}]")
     if params.get("reference_iterations") is not None:
@@ -160,6 +164,7 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         f"student.pretrained={cfg.teacher.get('pretrained') or 'null'}",
         "budget=iterations",
         f"budget.iterations={int(cfg.teacher_iterations)}",
+        "progress.stage=teacher",
     ]
     (metrics,) = train_seeds(load_config(teacher_overrides))
     return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}

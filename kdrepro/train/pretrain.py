@@ -48,6 +48,7 @@ def _overrides(cfg: DictConfig, which: str) -> list[str]:
         f"budget.iterations={iterations(cfg, which)}",
         f"optim.lr={float(cfg.pretrain.lr)}",
         "eval_points=0",
+        f"progress.stage='pretrain {which}'",
     ]
     for key, value in _flatten(OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "dataset"):
         overrides.append(f"{key}={_hydra_value(value)}")
