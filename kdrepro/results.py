@@ -31,6 +31,7 @@ import yaml
 
 from kdrepro.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
 from kdrepro.stats import STUDENT_ALONE, summarize
+from kdrepro.train.speed_choice import runs_speed_choice
 from kdrepro.verdict import best_specific, judge
 
 PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
@@ -327,6 +328,7 @@ def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None)
                "claims": judge(runs, specific_methods(runs), teacher) if not runs.empty else []}  # fmt: skip
     if not stats.empty:
         verdict["regime"]["classes_learned_by_student"] = classes_learned(per_class)
+    verdict["regime"]["speed"] = runs_speed_choice(json.loads(path.read_text()).get("speed") for path in _metrics_files(runs_dir))
     for claim in verdict["claims"]:
         figures = claim["figures"]
         if claim["id"] == "b" and figures.get("canonical") and figures.get("best_specific"):

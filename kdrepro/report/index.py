@@ -94,7 +94,7 @@ def index_context(inputs: readers.Inputs) -> dict[str, Any]:
     teacher = verdict.get("regime", {}).get("teacher_miou")
     context["verdict"] = verdict_html(verdict)
     n_seeds = int(stats.n_seeds.max()) if "n_seeds" in stats and len(stats) else 0
-    context["table1"] = table1_html(table1(stats, calibration, meta, teacher), table1_caption(inputs.profile, n_seeds))
+    context["table1"] = table1_html(table1(stats, calibration, meta, teacher), table1_caption(inputs.profile, n_seeds, verdict.get("regime", {}).get("speed")))
     return context
 
 

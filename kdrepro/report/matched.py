@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from kdrepro.report.pages import render_template
 from kdrepro.report.published import published_entry
+from kdrepro.train.speed_choice import speed_sentence
 from kdrepro.report.style import (
     FAMILIES,
     FAMILY_LINES,
@@ -58,6 +59,7 @@ def regime_line(verdict: dict[str, Any]) -> str:
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
     parts.append(classes_sentence(regime))
+    parts.append(speed_sentence(regime.get("speed")))
     return " ".join(part for part in parts if part)
 
 
@@ -224,7 +226,8 @@ def table1_html(table: pd.DataFrame, caption: str) -> str:
     return f'<div id="table1" class="kdrepro-table1">{styler.to_html()}</div>'
 
 
-def table1_caption(profile: str, n_seeds: int) -> str:
+def table1_caption(profile: str, n_seeds: int, speed: dict[str, Any] | None = None) -> str:
+    """Table 1's caption; ``speed``: the runs' speed choice (the verdict's ``regime.speed``), stated at its end."""
     return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
             f"95 % t-interval over {n_seeds} seeds. Δ: mIoU difference paired by seed, with its 95 % interval below; "
             "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
@@ -232,7 +235,18 @@ def table1_caption(profile: str, n_seeds: int) -> str:
             "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
             "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
             "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "
-            "full-size models: a scale reference, never comparable with this profile's numbers).")
+            "full-size models: a scale reference, never comparable with this profile's numbers). "
+            + html.escape(speed_note(speed)))
+
+
+def speed_note(speed: dict[str, Any] | None) -> str:
+    """The speed sentence and what it means for the numbers ('' when unknown): precision changes the numerics, and
+    the time per iteration the compute-matched budgets are made of."""
+    sentence = speed_sentence(speed)
+    if not sentence:
+        return ""
+    return (sentence + " Iteration-matched scores depend on the precision this machine chose (bf16 and fp32 runs "
+            "differ in their numerics).")
 
 
 # ------------------------------------------------------------------------------------------------------- figures

@@ -16,6 +16,9 @@ def speed_sentence(choice: dict[str, Any] | None) -> str:
     ('' when unknown), e.g. "Speed settings: fp32 (this machine has no native bf16 ...), NCHW (...), 2 threads (...)."."""
     if not choice or not choice.get("precision"):
         return ""
+    if choice.get("mixed"):
+        return (f"Speed settings differ between this pipeline's runs (precision {choice['precision']}): rerun them on "
+                "one machine (dvc repro) to compare like with like.")
     reason = choice.get("reason") or {}
     precision = "bf16 autocast" if choice["precision"] == "bf16" else str(choice["precision"])
     parts = [_with_reason(precision, reason.get("precision"))]
@@ -38,7 +41,5 @@ def runs_speed_choice(choices: Iterable[dict[str, Any] | None]) -> dict[str, Any
         return None
     if len(distinct) > 1:
         precisions = sorted({json.loads(c)["precision"] for c in distinct})
-        return {"precision": " and ".join(precisions), "mixed": True,
-                "reason": {"precision": "runs of this pipeline trained with different speed settings: rerun them "
-                           "on one machine (dvc repro) to compare like with like"}}
+        return {"precision": " and ".join(precisions), "mixed": True}
     return json.loads(distinct.pop())
