@@ -159,5 +159,5 @@ def test_speed_sentence_states_settings_and_reasons():
                                       "2 threads (set in the config).")  # fmt: skip
     assert speed_sentence(None) == ""
     mixed = runs_speed_choice([choice, {**choice, "precision": "bf16"}, None])
-    assert mixed["mixed"] and "different speed settings" in speed_sentence(mixed)
+    assert mixed["mixed"] and "differ between" in speed_sentence(mixed)
     assert runs_speed_choice([choice, dict(choice)]) == choice
