@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 
 from kdrepro.report.pages import render_template
 from kdrepro.report.published import published_entry
-from kdrepro.train.speed_choice import speed_sentence
 from kdrepro.report.style import (
     FAMILIES,
     FAMILY_LINES,
@@ -33,6 +32,7 @@ from kdrepro.report.style import (
     interval,
     method_colours,
 )
+from kdrepro.train.speed_choice import speed_sentence
 
 MATCHED = ("iter_matched", "compute_matched")
 BADGE_STYLES = {"supported": "background:#d9f2e6;color:#00553a;border:1px solid #009E73",
