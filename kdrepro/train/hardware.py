@@ -294,7 +294,12 @@ def measurements_path(decision_file: Path) -> Path:
 
 
 def write_decision(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
-    """``kdrepro hardware``: decide ``cfg``'s speed settings and write ``speed.file`` and its measurements beside it."""
+    """``kdrepro hardware``: decide ``cfg``'s speed settings and write ``speed.file`` and its measurements beside it.
+
+    A decision already made on this machine (same CPU, ISA level, cores, torch) for the same models, data shapes and
+    settings is kept without measuring again, unless ``speed.remeasure=true`` (which still keeps it while it is within
+    the margin): the stage runs on every ``dvc repro`` and costs a process start.
+    """
     from kdrepro.io import write_text_atomic
     from kdrepro.train.trainer import resolve_device
 
@@ -302,21 +307,34 @@ def write_decision(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         raise ConfigError("kdrepro hardware needs speed.file=<decision file>, e.g. speed.file=runs/synthetic/hardware.json")
     path = Path(str(cfg.speed.file))
     device_type = resolve_device(str(cfg.device)).type
-    decision, measurements = decide(cfg, device_type, previous=_previous(path, device_type))
+    previous = _previous(path, device_type, cfg)
+    if previous is not None and not cfg.speed.get("remeasure", False):
+        log.info("%s: decided on this machine before for this config; kept (speed.remeasure=true measures again)", path)
+        return previous, path
+    decision, measurements = decide(cfg, device_type, previous=previous)
+    record = {**measurements, "machine": machine(device_type), "config": _measured_config(cfg)}
     write_text_atomic(path, json.dumps(decision, indent=2) + "\n")
-    if measurements:
-        write_text_atomic(measurements_path(path), json.dumps(measurements, indent=2) + "\n")
+    write_text_atomic(measurements_path(path), json.dumps(record, indent=2) + "\n")
     return decision, path
 
 
-def _previous(path: Path, device_type: str) -> dict[str, Any] | None:
-    """The last decision written at ``path`` if it was measured on this machine (same CPU, ISA, cores, torch)."""
+def _measured_config(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a decision was made for (models, data shapes, batch, the speed keys), as plain JSON values."""
+    part = OmegaConf.to_container(_cost_part(cfg), resolve=True)
+    assert isinstance(part, dict)
+    part.pop("speed", None)
+    return json.loads(json.dumps(part, sort_keys=True, default=str))
+
+
+def _previous(path: Path, device_type: str, cfg: DictConfig) -> dict[str, Any] | None:
+    """The last decision written at ``path`` if it was made on this machine for this config, else None."""
     try:
         decision = json.loads(path.read_text())
-        measured_on = json.loads(measurements_path(path).read_text()).get("machine")
+        record = json.loads(measurements_path(path).read_text())
     except (OSError, ValueError):
         return None
-    return decision if measured_on == machine(device_type) and "precision" in decision else None
+    same = record.get("machine") == machine(device_type) and record.get("config") == _measured_config(cfg)
+    return decision if same and isinstance(decision, dict) and "precision" in decision else None
 
 
 def read_decision(path: Path) -> dict[str, Any]:

@@ -108,16 +108,22 @@ def test_decision_file_is_byte_identical_when_the_choice_holds(tiny_dataset, tmp
     bf16_native(True)
     path = tmp_path / "hardware.json"
     cfg = _cfg(tiny_dataset, f"speed.file={path}")
-    monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _fake_measure(FAST_BF16)(options))
+
+    def measuring(seconds):
+        monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _fake_measure(seconds)(options))
+
+    measuring(FAST_BF16)
     write_decision(cfg)
     first = path.read_bytes()
-    wobble = {**FAST_BF16, ("fp32", False): 0.51}  # bf16 now only 2 % faster: the previous choice stays
-    monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _fake_measure(wobble)(options))
-    write_decision(cfg)
-    assert path.read_bytes() == first
-    assert json.loads(first)["precision"] == "bf16"
     measurements = json.loads(hardware.measurements_path(path).read_text())
     assert measurements["machine"]["cpu"] and "seconds" in measurements  # the raw numbers live beside it
+    monkeypatch.setattr(hardware, "measure_steps", lambda *args: pytest.fail("re-measured a decision of this machine"))
+    assert write_decision(cfg)[0]["precision"] == "bf16"  # the next `dvc repro`: kept, not measured
+    measuring({**FAST_BF16, ("fp32", False): 0.51})  # measured again, bf16 now only 2 % faster: the choice stays
+    write_decision(_cfg(tiny_dataset, f"speed.file={path}", "speed.remeasure=true"))
+    assert path.read_bytes() == first and json.loads(first)["precision"] == "bf16"
+    measuring(SLOW_BF16)  # another config (here: the batch) is decided afresh
+    assert write_decision(_cfg(tiny_dataset, f"speed.file={path}", "loader.batch_size=4"))[0]["precision"] == "fp32"
 
 
 def test_apply_speed_reads_the_pipeline_decision(tiny_dataset, tmp_path):
