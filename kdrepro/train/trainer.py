@@ -28,6 +28,7 @@ from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.io import load_model
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.train.budget import poly_lr
+from kdrepro.train.hardware import apply_speed, is_auto
 from kdrepro.train.timing import PhaseTimer, synchronize
 
 
@@ -105,6 +106,8 @@ class Trainer:
         teacher: nn.Module | None = None,
         context: DistributedContext | None = None,
     ):
+        if is_auto(cfg):  # built outside `kdrepro train` / `calibrate` (a benchmark, a notebook): decide here, once
+            cfg = apply_speed(cfg)
         self.cfg = cfg
         self.device = device
         self.context = context or DistributedContext()

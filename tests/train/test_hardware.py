@@ -167,3 +167,19 @@ def test_speed_sentence_states_settings_and_reasons():
     mixed = runs_speed_choice([choice, {**choice, "precision": "bf16"}, None])
     assert mixed["mixed"] and "differ between" in speed_sentence(mixed)
     assert runs_speed_choice([choice, dict(choice)]) == choice
+
+
+def test_a_trainer_built_from_an_auto_config_decides_once_in_the_process(tiny_dataset, monkeypatch, bf16_native):
+    from kdrepro.train.trainer import Trainer
+
+    bf16_native(True)
+    calls: list = []
+    monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _fake_measure(FAST_BF16, calls)(options))
+    hardware._decided_here.cache_clear()
+    cfg = load_config([*tiny_dataset, *AUTO, "method=none"])
+    first = Trainer(cfg, torch.device("cpu"))
+    second = Trainer(load_config([*tiny_dataset, *AUTO, "method=none", "seed=5"]), torch.device("cpu"))
+    hardware._decided_here.cache_clear()
+    assert first.precision == second.precision == "bf16"
+    assert first.memory_format == torch.contiguous_format  # "auto" is never read as a true channels_last
+    assert len(calls) == 4  # one measurement of the four candidates, shared by both (another seed: the same cost)
