@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> dict:
                        *(TINY if args.tiny else []), *args.overrides])  # fmt: skip
     threads = int(args.threads)
     torch.set_num_threads(threads)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     decision, decided_on = hardware.decide(cfg, "cpu")
-    decide_seconds = time.perf_counter() - start
+    decide_seconds, decide_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     auto = (decision["precision"], decision["channels_last"])
     fixed = list(hardware.PREFERENCE)
     steps = {(c, w): step for c in fixed for w, step in hardware.workload_steps(cfg, "cpu", *c).items()}
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         "isa": args.isa or "native", "capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": hardware.bf16_native("cpu"), "threads": threads, "rounds": args.rounds,
         "profile": args.profile, "tiny": args.tiny, "decision": decision, "auto": hardware._label(auto),
-        "decide_seconds": decide_seconds, "decided_on": decided_on.get("median_seconds", {}), "seconds": times,
+        "decide_seconds": decide_seconds, "decide_cpu_seconds": decide_cpu_seconds, "decided_on": decided_on.get("median_seconds", {}), "seconds": times,
     }
 
 
@@ -114,7 +114,7 @@ def print_report(result: dict, table: dict) -> None:
     print(f"CPU capability {result['capability']} ({result['isa']}), native bf16: {result['bf16_native']}, "
           f"{result['threads']} threads, {result['rounds']} rounds, profile {result['profile']}"
           + (" (tiny)" if result["tiny"] else ""))  # fmt: skip
-    print(f"auto chose {result['auto']} in {result['decide_seconds']:.1f} s: {result['decision']['reason']['precision']}; "
+    print(f"auto chose {result['auto']} in {result['decide_seconds']:.1f} s ({result['decide_cpu_seconds']:.1f} CPU s): {result['decision']['reason']['precision']}; "
           f"{result['decision']['reason']['channels_last']}")  # fmt: skip
     choices = list(next(iter(table["wall"].values()))["median_ms"])
     for clock, rows in table.items():
