@@ -395,6 +395,9 @@ def apply_speed(cfg: DictConfig) -> DictConfig:
 
 
 def _explicit(cfg: DictConfig, key: str) -> str:
-    if key == "threads" and cfg.get("threads") is None:
-        return "torch's default"
-    return "set in the config"
+    """The reason of a setting the config gives (worded as :func:`decide` words it)."""
+    if key == "precision":
+        return f"{cfg.get('precision', 'fp32')}: set in the config"
+    if key == "channels_last":
+        return f"{'channels_last' if cfg.get('channels_last') else 'NCHW'}: set in the config"
+    return "torch's default" if cfg.get("threads") is None else "set in the config"

@@ -183,3 +183,16 @@ def test_a_trainer_built_from_an_auto_config_decides_once_in_the_process(tiny_da
     assert first.precision == second.precision == "bf16"
     assert first.memory_format == torch.contiguous_format  # "auto" is never read as a true channels_last
     assert len(calls) == 4  # one measurement of the four candidates, shared by both (another seed: the same cost)
+
+
+def test_reports_state_the_choice_in_the_regime_line_and_table_1_caption():
+    from kdrepro.report.matched import regime_line, table1_caption
+
+    choice = {"precision": "bf16", "channels_last": True, "threads": 2,
+              "reason": {"precision": "bf16: native on this machine and measured faster than fp32 here",
+                         "channels_last": "channels_last: measured faster than NCHW here", "threads": "set in the config"}}  # fmt: skip
+    sentence = speed_sentence(choice)
+    assert sentence.startswith("Speed settings: bf16 autocast (native on this machine and measured faster than fp32")
+    assert sentence in regime_line({"regime": {"profile": "synthetic", "seeds": [0], "speed": choice}})
+    assert "Speed settings: bf16 autocast" in table1_caption("synthetic", 3, choice)
+    assert "Speed settings" not in table1_caption("synthetic", 3)

@@ -80,3 +80,22 @@ def test_a_training_run_in_a_log_prints_progress_lines(tiny_dataset, tmp_path, c
     assert [LINE.match(line)["step"] for line in training] == ["1", "2", "3"]
     assert all(LINE.match(line)["total"] == "3" and "loss: " in line for line in training)
     assert any(line.startswith("evaluate (none, seed 0) Iter [") for line in lines)  # the evaluation too
+
+
+def test_calibration_in_a_log_prints_progress_lines_and_records_the_speed_choice(tiny_teacher, tmp_path, caplog,
+                                                                                not_a_terminal):  # fmt: skip
+    from kdrepro.cli import main
+
+    output = tmp_path / "calibration.json"
+    overrides = [*tiny_teacher, "calibrate.methods=[none,kd]", "calibrate.warmup=0", "calibrate.rounds=1",
+                 "calibrate.iterations_per_round=2", f"calibrate.output={output}", "progress.every_seconds=0",
+                 "threads=1"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="kdrepro.progress"):
+        assert main(["calibrate", *overrides]) == 0
+    lines = [record.getMessage() for record in caplog.records if record.name == "kdrepro.progress"]
+    assert [LINE.match(line)["step"] for line in lines] == ["1", "2", "3", "4"]
+    assert lines[0].startswith("calibrate (") and "round 1/1" in lines[0] and LINE.match(lines[0])["total"] == "4"
+    import json
+
+    speed = json.loads(output.read_text())["speed"]
+    assert speed["precision"] == "fp32" and speed["reason"]["precision"] == "fp32: set in the config"
