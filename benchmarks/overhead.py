@@ -24,12 +24,13 @@ import torch
 from kdrepro.config import load_config
 from kdrepro.io import save_checkpoint
 from kdrepro.models import build_segmentor
+from kdrepro.train.hardware import apply_speed
 from kdrepro.train.run import RunState, checkpoint_state, log_step, open_live
 from kdrepro.train.trainer import Trainer
 
 
 def main(overrides: list[str]) -> None:
-    cfg = load_config(["method=kd", *overrides])
+    cfg = apply_speed(load_config(["method=kd", *overrides]))  # the profile's `auto` settings, decided here
     torch.set_num_threads(int(cfg.threads or torch.get_num_threads()))
     device = torch.device("cpu")
     teacher = build_segmentor(cfg.teacher, int(cfg.dataset.num_classes)).eval()

@@ -41,8 +41,8 @@ def build(method: str, paper: bool, optimised: bool, device: torch.device, teach
     overrides = [f"method={method}", "memory_bank_scale=0.05" if not paper else "memory_bank_scale=1.0"]
     if paper:
         overrides += ["profile=cityscapes", "loader.batch_size=8"]
-    if optimised:
-        overrides += ["precision=bf16", "channels_last=true"]
+    # the reference loop in fp32 / NCHW whatever the profile says (the CPU profiles say `auto`)
+    overrides += ["precision=bf16", "channels_last=true"] if optimised else ["precision=fp32", "channels_last=false"]
     trainer = Trainer(load_config(overrides), device, teacher=teacher)
     if not optimised:
         trainer.teacher_grad_context = torch.no_grad

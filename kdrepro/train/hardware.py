@@ -371,6 +371,8 @@ def apply_speed(cfg: DictConfig) -> DictConfig:
     now) and ``speed.choice`` = the settings used and their reasons, which metrics and calibration record."""
     from kdrepro.train.trainer import resolve_device
 
+    if not is_auto(cfg) and (cfg.get("speed") or {}).get("choice") is not None:
+        return cfg  # decided already (applying twice changes nothing)
     device_type = resolve_device(str(cfg.device)).type
     if not is_auto(cfg):
         decision, _ = decide(cfg, device_type)

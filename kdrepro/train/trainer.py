@@ -28,7 +28,6 @@ from kdrepro.errors import ConfigError, KdreproError
 from kdrepro.io import load_model
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.train.budget import poly_lr
-from kdrepro.train.hardware import apply_speed, is_auto
 from kdrepro.train.timing import PhaseTimer, synchronize
 
 
@@ -47,6 +46,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def check_decided(cfg: DictConfig) -> None:
+    """Refuse a config whose speed settings are still ``auto``: `kdrepro train` and `kdrepro calibrate` decide them
+    (:func:`kdrepro.train.hardware.apply_speed`) before building a trainer; code building one directly must too."""
+    undecided = [key for key in ("precision", "channels_last", "threads") if cfg.get(key) == "auto"]
+    if undecided:
+        raise ConfigError(
+            f"{', '.join(undecided)}=auto is not decided yet; call kdrepro.train.hardware.apply_speed(cfg) before "
+            "building a Trainer (kdrepro train and calibrate do), or set the value explicitly"
+        )
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -106,8 +116,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         context: DistributedContext | None = None,
     ):
-        if is_auto(cfg):  # built outside `kdrepro train` / `calibrate` (a benchmark, a notebook): decide here, once
-            cfg = apply_speed(cfg)
+        check_decided(cfg)
         self.cfg = cfg
         self.device = device
         self.context = context or DistributedContext()

@@ -169,20 +169,21 @@ def test_speed_sentence_states_settings_and_reasons():
     assert runs_speed_choice([choice, dict(choice)]) == choice
 
 
-def test_a_trainer_built_from_an_auto_config_decides_once_in_the_process(tiny_dataset, monkeypatch, bf16_native):
+def test_auto_is_decided_in_the_process_once_and_never_reaches_a_trainer(tiny_dataset, monkeypatch, bf16_native):
     from kdrepro.train.trainer import Trainer
 
     bf16_native(True)
     calls: list = []
     monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _fake_measure(FAST_BF16, calls)(options))
     hardware._decided_here.cache_clear()
-    cfg = load_config([*tiny_dataset, *AUTO, "method=none"])
-    first = Trainer(cfg, torch.device("cpu"))
-    second = Trainer(load_config([*tiny_dataset, *AUTO, "method=none", "seed=5"]), torch.device("cpu"))
+    first = apply_speed(load_config([*tiny_dataset, *AUTO, "method=none"]))
+    second = apply_speed(load_config([*tiny_dataset, *AUTO, "method=kd", "seed=5"]))
     hardware._decided_here.cache_clear()
-    assert first.precision == second.precision == "bf16"
-    assert first.memory_format == torch.contiguous_format  # "auto" is never read as a true channels_last
-    assert len(calls) == 4  # one measurement of the four candidates, shared by both (another seed: the same cost)
+    assert first.precision == second.precision == "bf16" and first.channels_last is second.channels_last is False
+    assert len(calls) == 4  # one measurement of the four candidates, shared (another seed or method: the same cost)
+    assert apply_speed(first) is first  # applying twice changes nothing
+    with pytest.raises(ConfigError, match=r"precision, channels_last=auto is not decided yet; call .*apply_speed"):
+        Trainer(load_config([*tiny_dataset, *AUTO, "method=none"]), torch.device("cpu"))
 
 
 def test_reports_state_the_choice_in_the_regime_line_and_table_1_caption():
