@@ -2,9 +2,9 @@
 
 One definition for two consumers: ``dvc.yaml``'s ``deps`` (a test checks that every stage lists all of it and
 nothing that its command cannot read) and the cost fingerprint of ``kdrepro calibrate`` (a method is re-measured when
-any code its training step can run changes). ``python -m kdrepro.deps <stage>`` prints a stage's deps in the compact
+any code its training step can run changes). ``python -m kdrepro.pipeline.deps <stage>`` prints a stage's deps in the compact
 form ``dvc.yaml`` uses: a folder when the command can read every module in it, single files otherwise;
-``python -m kdrepro.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
+``python -m kdrepro.pipeline.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
 
 The closure is static: every ``import kdrepro...`` / ``from kdrepro... import`` anywhere in a module (also inside
 functions: a lazily imported module can still run), each module's parent packages, and every submodule of a package
@@ -20,23 +20,22 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parent
 
 #: The modules each stage's command starts from (``kdrepro <command>`` -> its handler in kdrepro/cli.py). Every
-#: command also runs the CLI, the params glue and the config loader. The CLI and the params glue dispatch lazily:
-#: their function-level imports belong to one command's handler each, which ``ENTRIES`` names, so only their
-#: module-level imports are followed.
-COMMON = ("kdrepro.cli", "kdrepro.pipeline", "kdrepro.config", "kdrepro.errors")
-DISPATCHERS = ("kdrepro.cli", "kdrepro.pipeline")
+#: command also runs the CLI, the params glue and the config loader. The CLI dispatches lazily: its function-level
+#: imports belong to one command's handler each, which ``ENTRIES`` names, so only its module-level imports are followed.
+COMMON = ("kdrepro.cli", "kdrepro.pipeline.params", "kdrepro.config", "kdrepro.errors")
+DISPATCHERS = ("kdrepro.cli",)
 ENTRIES: dict[str, tuple[str, ...]] = {
     "data": ("kdrepro.data",),
     "pretrain": ("kdrepro.train.pretrain",),
-    "teacher": ("kdrepro.train.seeds", "kdrepro.train.run", "kdrepro.models.weights"),
+    "teacher": ("kdrepro.train.teacher",),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
     "calibrate": ("kdrepro.train.calibrate",),
-    "select": ("kdrepro.results",),
-    "results": ("kdrepro.results",),
+    "select": ("kdrepro.analysis.commands",),
+    "results": ("kdrepro.analysis.commands",),
     "report": ("kdrepro.report",),
     "index": ("kdrepro.report.index",),
 }
