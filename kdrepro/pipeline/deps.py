@@ -83,6 +83,42 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
     return {name for name in found if name == "kdrepro" or name.startswith("kdrepro.")}
 
 
+def module_graph() -> dict[str, set[str]]:
+    """Every kdrepro module -> the kdrepro modules it imports by name, anywhere in its source (function-level
+    imports included). ``from package import submodule`` is an import of the submodule only, and a package's
+    ``__init__`` counts as the package's own module. The import graph ``tests/test_architecture.py`` checks for
+    circles and upward imports."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {_module_name(path) for path in paths}
+    graph = {}
+    for path in paths:
+        own = _module_name(path)
+        targets = set()
+        for base, aliases in _import_statements(path):
+            submodules = {f"{base}.{alias}" for alias in aliases if f"{base}.{alias}" in names}
+            targets |= submodules if aliases and len(submodules) == len(aliases) else {base, *submodules}
+        if path.name == "__init__.py" and "iter_modules(__path__)" in path.read_text():
+            targets |= {_module_name(child) for child in path.parent.glob("*.py") if child.name != "__init__.py"}
+        graph[own] = {name for name in targets if name in names and name != own}
+    return graph
+
+
+def _import_statements(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import statement in a source file (``import a.b`` is ``("a.b", [])``)."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((base, [alias.name for alias in node.names]))
+    return found
+
+
 def closure(entries: Iterable[str]) -> set[Path]:
     """Source files of the modules reachable from ``entries`` (and their parent packages)."""
     seen: set[Path] = set()
