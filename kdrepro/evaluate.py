@@ -8,15 +8,17 @@ the label; pixels labelled ``ignore_index`` are skipped. Inference is ``whole`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence, Sized
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from kdrepro.models.output import resize_logits
-from kdrepro.train.progress import Progress
 
 
 def confusion_matrix(prediction: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -96,14 +98,14 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     autocast_dtype: torch.dtype | None = None,
-    progress_label: str = "",
-    progress_seconds: float = 30.0,
+    reporter: Any = None,
 ) -> tuple[SegMetrics, Tensor]:
     """Evaluate ``model`` on ``(image, label)`` batches; returns the metrics and the confusion matrix.
 
     Labels may be larger than images (images resized to the test scale, labels at original size): logits are resized
-    to the label size before the arg-max, as in mmsegmentation. ``progress``: a tqdm bar (True), nothing (False), or
-    by default a bar on a terminal and elsewhere a line every ``progress_seconds`` naming ``progress_label``.
+    to the label size before the arg-max, as in mmsegmentation. Progress: ``reporter.update()`` after every batch
+    when a reporter is given (the training loop's :class:`kdrepro.train.progress.Progress`: a bar on a terminal, a
+    line at a steady interval in a log), else a tqdm bar when ``progress`` (default: stderr is a terminal).
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"unknown evaluation mode {mode!r}; use whole or slide")
@@ -111,9 +113,9 @@ def evaluate(
     model.eval()
     device = torch.device(device)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    total = len(batches) if isinstance(batches, Sized) else None
-    shown = Progress("evaluate", total, progress_label, every_seconds=progress_seconds, terminal=progress or None,
-                     enabled=progress is not False)
+    show = sys.stderr.isatty() if progress is None else progress
+    shown = reporter or tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc="evaluate",
+                             disable=not show, leave=False)  # fmt: skip
     for image, label in batches:
         image, label = image.to(device), label.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):

@@ -38,9 +38,9 @@ from kdrepro.distributed import (
 )
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
-from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
-from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
+from kdrepro.train.checkpoint import restore_rng_state, rng_state
 from kdrepro.train.hardware import apply_speed
 from kdrepro.train.progress import Progress
 from kdrepro.train.run_folder import (
@@ -247,8 +247,8 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
         slide_stride=list(cfg.dataset.slide_stride),
         device=trainer.device,
         autocast_dtype=torch.bfloat16 if cfg.get("precision") == "bf16" else None,
-        progress_label=f"{cfg.method.name}, seed {cfg.seed}",
-        progress_seconds=float((cfg.get("progress") or {}).get("every_seconds", 30)),
+        reporter=Progress("evaluate", len(loader), f"{cfg.method.name}, seed {cfg.seed}",
+                          every_seconds=float((cfg.get("progress") or {}).get("every_seconds", 30))),
     )
 
 
