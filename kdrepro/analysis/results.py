@@ -33,6 +33,7 @@ from kdrepro.analysis.stats import STUDENT_ALONE, summarize
 from kdrepro.analysis.verdict import best_specific, judge
 from kdrepro.config import CONF_DIR
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
+from kdrepro.pipeline.matching import read_table
 
 PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
 
@@ -141,7 +142,7 @@ def collect_per_class(runs_dir: str | Path) -> pd.DataFrame:
 
 def load_calibration(path: str | Path) -> pd.DataFrame:
     """One row per calibrated method: seconds/iteration, spread, phase medians, FLOPs, memory, matched iterations."""
-    table = json.loads(Path(path).read_text())
+    table = read_table(Path(path), "run `kdrepro calibrate` first")
     matched = table["matched"]
     rows = []
     for name, entry in table["methods"].items():

@@ -17,6 +17,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from kdrepro.pipeline.matching import PHASES
 from kdrepro.report.style import (
     FAMILY_MARKERS,
     FIGURE_WIDTH,
@@ -27,9 +28,6 @@ from kdrepro.report.style import (
     method_colours,
 )
 
-#: The phases of one training iteration, as ``kdrepro.train.timing.PHASES`` (copied: importing it would import
-#: torch into every report kernel; a test checks they agree).
-PHASES = ("data", "teacher", "student", "distill", "backward", "optimizer", "method_step")
 MIB = 2**20
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from kdrepro.errors import ConfigError
+from kdrepro.pipeline.matching import read_header
 from kdrepro.report.style import LOGIT_KD, STUDENT_ALONE
 
 RESULTS_HINT = "run `make repro` (or `dvc repro results`) first"
@@ -140,12 +141,7 @@ def read_calibration(results_dir: Path) -> pd.DataFrame:
 
 def read_calibration_header(runs_dir: Path) -> dict[str, Any]:
     """The header of ``runs_dir/calibration.json`` (hardware, matched budget, reference method); {} if absent."""
-    path = Path(runs_dir) / "calibration.json"
-    if not path.is_file():
-        return {}
-    header = json.loads(path.read_text())
-    header.pop("methods", None)
-    return header
+    return read_header(Path(runs_dir) / "calibration.json")
 
 
 def read_verdict(results_dir: Path) -> dict[str, Any]:
