@@ -28,23 +28,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from kdrepro.config import CONF_DIR
+from kdrepro.analysis.methods import CANONICAL, STUDENT_ALONE, method_info
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import budget_seconds, iterations_within, read_table, reference_method
 
 #: The paper's (and mmsegmentation's) schedules: the iteration-matched protocol trains every method this long.
 PAPER_ITERATIONS = {"cityscapes": 80_000, "ade20k": 160_000}
-EXTENDED_METHODS = ("none", "kd", "fitnet")  # plus the best segmentation-specific method
 HOUR = 3600.0
-
-
-def method_family(name: str, plugins: list[str]) -> str | None:
-    """``family`` of a method config (canonical | segmentation_specific | student), None if it has none."""
-    for folder in [CONF_DIR, *(Path(p) for p in plugins)]:
-        path = folder / "method" / f"{name}.yaml"
-        if path.is_file():
-            return (yaml.safe_load(path.read_text()) or {}).get("family")
-    return None
 
 
 def _run(stage: str, method: str, iterations: int, entry: dict[str, Any], per: str, note: str = "") -> dict[str, Any]:
@@ -65,7 +55,7 @@ def matched_runs(stage: str, names: list[str], methods: dict, budget: float, per
 
 def best_specific(kd_methods: list[str], methods: dict, plugins: list[str]) -> tuple[str | None, str]:
     """The segmentation-specific method to price the extended slot with (the most expensive per iteration)."""
-    specific = [name for name in kd_methods if method_family(name, plugins) == "segmentation_specific"]
+    specific = [name for name in kd_methods if method_info(name, plugins).get("family") == "segmentation_specific"]
     if not specific:
         return None, "no segmentation-specific method in methods: the extended runs are priced without one"
     name = max(specific, key=lambda m: float(methods[m]["seconds_per_iteration"]))
@@ -157,7 +147,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
     rows = [*pretrain_runs(cfg, methods), teacher, calibration_run(cfg, names, methods)]
     rows += [_run("iter_matched", n, reference_iterations, methods[n], "seed") for n in names]
     rows += matched_runs("compute_matched", names, methods, budget)
-    extended_names = [n for n in (*EXTENDED_METHODS, best) if n is not None and n in methods]
+    extended_names = [n for n in (STUDENT_ALONE, *CANONICAL, best) if n is not None and n in methods]
     for multiplier in multipliers:
         rows += matched_runs(f"extended ×{multiplier:g}", extended_names, methods, multiplier * budget)
     if best is not None:

@@ -29,31 +29,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdrepro.analysis.stats import STUDENT_ALONE, summarize
+from kdrepro.analysis.methods import STUDENT_ALONE
+from kdrepro.analysis.stats import summarize
 from kdrepro.analysis.verdict import best_specific, judge
-from kdrepro.config import CONF_DIR
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
 from kdrepro.pipeline.matching import read_table
 
 PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
-
-
-def method_info(name: str, start: str | Path = ".") -> dict[str, Any]:
-    """family, display_name and reproduces of a method config: the packaged one, else the one in the ``plugins``
-    folder of the nearest ``params.yaml`` at or above ``start`` ({} when there is none)."""
-    candidates = [CONF_DIR / "method" / f"{name}.yaml"]
-    for folder in (Path(start).resolve(), *Path(start).resolve().parents):
-        params = folder / "params.yaml"
-        if params.is_file():
-            plugins = (yaml.safe_load(params.read_text()) or {}).get("plugins")
-            if isinstance(plugins, str):
-                candidates.append(folder / plugins / "method" / f"{name}.yaml")
-            break
-    for path in candidates:
-        if path.is_file():
-            config = yaml.safe_load(path.read_text()) or {}
-            return {key: config.get(key) for key in ("family", "display_name", "reproduces") if config.get(key)}
-    return {}
 
 
 def _method_meta(run_dir: Path) -> dict[str, Any]:

@@ -17,12 +17,11 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from kdrepro.analysis.methods import LOGIT_KD, STUDENT_ALONE
 from kdrepro.pipeline.matching import PHASES
 from kdrepro.report.style import (
     FAMILY_MARKERS,
     FIGURE_WIDTH,
-    LOGIT_KD,
-    STUDENT_ALONE,
     family_label,
     figure_note,
     method_colours,

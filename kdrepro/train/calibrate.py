@@ -59,8 +59,7 @@ from kdrepro.distributed import (
     DistributedContext,
     barrier,
     check_global_batch,
-    init_from_environment,
-    rank_device,
+    setup_device,
     shard,
 )
 from kdrepro.pipeline.matching import PHASES, matched_iterations, read_previous, write_calibration
@@ -73,7 +72,7 @@ from kdrepro.train.calibrate_ranks import (
     slowest_rank_history,
 )
 from kdrepro.train.timing import synchronize
-from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
+from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher
 
 log = logging.getLogger("kdrepro.calibrate")
 
@@ -132,8 +131,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     names = list(settings.methods)
     if base_cfg.get("threads"):
         torch.set_num_threads(int(base_cfg.threads))
-    context = init_from_environment(str(base_cfg.device))
-    device = rank_device(resolve_device(str(base_cfg.device)), context)
+    context, device = setup_device(str(base_cfg.device))
     check_global_batch(int(base_cfg.loader.batch_size), context)
     torch.manual_seed(int(base_cfg.seed))
     configs = {name: method_cfg(name) for name in names}
