@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from kdrepro.analysis.results import classes_learned, deciding_classes, extended_selection
+from kdrepro.analysis.regime import classes_learned, deciding_classes
+from kdrepro.analysis.results import extended_selection
 
 
 def _per_class(rows):
@@ -50,7 +51,7 @@ def test_extended_selection_takes_the_best_specific_mean():
 
 
 def test_regime_states_the_schedule_fraction_and_the_teacher_gap_at_the_longest_control():
-    from kdrepro.analysis.results import regime
+    from kdrepro.analysis.regime import regime
     from kdrepro.analysis.stats import summarize
 
     rows = [("teacher", "teacher", 1.0, 0, 0.52, 1000, 100.0)]
