@@ -39,7 +39,7 @@ from kdrepro.distributed import (
 )
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
-from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
 from kdrepro.train.run_folder import (
@@ -363,20 +363,18 @@ def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict
     """What ``checkpoint.pt`` holds: weights, optimiser and method state, RNGs, step, clock and timing history."""
     history = trainer.timer.history
     keys = list(history[0]) if history else [*PHASES, "total"]
-    return {
-        "format": FORMAT_VERSION,
-        **trainer.state_dict(),
-        "step": state.step,
-        "train_seconds": state.train_seconds,
-        "pretrained": state.pretrained,
-        "finished": False,
-        "rng": rng_state(),
-        "timing_keys": keys,
-        "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
-        "num_classes": trainer.num_classes,
-        "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
+    trained = trainer.state_dict()
+    return checkpoint_dict(
+        trained.pop("model"), trainer.num_classes, OmegaConf.to_container(cfg.student, resolve=True), finished=False,
+        **trained,
+        step=state.step,
+        train_seconds=state.train_seconds,
+        pretrained=state.pretrained,
+        rng=rng_state(),
+        timing_keys=keys,
+        timing=torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
 
 
 def _save(run: Run) -> None:
