@@ -58,6 +58,12 @@ def test_time_far_from_flop_share_is_flagged_and_idle_is_not():
     assert disturbance(DISTURBED, OmegaConf.create({"max_spread": None, "max_flop_deviation": None})) == {}
 
 
+def test_a_method_cheaper_than_its_flops_say_is_not_disturbed():
+    # SKD's discriminator: 66x kd's FLOPs at 7x its time (smoke size, idle); only the dear side means load
+    skd = {**IDLE, "skd": entry(0.25 * 7, 2.1 * 66)}
+    assert flop_deviations(skd)["skd"] < 0.25 and disturbance(skd, SETTINGS) == {}
+
+
 def test_spread_is_a_cause_too():
     noisy = {**IDLE, "fitnet": entry(0.24, 2.2, spread=0.9)}
     assert "spread by 90 %" in disturbance(noisy, SETTINGS)["fitnet"]
