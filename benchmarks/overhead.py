@@ -36,7 +36,7 @@ from kdrepro.config import load_config
 from kdrepro.io import save_checkpoint
 from kdrepro.models import build_segmentor
 from kdrepro.train.run import RunState, checkpoint_state, log_step, open_live
-from kdrepro.train.trainer import Trainer, clone_output
+from kdrepro.train.trainer import Trainer, autocast_context
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
@@ -58,16 +58,16 @@ def step_functions(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     """(bare, harness): each runs one training step and returns its duration on ``clock``."""
     batches = iter(lambda: (images, labels), None)
 
-    def bare() -> float:
+    def bare() -> float:  # Trainer.step's work at the same precision and layout, without its timers and checks
         start = clock()
         trainer.set_progress(0.0)
-        with torch.inference_mode():
-            t_out = trainer.teacher(images)
-        t_out = clone_output(t_out)
-        s_out = trainer.student(images)
-        losses = trainer.task_losses(s_out, labels)
-        losses.update(trainer.distiller(s_out, t_out, labels))
-        total = sum(losses.values())
+        t_out = trainer.teacher_forward(images)
+        with autocast_context(trainer.device, trainer.precision):
+            s_out = trainer.model(images)
+            losses = trainer.task_losses(s_out, labels)
+            kd_terms = trainer.distiller(s_out.float(), t_out, labels)
+        losses.update({name: value.float() for name, value in kd_terms.items()})
+        total = torch.stack(list(losses.values())).sum()
         trainer.optimizer.zero_grad(set_to_none=True)
         total.backward()
         trainer.optimizer.step()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -104,12 +105,13 @@ def load_config_for(cfg: DictConfig, method: str) -> DictConfig:
 
 
 def step_timer(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, benchmark_cudnn: bool,
-               clock: Callable[[], float]) -> Callable[[], float]:
-    """A closure running one training step and returning its duration on ``clock``."""
+               clock: Callable[[], float], threads: int) -> Callable[[], float]:
+    """A closure running one training step on ``threads`` compute threads and returning its duration on ``clock``."""
     images = images.contiguous(memory_format=trainer.memory_format)
 
     def run() -> float:
         torch.backends.cudnn.benchmark = benchmark_cudnn
+        torch.set_num_threads(threads)
         synchronize(trainer.device)
         start = clock()
         trainer.step(images, labels, progress=0.0)
@@ -168,6 +170,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--precision", default=None, help="kdrepro's precision (default: auto, the hardware stage's choice)")
     parser.add_argument("--channels-last", default=None, help="kdrepro's layout: true / false (default: auto)")
     parser.add_argument("--candidates", action="store_true", help="time every candidate setting, not only kdrepro's")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="kdrepro's compute threads per process (default: the profile's, as the reference); with "
+                             "the CPU clock, 1 measures images per core-second of one-thread processes, one per core")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=smoke")
     args = parser.parse_args(argv)
@@ -175,6 +180,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     cfg = base_config(args.overrides, args.paper)
     if device.type == "cpu" and cfg.get("threads") not in (None, "auto"):
         torch.set_num_threads(int(cfg.threads))
+    reference_threads = torch.get_num_threads()
+    threads = args.threads or reference_threads
     clock = {"cpu": time.process_time, "wall": time.perf_counter}[args.clock or ("wall" if device.type == "cuda" else "cpu")]
     height, width = (int(v) for v in cfg.dataset.crop_size)
     batch, classes = int(cfg.loader.batch_size), int(cfg.dataset.num_classes)
@@ -185,22 +192,24 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     loops = candidate_settings(cfg, device) if args.candidates else [chosen]
     peak = peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(f"device: {name}; {cfg.profile_name} profile: student {cfg.student.name} w{cfg.student.base_width}, teacher "
           f"{cfg.teacher.name} w{cfg.teacher.base_width}, {classes} classes; batch {batch}, crop {height}x{width}; "
           f"clock {'CPU time' if clock is time.process_time else 'wall'}; {args.rounds} interleaved pairs per row")
-    print(f"reference: {label(REFERENCE)}, no_grad teacher, per-parameter SGD; kdrepro: {label(chosen)} ({source})")
+    print(f"reference: {label(REFERENCE)}, no_grad teacher, per-parameter SGD, {reference_threads} threads; kdrepro: "
+          f"{label(chosen)} ({source}), {threads} thread(s) per process")
     print(f"{'method':<8} {'kdrepro loop':<26} {'ref s/it':>9} {'s/it':>8} {'speed-up':>9} {'95 % interval':>15} "
           f"{'GFLOP/it':>9} {'MFU':>6}")
-    results: dict[str, Any] = {"device": name, "reference": REFERENCE, "kdrepro": chosen, "source": source, "rows": []}
+    results: dict[str, Any] = {"device": name, "reference": REFERENCE, "kdrepro": chosen, "source": source,
+                               "reference_threads": reference_threads, "threads": threads, "rows": []}
     for method in args.methods.split(","):
         reference = build(cfg, method, REFERENCE, device, teacher, reference=True)
         work = flops(reference, images, labels)
-        ref_step = step_timer(reference, images, labels, False, clock)
+        ref_step = step_timer(reference, images, labels, False, clock, reference_threads)
         for settings in loops:
             optimised = build(cfg, method, settings, device, teacher, reference=False)
             row = {"method": method, "loop": label(settings), **settings, "chosen": settings == chosen,
-                   **compare(ref_step, step_timer(optimised, images, labels, True, clock), args.rounds, args.warmup)}
+                   **compare(ref_step, step_timer(optimised, images, labels, True, clock, threads), args.rounds, args.warmup)}
             row["flops_per_iteration"] = work
             results["rows"].append(row)
             interval = row["speedup_interval"]

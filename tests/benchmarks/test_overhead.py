@@ -32,3 +32,20 @@ def test_overhead_runs_briefly_on_a_fresh_clone(overhead, tmp_path, monkeypatch,
     status = overhead.main(["--rounds", "6", "--warmup", "1", "profile=smoke"])
     out = capsys.readouterr().out
     assert status in (0, 1) and "95 % interval" in out and out.splitlines()[-1].startswith("overhead: ")
+
+
+def test_bare_step_runs_at_the_harness_precision(overhead, monkeypatch):
+    """An fp32 bare step against a bf16 harness step once read as a 226 % "overhead"."""
+    import torch
+
+    from kdrepro.config import load_config
+    from kdrepro.models import build_segmentor
+    from kdrepro.train.trainer import Trainer, autocast_context
+
+    cfg = load_config(["profile=smoke", "method=kd", "precision=bf16", "student.pretrained=null", "teacher.pretrained=null"])
+    trainer = Trainer(cfg, torch.device("cpu"), teacher=build_segmentor(cfg.teacher, 7).eval())
+    precisions = []
+    monkeypatch.setattr(overhead, "autocast_context", lambda device, precision: precisions.append(precision) or autocast_context(device, precision))
+    bare, _ = overhead.step_functions(trainer, torch.randn(2, 3, 32, 64), torch.randint(0, 7, (2, 32, 64)), overhead.time.process_time)
+    bare()
+    assert precisions == ["bf16"]
