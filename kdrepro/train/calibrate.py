@@ -79,6 +79,7 @@ from kdrepro.distributed import (
     setup_device,
     shard,
 )
+from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import PHASES, matched_iterations, read_previous, write_calibration
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
