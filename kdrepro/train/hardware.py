@@ -300,8 +300,8 @@ def write_decision(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     settings is kept without measuring again, unless ``speed.remeasure=true`` (which still keeps it while it is within
     the margin): the stage runs on every ``dvc repro`` and costs a process start.
     """
+    from kdrepro.distributed import resolve_device
     from kdrepro.io import write_text_atomic
-    from kdrepro.train.trainer import resolve_device
 
     if not cfg.speed.get("file"):
         raise ConfigError("kdrepro hardware needs speed.file=<decision file>, e.g. speed.file=runs/synthetic/hardware.json")
@@ -369,7 +369,7 @@ def _cost_part(cfg: DictConfig) -> DictConfig:
 def apply_speed(cfg: DictConfig) -> DictConfig:
     """``cfg`` with its ``auto`` speed settings replaced by the decision (the ``speed.file`` when set, else decided
     now) and ``speed.choice`` = the settings used and their reasons, which metrics and calibration record."""
-    from kdrepro.train.trainer import resolve_device
+    from kdrepro.distributed import resolve_device
 
     if not is_auto(cfg) and (cfg.get("speed") or {}).get("choice") is not None:
         return cfg  # decided already (applying twice changes nothing)
