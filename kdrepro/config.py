@@ -160,6 +160,14 @@ def check_calibrate(settings: DictConfig) -> None:
     spread = settings.get("max_spread")
     if spread is not None and (isinstance(spread, bool) or not isinstance(spread, int | float) or spread <= 0):
         raise ConfigError(f"calibrate.max_spread must be a positive number (e.g. 0.5) or null, got {spread!r}")
+    deviation = settings.get("max_flop_deviation")
+    if deviation is not None and (isinstance(deviation, bool) or not isinstance(deviation, int | float) or deviation <= 1):
+        raise ConfigError(f"calibrate.max_flop_deviation must be a number above 1 (e.g. 4) or null, got {deviation!r}")
+    remeasure = settings.get("remeasure", 0)
+    if isinstance(remeasure, bool) or not isinstance(remeasure, int) or remeasure < 0:
+        raise ConfigError(f"calibrate.remeasure must be a whole number of re-measurements (0 or more), got {remeasure!r}")
+    if str(settings.get("clock", "auto")) not in ("auto", "wall", "cpu"):
+        raise ConfigError(f"calibrate.clock must be auto, wall or cpu, got {settings.get('clock')!r}")
 
 
 def _explain(error: HydraException, plugins: Sequence[Path] = ()) -> str:
