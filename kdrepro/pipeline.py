@@ -12,6 +12,7 @@ params.yaml               Hydra override
 ``methods``               ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
 ``calibrate.<key>``       ``calibrate.<key>=<value>``
 ``plugins``               ``plugins=[folder]``: the folder of your own methods, outside the package
+``verdict.<key>``         ``verdict.<key>=<value>`` (the results stage: the positive control's methods, ...)
 ``extended``              read by dvc.yaml only (the multipliers of the extended runs)
 ========================  ===========================================================================
 
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
-from kdrepro.config import load_config, options
+from kdrepro.config import CONF_DIR, load_config, options
 from kdrepro.errors import ConfigError
 
-PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins"}
+PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins", "verdict"}
 #: The extended runs are fixed by the protocol: the student alone (the control), logit KD, feature KD, and the best
 #: segmentation-specific method of the compute-matched table (chosen by the `select` stage).
 EXTENDED_CANONICAL = ("kd", "fitnet")
@@ -117,7 +119,25 @@ def read_params(path: Path) -> dict[str, Any]:
         )
     if "extended" in params:
         _check_extended(path, params["extended"] or {}, methods)
+    if "verdict" in params:
+        _check_verdict(path, params["verdict"] or {}, methods)
     return params
+
+
+def _check_verdict(path: Path, verdict: Any, methods: list[str]) -> None:
+    if not isinstance(verdict, dict):
+        raise ConfigError(f"{path}: verdict must be a mapping such as {{positive_control: [kd, cwd]}}")
+    known = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["verdict"]
+    unknown = set(verdict) - set(known)
+    if unknown:
+        raise ConfigError(f"{path}: verdict has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    controls = verdict.get("positive_control")
+    if controls is not None and (not isinstance(controls, list) or not controls):
+        raise ConfigError(f"{path}: verdict.positive_control must be a list of methods such as [kd, cwd]")
+    missing = [name for name in controls or [] if name not in methods]
+    if missing:
+        raise ConfigError(f"{path}: verdict.positive_control names {missing}, which methods does not run; add them "
+                          "to methods or choose other control methods")
 
 
 def params_overrides(path: Path) -> list[str]:
@@ -135,6 +155,10 @@ def params_overrides(path: Path) -> list[str]:
             overrides.append(f"calibrate.{key}={value}")
     if params.get("plugins"):
         overrides.append(f"plugins=[{params['plugins']}]")
+    for key, value in (params.get("verdict") or {}).items():
+        if value is not None:
+            text = f"[{','.join(str(v) for v in value)}]" if isinstance(value, list) else value
+            overrides.append(f"verdict.{key}={text}")
     return overrides
 
 
@@ -173,7 +197,8 @@ def results(overrides: list[str]) -> list[Path]:
     runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
     if not runs_dir.is_dir():
         raise ConfigError(f"runs_dir {runs_dir} does not exist; run the training stages first (dvc repro)")
-    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None)
+    settings = OmegaConf.to_container(cfg.verdict, resolve=True) if cfg.get("verdict") is not None else None
+    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None, settings)
 
 
 def select(overrides: list[str]) -> dict[str, Any]:
