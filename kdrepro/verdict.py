@@ -92,7 +92,8 @@ def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
                 lost.append(method)
     figures = {"significant_orders_iter_matched": len(order_iter), "significant_orders_compute_matched": len(order_comp),
                "flips": [f"{a}>{b} iteration-matched, {b}>{a} compute-matched" for a, b in flips],
-               "specific_advantage_lost": lost}  # fmt: skip
+               "flip_pairs": [[a, b] for a, b in flips], "specific_advantage_lost": lost,
+               "seeds": int(runs[runs.protocol.isin(["iter_matched", "compute_matched"])].seed.nunique())}  # fmt: skip
     if flips or lost:
         parts = []
         if flips:
@@ -164,7 +165,8 @@ def claim_extended(runs: pd.DataFrame, teacher_miou_pct: float | None) -> dict[s
     share = 100.0 * mine / teacher_miou_pct
     share_mean, _, _, share_high, _ = t_interval(share)
     figures = {"method": canonical, "multiplier": multiplier, "delta_student": diff["mean"], "ci_low": diff["ci_low"],
-               "ci_high": diff["ci_high"], "percent_of_teacher": share_mean, "teacher_miou": teacher_miou_pct}  # fmt: skip
+               "ci_high": diff["ci_high"], "percent_of_teacher": share_mean, "teacher_miou": teacher_miou_pct,
+               "seeds": diff["n"]}  # fmt: skip
     text = (f"{canonical} at {multiplier:g}x: {share_mean:.1f} % of the teacher ({teacher_miou_pct:.1f} mIoU), "
             f"{_fmt(diff)} points vs the student alone at {multiplier:g}x")  # fmt: skip
     upper = share_high if math.isfinite(share_high) else share_mean

@@ -32,24 +32,34 @@ from kdrepro.report.style import (
     interval,
     method_colours,
 )
+from kdrepro.report.verdict_text import (
+    capacity_gap_sentence,
+    claim_in_words,
+    flags,
+    positive_control_sentence,
+    teacher_schedule,
+)
 
 MATCHED = ("iter_matched", "compute_matched")
 BADGE_STYLES = {"supported": "background:#d9f2e6;color:#00553a;border:1px solid #009E73",
                 "contradicted": "background:#fbe3d6;color:#8a3200;border:1px solid #D55E00",
-                "inconclusive": "background:#eeeeee;color:#333;border:1px solid #888"}
-BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?"}
+                "inconclusive": "background:#eeeeee;color:#333;border:1px solid #888",
+                "cannot judge": "background:#fde0e0;color:#9b0000;border:1px solid #c00000"}
+BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?", "cannot judge": "⚠"}
 
 
 # ------------------------------------------------------------------------------------------------------- verdict
-def regime_line(verdict: dict[str, Any]) -> str:
-    """One sentence on the regime the verdict was reached in: profile, seeds, schedule, teacher gap."""
+def regime_line(verdict: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """The regime the verdict was reached in, in sentences: profile, seeds, schedule, the teacher with its schedule
+    and its gap, the positive control, the capacity gap and the classes learned."""
     regime = verdict.get("regime", {})
+    names = names if names is not None else verdict_names(verdict)
     seeds = regime.get("seeds") or []
     fraction = regime.get("student_fraction_of_4x")
     parts = [
         f"Profile {regime.get('profile', '?')}, {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}), reference "
         f"schedule {regime.get('reference_iterations', '?')} iterations.",
-        f"Teacher {_number(regime.get('teacher_miou'))} mIoU vs student alone {_number(regime.get('student_miou'))} "
+        f"Teacher {teacher_schedule(regime)} vs student alone {_number(regime.get('student_miou'))} mIoU "
         f"(gap {_number(regime.get('teacher_gap'))} points; the paper's gap is 5–5.5).",
     ]
     if regime.get("schedule"):
@@ -57,8 +67,26 @@ def regime_line(verdict: dict[str, Any]) -> str:
         parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
-    parts.append(classes_sentence(regime))
+    parts += [positive_control_sentence(regime, names), capacity_gap_sentence(regime), classes_sentence(regime)]
     return " ".join(part for part in parts if part)
+
+
+def verdict_names(verdict: dict[str, Any]) -> dict[str, str]:
+    """Display names of every method a verdict mentions (from the method configs)."""
+    from kdrepro.report.readers import method_metadata
+
+    found: set[str] = set()
+    regime = verdict.get("regime") or {}
+    found |= set((regime.get("positive_control") or {}).get("per_method") or {})
+    found |= {str(row.get("method")) for row in (verdict.get("compute_check") or {}).get("runs", [])}
+    found |= set((verdict.get("compute_check") or {}).get("disturbed") or {})
+    for claim in verdict.get("claims", []):
+        figures = claim.get("figures") or {}
+        found |= {str(figures[key]) for key in ("canonical", "best_specific", "method") if figures.get(key)}
+        found |= {str(m) for pair in figures.get("flip_pairs") or [] for m in pair}
+        found |= {str(m) for m in figures.get("specific_advantage_lost") or []}
+    meta = method_metadata(sorted(found)) if found else None
+    return dict(zip(meta.method, meta.display_name, strict=True)) if meta is not None else {}
 
 
 def regime_note(verdict: dict[str, Any]) -> str:
@@ -81,27 +109,20 @@ def _number(value: Any) -> str:
     return "?" if value is None or pd.isna(value) else f"{float(value):.1f}"
 
 
-def _figure_text(value: Any) -> str:
-    """A verdict figure as text: numbers to 2 decimals, lists joined, nested tables as ``key: value · ...``."""
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_figure_text(item) for item in value) or "none"
-    if isinstance(value, dict):
-        return " · ".join(f"{key.replace('_', ' ')}: {_figure_text(item)}" for key, item in value.items() if item is not None)
-    return str(value)
-
-
-def verdict_html(verdict: dict[str, Any]) -> str:
-    """The verdict block (``templates/verdict.html.j2``): one row per claim, verdict in words and colour."""
+def verdict_html(verdict: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """The verdict block (``templates/verdict.html.j2``): the warnings first (a failed positive control or compute
+    check, in plain words and red), the regime, then one row per claim: its verdict in words and colour, one
+    sentence of evidence with display names, and its figures as a small table."""
+    names = names if names is not None else verdict_names(verdict)
+    regime = verdict.get("regime") or {}
     claims = []
     for claim in verdict.get("claims", []):
-        figures = {name: _figure_text(value) for name, value in (claim.get("figures") or {}).items()
-                   if value not in (None, [], {}, "")}  # fmt: skip
         verdict_word = claim.get("verdict", "inconclusive")
-        claims.append({**claim, "figures": figures, "verdict": verdict_word if verdict_word in BADGE_STYLES else "inconclusive"})
-    return render_template("verdict.html.j2", regime_line=regime_line(verdict), claims=claims,
-                           badge_styles=BADGE_STYLES, badge_symbols=BADGE_SYMBOLS)
+        verdict_word = verdict_word if verdict_word in BADGE_STYLES else "inconclusive"
+        claims.append({"id": claim.get("id"), "claim": claim.get("claim", ""), "verdict": verdict_word,
+                       "slug": verdict_word.replace(" ", "-"), **claim_in_words(claim, names, regime)})  # fmt: skip
+    return render_template("verdict.html.j2", regime_line=regime_line(verdict, names), claims=claims,
+                           flags=flags(verdict, names), badge_styles=BADGE_STYLES, badge_symbols=BADGE_SYMBOLS)
 
 
 # ------------------------------------------------------------------------------------------------------- Table 1

@@ -108,19 +108,35 @@ def test_table1_marks_differences_inside_the_noise(stats, meta):
 
 def test_verdict_block_states_every_claim_in_words():
     verdict = fixtures.verdict(None)
-    html = matched.verdict_html(verdict)
+    html = matched.verdict_html(verdict, fixtures.DISPLAY)
     assert 'id="verdict"' in html and html.count("verdict-badge") == 3
     for word in ("supported", "contradicted", "inconclusive"):
         assert f"verdict-{word}" in html
-    assert "dist_minus_kd_iter = 1.50" in html and "gap 10.0 points" in html
-    verdict["claims"][1]["figures"]["per_class"] = {"difference": 0.1188, "deciding": ["flat", "vehicle"], "largest": "sky"}
-    assert "per_class = difference: 0.12 · deciding: flat, vehicle · largest: sky" in matched.verdict_html(verdict)
+    # one sentence per claim with display names, the figures in a small table, no raw `key = value` dumps
+    assert "Compute-matched, KD (the better canonical method) scores +0.8 mIoU points against CWD" in html
+    assert "DIST above KD iteration-matched, below it compute-matched" in html
+    assert 'class="kdrepro-figures"' in html and "best segmentation-specific</th>" in html
+    assert "best_specific" not in html and "canonical =" not in html and "per_class" not in html and "4× the" in html
+    assert "no single class (largest share: sky, 35 %)" in html
+    # the teacher's schedule wherever its mIoU appears
+    assert "40.0 mIoU after 300 iterations (one run)" in html
+    assert "Positive control passed" in html and "KD +2.0 [+1.6, +2.4]" in html
+    assert "Capacity gap: the teacher leads the student alone at its longest control (4× the budget, 106 iterations) by 3.6 points" in html
+    assert "kdrepro-flag" not in html
     assert "86 % of its mIoU at 4x the schedule" in matched.regime_line(verdict)
     verdict["regime"].pop("schedule")
     assert "has 86 % of its mIoU at 4× the schedule" in matched.regime_line(verdict)
     assert "learns" not in matched.regime_line(verdict)
     verdict["regime"]["classes_learned_by_student"] = {"present": 7, "learned": 5, "not_learned": ["object", "human"]}
     assert "learns 5 of the 7 classes present in validation (IoU 0: object, human)." in matched.regime_line(verdict)
+
+
+def test_failed_positive_control_says_first_that_the_run_cannot_judge():
+    html = matched.verdict_html(fixtures.verdict(None, control_passed=False), fixtures.DISPLAY)
+    flag = html.index("This run cannot judge the paper&#39;s claims.")
+    assert flag < html.index("kdrepro-regime") < html.index("(a)")  # before anything else of the block
+    assert html.count("⚠ cannot judge") == 3 and "Positive control FAILED" in html
+    assert "Its numbers alone would say supported" in html and "CWD +0.5 [-3.0, +4.0]" in html
 
 
 def test_per_class_matrix_averages_seeds_and_drops_absent_classes(stats, meta):
