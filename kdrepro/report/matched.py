@@ -135,11 +135,31 @@ def ordered_methods(meta: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
     return list(frame.sort_values(["order", "score", "method"]).method)
 
 
-def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None) -> pd.DataFrame:
-    """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol, the
-    paired differences vs the student alone and vs logit KD with their intervals and significance, the iterations
-    received, the relative cost per iteration and the published mIoU (Cityscapes) with source and schedule."""
+def budget_rows(check: dict[str, Any] | None, protocol: str = "compute_matched") -> dict[str, dict[str, Any]]:
+    """Per method, from the compute check of ``verdict.json``: realised training seconds (mean over seeds) against
+    the budget, the extreme ratio, whether every seed stayed within the tolerance, and the FLOP-matched iterations."""
+    rows = [row for row in (check or {}).get("runs", []) if row.get("protocol") == protocol]
+    found: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(str(row["method"]) for row in rows):
+        mine = [row for row in rows if str(row["method"]) == method]
+        ratios = [float(row["ratio"]) for row in mine if row.get("ratio") is not None]
+        worst = max(ratios, key=lambda r: abs(r - 1.0)) if ratios else np.nan
+        found[method] = {"seconds": float(np.nanmean([row["train_seconds"] or np.nan for row in mine])),
+                         "budget": float(mine[0]["budget_seconds"]), "worst_ratio": worst,
+                         "within": all(row.get("within") for row in mine),
+                         "flop_iterations": mine[0].get("flop_matched_iterations")}  # fmt: skip
+    return found
+
+
+def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None,
+           check: dict[str, Any] | None = None, teacher_iterations: int | None = None) -> pd.DataFrame:
+    """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol with its
+    seed count, the paired differences vs the student alone and vs logit KD with their intervals and significance,
+    the iterations received against the FLOP-matched ones, the realised training seconds against the budget
+    (``check``: the compute check of ``verdict.json``), the relative cost per iteration and the published mIoU
+    (Cityscapes) with source and schedule."""
     matched = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)]
+    budgets = budget_rows(check)
     cost = calibration.set_index("method").seconds_per_iteration if len(calibration) else pd.Series(dtype=float)
     student_cost = cost.get(STUDENT_ALONE, np.nan)
     info = meta.set_index("method")
@@ -151,6 +171,14 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
         published = published_entry(method)
         row.update({"published_miou": published["miou"] if published else np.nan,
                     "published_source": f"{published['source']} · {published['schedule']}" if published else ""})
+        budget = budgets.get(method, {})
+        flops = budget.get("flop_iterations")
+        if flops is None and len(calibration) and "flop_matched_iterations" in calibration:
+            found = calibration.loc[calibration.method == method, "flop_matched_iterations"]
+            flops = float(found.iloc[0]) if len(found) and pd.notna(found.iloc[0]) else None
+        row.update({"compute_train_seconds": budget.get("seconds", np.nan), "compute_budget_seconds": budget.get("budget", np.nan),
+                    "compute_worst_ratio": budget.get("worst_ratio", np.nan), "compute_within_budget": budget.get("within"),
+                    "compute_flop_iterations": np.nan if flops is None else flops})  # fmt: skip
         for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
             found = matched[(matched.protocol == protocol) & (matched.method == method)]
             values = found.iloc[0] if len(found) else pd.Series(dtype=object)
@@ -163,7 +191,8 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
     if teacher_miou is not None:
         teacher = published_entry("teacher")
         table = pd.concat([table, pd.DataFrame([{
-            "method": "teacher", "family": "teacher", "display_name": "Teacher (one run)", "reproduces": "",
+            "method": "teacher", "family": "teacher", "reproduces": "",
+            "display_name": f"Teacher (one run, {teacher_iterations:,} iterations)" if teacher_iterations else "Teacher (one run)",
             "iter_miou_mean": teacher_miou, "compute_miou_mean": teacher_miou,
             "published_miou": teacher["miou"] if teacher else np.nan,
             "published_source": f"{teacher['source']} · {teacher['schedule']}" if teacher else ""}])],
@@ -198,18 +227,42 @@ def table1_display(table: pd.DataFrame) -> pd.DataFrame:
     """Table 1's cells as HTML strings, rows indexed by (family, method), columns grouped by protocol."""
     index = pd.MultiIndex.from_arrays([table.family.map(family_label), [_method_label(r) for _, r in table.iterrows()]],
                                       names=["family", "method"])
-    columns: dict[tuple[str, str], list[str]] = {
-        ("published (Cityscapes)", "mIoU"): [_published_cell(r) for _, r in table.iterrows()],
-        ("", "cost / it (× student)"): ["—" if pd.isna(c) else f"{c:.2f}×" for c in table.relative_cost.fillna(np.nan)],
-    }
+    columns: dict[tuple[str, str], list[str]] = {}
     for tag, label in (("iter", "iteration-matched"), ("compute", "compute-matched")):
         columns[(label, "mIoU ± CI")] = [_miou_cell(r, tag) for _, r in table.iterrows()]
-        columns[(label, "iterations")] = ["—" if pd.isna(v) else f"{v:,.0f}" for v in table.get(f"{tag}_iterations_mean", pd.Series(np.nan, index=table.index))]
+        columns[(label, "seeds")] = ["—" if pd.isna(v) else f"{int(v)}" for v in table.get(f"{tag}_n_seeds", pd.Series(np.nan, index=table.index))]
+        if tag == "iter":
+            columns[(label, "iterations")] = ["—" if pd.isna(v) else f"{v:,.0f}" for v in table.get("iter_iterations_mean", pd.Series(np.nan, index=table.index))]
+        else:
+            columns[(label, "iterations (FLOP-matched)")] = [_iterations_cell(r) for _, r in table.iterrows()]
+            columns[(label, "train s / budget")] = [_budget_cell(r) for _, r in table.iterrows()]
         columns[(label, "Δ student alone")] = [_difference_cell(r, f"{tag}_delta_student") for _, r in table.iterrows()]
         columns[(label, "Δ logit KD")] = [_difference_cell(r, f"{tag}_delta_kd") for _, r in table.iterrows()]
+    columns[("this hardware", "cost / it (× student)")] = ["—" if pd.isna(c) else f"{c:.2f}×" for c in table.relative_cost.fillna(np.nan)]
+    columns[("published (Cityscapes)", "mIoU")] = [_published_cell(r) for _, r in table.iterrows()]
     frame = pd.DataFrame(columns, index=index)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame
+
+
+def _iterations_cell(row: pd.Series) -> str:
+    received, flops = row.get("compute_iterations_mean", np.nan), row.get("compute_flop_iterations", np.nan)
+    if pd.isna(received):
+        return "—"
+    return f"{received:,.0f}" + ("" if pd.isna(flops) else f'<br><small title="FLOP-matched iterations">({flops:,.0f})</small>')
+
+
+def _budget_cell(row: pd.Series) -> str:
+    """Realised training seconds (mean over seeds) against the budget; red with ⚠ when a seed left ±15 %."""
+    seconds, budget = row.get("compute_train_seconds", np.nan), row.get("compute_budget_seconds", np.nan)
+    if pd.isna(seconds) or pd.isna(budget):
+        return "—"
+    text = f"{seconds:.1f} / {budget:.1f}"
+    worst = row.get("compute_worst_ratio", np.nan)
+    if row.get("compute_within_budget") is False:
+        return (f'<span class="kdrepro-off-budget" style="color:#c00000;font-weight:bold" title="a seed trained '
+                f'outside ±15 % of its budget">⚠ {text}<br><small>{100 * worst:.0f} % of budget</small></span>')
+    return f"{text}<br><small>{100 * seconds / budget:.0f} %</small>"
 
 
 def _method_label(row: pd.Series) -> str:
@@ -236,6 +289,7 @@ def _published_cell(row: pd.Series) -> str:
 def table1_html(table: pd.DataFrame, caption: str) -> str:
     """Table 1 as an HTML table with id ``table1`` (grouped rows and column groups; intervals on a second line)."""
     styler = table1_display(table).style.set_caption(caption).set_table_attributes('class="kdrepro-table"')
+    styler = styler.hide(axis="index", names=True)  # no empty "family / method" header row
     styler = styler.set_uuid("table1").set_table_styles([
         {"selector": "th", "props": "text-align:center;padding:3px 6px;font-size:92%;vertical-align:top"},
         {"selector": "th.row_heading", "props": "text-align:left"},
@@ -247,9 +301,12 @@ def table1_html(table: pd.DataFrame, caption: str) -> str:
 
 def table1_caption(profile: str, n_seeds: int) -> str:
     return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
-            f"95 % t-interval over {n_seeds} seeds. Δ: mIoU difference paired by seed, with its 95 % interval below; "
+            f"95 % t-interval over the seeds of each row (up to {n_seeds}). Δ: mIoU difference paired by seed, with its 95 % interval below; "
             "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
-            "iteration relative to the student alone on this hardware. Iteration-matched runs repeat bit for bit on "
+            "iteration relative to the student alone on this hardware. Compute-matched: iterations received with the "
+            "FLOP-matched count in brackets, and realised training seconds against the budget (mean over seeds; "
+            "<b style=\"color:#c00000\">⚠ red</b>: a seed trained outside ±15 % of its budget, so compute matching did not "
+            "hold for that row). Iteration-matched runs repeat bit for bit on "
             "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
             "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
             "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "

@@ -184,7 +184,9 @@ def compute_text(check: dict[str, Any], names: Names) -> str:
     off = [row for row in check.get("runs", []) if not row.get("within")]
     if off:
         ratios = [float(row["ratio"]) for row in off if _finite(row.get("ratio"))]
-        extremes = f" (from {100 * min(ratios):.0f} % to {100 * max(ratios):.0f} % of their budget)" if ratios else ""
+        low, high = (100 * min(ratios), 100 * max(ratios)) if ratios else (0.0, 0.0)
+        extremes = "" if not ratios else (f" ({low:.0f} % of the budget)" if round(low) == round(high) else
+                                          f" (from {low:.0f} % to {high:.0f} % of their budget)")  # fmt: skip
         methods = ", ".join(dict.fromkeys(_name(row["method"], names) for row in off))
         parts.append(f"{len(off)} of {len(check.get('runs', []))} compute-matched or extended runs ({methods}) trained "
                      f"outside ±{100 * float(check.get('tolerance', 0.15)):.0f} % of their budget{extremes}")

@@ -4,6 +4,8 @@ pages and the index (template, dulwich commit)."""
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -290,3 +292,27 @@ def test_index_shows_verdict_table1_pages_and_provenance(tmp_path):
     assert page.index('id="verdict"') < page.index('id="table1"') < page.index("Provenance")
     assert '<a href="cost.html"><b>Cost per iteration</b></a>' in page and "<b>Training curves</b> <i>(not rendered yet)</i>" in page
     assert "2.0 s = 40 iterations of kd (reference method)" in page and "git commit" in page
+    # provenance: repository-relative paths, one date format, the CPU and the precision
+    assert str(tmp_path) not in page and "<td>runs/smoke</td>" in page and "<td>results/smoke</td>" in page
+    assert "<td>2026-11-30 05:00 UTC</td>" in page and "+00:00" not in page
+    assert "CPU AMD EPYC (2 threads)" in page and "<th>precision</th><td>bf16</td>" in page
+    assert "family</th>" not in page  # no empty "family / method" header row
+    # this run's columns first, the published scale reference last; per-row seeds and budget
+    assert page.index("iteration-matched") < page.index("compute-matched") < page.index("published (Cityscapes)")
+    assert "train s / budget" in page and "iterations (FLOP-matched)" in page and "kdrepro-off-budget" not in page
+    assert "Teacher (one run, 300 iterations)" in page
+
+
+def test_run_outside_its_budget_is_flagged_red_on_the_page_and_the_verdict(tmp_path):
+    """A constructed run table in which one compute-matched run trained 40 % longer than its budget."""
+    fixtures.make_repository(tmp_path)
+    runs = fixtures.runs_table()
+    verdict = fixtures.verdict()
+    verdict["compute_check"] = fixtures.compute_check(runs, {"compute_matched/fitnet/seed1": 1.4})
+    path = tmp_path / "results" / "smoke" / "verdict.json"
+    path.write_text(json.dumps(verdict))
+    page = index.write_index(readers.locate(start=tmp_path)).read_text()
+    assert "Compute matching did not hold in this run." in page and "cannot be judged" in page
+    assert "1 of 26 compute-matched or extended runs (FitNet (features)) trained outside ±15 % of their budget (140 % of the budget)" in page
+    flagged = page[page.index("kdrepro-off-budget") - 2500 : page.index("kdrepro-off-budget")]
+    assert "FitNet" in flagged and "140 % of budget" in page and page.count("kdrepro-off-budget") == 1
