@@ -33,6 +33,7 @@ from kdrepro.report.style import (
     method_colours,
 )
 from kdrepro.report.verdict_text import (
+    budget_by_method,
     capacity_gap_sentence,
     claim_in_words,
     flags,
@@ -135,22 +136,6 @@ def ordered_methods(meta: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
     return list(frame.sort_values(["order", "score", "method"]).method)
 
 
-def budget_rows(check: dict[str, Any] | None, protocol: str = "compute_matched") -> dict[str, dict[str, Any]]:
-    """Per method, from the compute check of ``verdict.json``: realised training seconds (mean over seeds) against
-    the budget, the extreme ratio, whether every seed stayed within the tolerance, and the FLOP-matched iterations."""
-    rows = [row for row in (check or {}).get("runs", []) if row.get("protocol") == protocol]
-    found: dict[str, dict[str, Any]] = {}
-    for method in dict.fromkeys(str(row["method"]) for row in rows):
-        mine = [row for row in rows if str(row["method"]) == method]
-        ratios = [float(row["ratio"]) for row in mine if row.get("ratio") is not None]
-        worst = max(ratios, key=lambda r: abs(r - 1.0)) if ratios else np.nan
-        found[method] = {"seconds": float(np.nanmean([row["train_seconds"] or np.nan for row in mine])),
-                         "budget": float(mine[0]["budget_seconds"]), "worst_ratio": worst,
-                         "within": all(row.get("within") for row in mine),
-                         "flop_iterations": mine[0].get("flop_matched_iterations")}  # fmt: skip
-    return found
-
-
 def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None,
            check: dict[str, Any] | None = None, teacher_iterations: int | None = None) -> pd.DataFrame:
     """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol with its
@@ -159,7 +144,7 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
     (``check``: the compute check of ``verdict.json``), the relative cost per iteration and the published mIoU
     (Cityscapes) with source and schedule."""
     matched = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)]
-    budgets = budget_rows(check)
+    budgets = budget_by_method(check)
     cost = calibration.set_index("method").seconds_per_iteration if len(calibration) else pd.Series(dtype=float)
     student_cost = cost.get(STUDENT_ALONE, np.nan)
     info = meta.set_index("method")

@@ -17,6 +17,11 @@ def _name(method: Any, names: Names) -> str:
     return names.get(str(method), str(method))
 
 
+def _nanmean(values: list[Any]) -> float:
+    finite = [float(v) for v in values if _finite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
@@ -198,3 +203,20 @@ def compute_text(check: dict[str, Any], names: Names) -> str:
                      "the machine while it was measured")
     advice = "re-measure on an idle machine with `dvc repro -f -s calibrate`, then `dvc repro`"
     return ("; ".join(parts) + f". To fix: {advice}.") if parts else ""
+
+
+# --------------------------------------------------------------------------------------------- per method
+def budget_by_method(check: dict[str, Any] | None, protocol: str = "compute_matched") -> dict[str, dict[str, Any]]:
+    """Per method, from the compute check of ``verdict.json``: realised training seconds (mean over seeds) against
+    the budget, the extreme ratio, whether every seed stayed within the tolerance, and the FLOP-matched iterations."""
+    rows = [row for row in (check or {}).get("runs", []) if row.get("protocol") == protocol]
+    found: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(str(row["method"]) for row in rows):
+        mine = [row for row in rows if str(row["method"]) == method]
+        ratios = [float(row["ratio"]) for row in mine if row.get("ratio") is not None]
+        worst = max(ratios, key=lambda r: abs(r - 1.0)) if ratios else math.nan
+        found[method] = {"seconds": float(_nanmean([row["train_seconds"] or math.nan for row in mine])),
+                         "budget": float(mine[0]["budget_seconds"]), "worst_ratio": worst,
+                         "within": all(row.get("within") for row in mine), "seeds": len(mine),
+                         "flop_iterations": mine[0].get("flop_matched_iterations")}  # fmt: skip
+    return found

@@ -193,6 +193,31 @@ def test_calibration_header_warns_of_disturbed_timing():
     assert "dvc repro -f -s calibrate" in text
 
 
+def test_disturbed_timing_note_works_where_max_spread_is_null():
+    """The smoke profile sets calibrate.max_spread null; the compute check's own limit still finds the disturbance."""
+    header = {"matched": {"budget_seconds": 21.4, "reference_method": "kd", "reference_iterations": 4}, "max_spread": None}
+    check = {"disturbed": {"fitnet": 1.058, "kd": 1.014}, "disturbed_spread": 0.5}
+    text = cost.calibration_header(header, check)
+    assert "**Disturbed timing**: IQR / median above 50 % for `fitnet` (106 %), `kd` (101 %)" in text
+
+
+def test_cost_table_gives_seeds_seconds_against_budget_and_flop_matched_iterations_in_figure_order():
+    check = fixtures.compute_check(fixtures.runs_table(), {"compute_matched/dist/seed0": 0.6})
+    table = cost.cost_table(fixtures.calibration_table(), fixtures.DISPLAY, check).set_index("method")
+    assert table.loc["KD", "seeds"] == 2 and table.loc["KD", "FLOP-matched iterations"] == 40
+    assert table.loc["KD", "train s / budget (mean)"] == "2.0 / 2.0 s (100 %)"
+    assert table.loc["DIST", "train s / budget (mean)"].startswith("⚠") and "a seed at 60 %" in table.loc["DIST", "train s / budget (mean)"]
+    html = cost.off_budget_style(style.styled(table.reset_index())).to_html()
+    assert html.count("#c00000") == 1
+    figure = cost.plot_cost(fixtures.calibration_table(), fixtures.FAMILY, fixtures.DISPLAY)
+    ticks = sorted(figure.axes[0].get_yticklabels(), key=lambda t: -t.get_position()[1])  # top to bottom on screen
+    shown = [t.get_text() for t in ticks]
+    assert shown == list(table.index) or shown[::-1] == list(table.index)
+    top = max(figure.axes[0].get_yticklabels(), key=lambda t: figure.axes[0].transData.transform(t.get_position())[1])
+    assert top.get_text() == list(table.index)[0]  # the cheapest on top, as the table's first row
+    plt.close(figure)
+
+
 def test_cost_table_shows_the_timing_spread():
     table = cost.cost_table(fixtures.calibration_table(), {"dist": "DIST"}).set_index("method")
     assert table.loc["DIST", "IQR (ms)"] == "54.6–75.4" and table.loc["DIST", "IQR / median (%)"] == pytest.approx(32.0)
