@@ -66,8 +66,37 @@ def test_locate_resolves_defaults_from_the_notebooks_folder(tmp_path):
         readers.locate(start=tmp_path)
 
 
+def test_root_rule_works_in_a_copy_without_dvc_yaml_and_its_errors_name_it(tmp_path, monkeypatch):
+    """A copy of the notebooks and the results, without dvc.yaml or params.yaml: the results one folder up are found."""
+    fixtures.make_repository(tmp_path)
+    (tmp_path / "dvc.yaml").unlink()
+    (tmp_path / "params.yaml").unlink()
+    inputs = readers.locate(start=tmp_path / "notebooks")
+    assert inputs.root == tmp_path.resolve() and inputs.profile == "smoke"  # the only profile with results
+    assert readers.read_verdict(inputs.results_dir)["regime"]["profile"] == "smoke"
+    (tmp_path / "results" / "other").mkdir()
+    (tmp_path / "results" / "other" / "verdict.json").write_text("{}")
+    with pytest.raises(ConfigError) as caught:
+        readers.locate(start=tmp_path / "notebooks")
+    assert "results exist for other, smoke" in str(caught.value) and "nearest folder at or above" in str(caught.value)
+    monkeypatch.chdir(tmp_path / "notebooks")
+    with pytest.raises(ConfigError, match=r"stats.csv does not exist \(repository root .*nearest folder at or above"):
+        readers.read_stats(tmp_path / "results" / "other")
+
+
+def test_readme_notebook_example_names_methods_every_profile_runs():
+    """README's `methods = [...]` example: only methods that params.yaml must list (extended runs, positive control)."""
+    from kdrepro.pipeline import EXTENDED_CANONICAL
+    from kdrepro.verdict import DEFAULT_SETTINGS
+
+    readme = (fixtures.ROOT / "README.md").read_text()
+    example = readme[readme.index("## Explore the notebooks"):].split("`methods = [", 1)[1].split("]", 1)[0]
+    named = {name.strip().strip('"') for name in example.split(",")}
+    assert named and named <= set(EXTENDED_CANONICAL) | set(DEFAULT_SETTINGS["positive_control"])
+
+
 def test_missing_tables_name_the_command_that_writes_them(tmp_path):
-    with pytest.raises(ConfigError, match="stats.csv does not exist; run `make repro`"):
+    with pytest.raises(ConfigError, match="stats.csv does not exist .*; run `make repro`"):
         readers.read_stats(tmp_path)
     with pytest.raises(ConfigError, match="verdict.json does not exist"):
         readers.read_verdict(tmp_path)
