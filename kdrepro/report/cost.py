@@ -170,8 +170,8 @@ def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], col
                  side: str = "right", min_gap: float | None = None, column: bool = False) -> list[float]:
     """Write ``texts`` beside the points ``(xs, ys)`` without overlaps: labels that would collide are spread
     vertically around their mean (order kept) and joined to their point by a thin leader line. Returns the label
-    y positions (data units). ``column``: the labels form a column right of the axes (clear of every marker and
-    error bar), each joined to its point."""
+    y positions (data units). ``column``: the labels form a column outside the axes on ``side`` (clear of every
+    marker and error bar: a label-repel layout in one dimension), each joined to its point."""
     ys = np.asarray(ys, dtype=float)
     low, high = ax.get_ylim()
     axis_points = ax.get_position().height * ax.figure.get_figheight() * 72.0
@@ -180,7 +180,8 @@ def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], col
     offset = 12 if side == "right" else -12
     for x, y, label_y, text, colour in zip(xs, ys, placed, texts, colours, strict=True):
         if column:
-            ax.annotate(text, (x, y), xytext=(1.02, label_y), textcoords=("axes fraction", "data"), ha="left",
+            ax.annotate(text, (x, y), xytext=(1.02 if side == "right" else -0.02, label_y),
+                        textcoords=("axes fraction", "data"), ha="left" if side == "right" else "right",
                         va="center", fontsize=9, color=colour, annotation_clip=False,
                         arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "alpha": 0.7, "shrinkA": 0, "shrinkB": 4})
             continue

@@ -346,12 +346,18 @@ def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "")
         errors = [[ys[i] - row[("miou_ci_low", p)] for i, p in enumerate(MATCHED)], [row[("miou_ci_high", p)] - ys[i] for i, p in enumerate(MATCHED)]]
         ax.errorbar([dodges[method], 1 + dodges[method]], ys, yerr=np.nan_to_num(errors), color=colours[method], ls=FAMILY_LINES.get(family, "-"),
                     marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=1.8, capsize=3)
-    for x, side in ((0, "left"), (1, "right")):
+    low = float(np.nanmin(wide[[("miou_ci_low", p) for p in MATCHED]].to_numpy(dtype=float), initial=np.inf))
+    high = float(np.nanmax(wide[[("miou_ci_high", p) for p in MATCHED]].to_numpy(dtype=float), initial=-np.inf))
+    means = wide[[("miou_mean", p) for p in MATCHED]].to_numpy(dtype=float)
+    low, high = min(low, float(np.nanmin(means))), max(high, float(np.nanmax(means)))
+    pad = 0.06 * (high - low + 1e-6)
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))  # mIoU lives in [0, 100]
+    ax.set_xlim(-0.3, 1.3)
+    for x, side in ((0, "left"), (1, "right")):  # labels in a column outside the axes: clear of every error bar
         ys = wide[("miou_mean", MATCHED[x])].to_numpy()
         labels = [f"{info.display_name.get(m, m)} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}" for m, y in zip(wide.index, ys, strict=True)]
-        place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index], side=side)
-    ax.set_xlim(-0.9, 1.9)
-    ax.set_xticks([0, 1], ["iteration-matched", "compute-matched"])
+        place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index],
+                     side=side, column=True)
     ax.set_ylabel("mIoU (%), mean ± 95 % CI")
     ax.set_title("Each method under both protocols (line style = family)")
     handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], marker=FAMILY_MARKERS[f], label=family_label(f))
