@@ -397,3 +397,23 @@ def test_run_outside_its_budget_is_flagged_red_on_the_page_and_the_verdict(tmp_p
     assert "1 of 26 compute-matched or extended runs (FitNet (features)) trained outside ±15 % of their budget (140 % of the budget)" in page
     flagged = page[page.index("kdrepro-off-budget") - 2500 : page.index("kdrepro-off-budget")]
     assert "FitNet" in flagged and "140 % of budget" in page and page.count("kdrepro-off-budget") == 1
+
+
+def test_qualitative_column_titles_do_not_run_together():
+    from kdrepro.report.qualitative import plot_qualitative
+
+    picture = np.zeros((64, 128, 3), dtype=np.uint8)
+    titles = ["student alone:\nStudent alone", "logit KD:\nKD (logits)", "best seg.-specific:\nCWD",
+              "best extended KD (4×):\nFitNet (features)", "teacher"]
+    panels = {"titles": titles, "present": [0], "names": ["road"], "colours": [[128, 64, 128]],
+              "images": [{"index": 0, "image": picture, "truth": picture, "predictions": [picture] * len(titles),
+                          "errors": [picture] * len(titles), "miou": [40.0] * len(titles)}]}
+    fig = plot_qualitative(panels, "smoke")
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in fig.axes[: 2 + len(titles)] if ax.get_title()]
+    assert len(boxes) == 2 + len(titles)
+    panel = fig.axes[0].get_window_extent().width
+    gaps = [right.x0 - left.x1 for left, right in zip(boxes, boxes[1:])]
+    assert min(gaps) >= 0.15 * panel, gaps  # a visible gap between neighbouring titles, not just no overlap
+    assert all(box.y1 <= fig.bbox.y1 for box in boxes)  # inside the figure
+    plt.close(fig)
