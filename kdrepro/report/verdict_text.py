@@ -1,7 +1,7 @@
 """The verdict in words: one sentence per claim with display names, its figures as a small labelled table, and the
 preconditions (positive control, compute check, capacity gap) stated first in plain words.
 
-Everything here reads ``verdict.json`` (:mod:`kdrepro.verdict`) and a method -> display name map; nothing is
+Everything here reads ``verdict.json`` (:mod:`kdrepro.analysis.verdict`) and a method -> display name map; nothing is
 recomputed. Internal method names never reach the page: a name without a display name is shown as it is.
 """
 

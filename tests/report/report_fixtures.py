@@ -34,7 +34,7 @@ REFERENCE_ITERATIONS = 40
 
 
 def method_info(name: str) -> dict:
-    """Stands in for :func:`kdrepro.results.method_info` (the method configs' metadata)."""
+    """Stands in for :func:`kdrepro.analysis.results.method_info` (the method configs' metadata)."""
     return {"family": FAMILY[name], "display_name": DISPLAY[name], "reproduces": REPRODUCES.get(name, "")}
 
 
@@ -168,7 +168,7 @@ def compute_check(runs: pd.DataFrame | None = None, off_budget: dict[str, float]
 
 
 def verdict(stats: pd.DataFrame | None = None, control_passed: bool = True) -> dict:
-    """``verdict.json`` as :func:`kdrepro.results.verdict_record` writes it (all three verdict words present)."""
+    """``verdict.json`` as :func:`kdrepro.analysis.results.verdict_record` writes it (all three verdict words present)."""
     control = {"methods": ["kd", "cwd"], "min_gain": 1.0, "protocol": "iter_matched", "state": "passed", "passed": True,
                "per_method": {"kd": {"gain": 2.0, "ci_low": 1.6, "ci_high": 2.4, "n": 2, "state": "passed"},
                               "cwd": {"gain": 1.5, "ci_low": 1.1, "ci_high": 1.9, "n": 2, "state": "passed"}}}

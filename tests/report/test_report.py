@@ -86,8 +86,8 @@ def test_root_rule_works_in_a_copy_without_dvc_yaml_and_its_errors_name_it(tmp_p
 
 def test_readme_notebook_example_names_methods_every_profile_runs():
     """README's `methods = [...]` example: only methods that params.yaml must list (extended runs, positive control)."""
-    from kdrepro.pipeline import EXTENDED_CANONICAL
-    from kdrepro.verdict import DEFAULT_SETTINGS
+    from kdrepro.analysis.verdict import DEFAULT_SETTINGS
+    from kdrepro.pipeline.params import EXTENDED_CANONICAL
 
     readme = (fixtures.ROOT / "README.md").read_text()
     example = readme[readme.index("## Explore the notebooks"):].split("`methods = [", 1)[1].split("]", 1)[0]
@@ -413,7 +413,7 @@ def test_qualitative_column_titles_do_not_run_together():
     boxes = [ax.title.get_window_extent() for ax in fig.axes[: 2 + len(titles)] if ax.get_title()]
     assert len(boxes) == 2 + len(titles)
     panel = fig.axes[0].get_window_extent().width
-    gaps = [right.x0 - left.x1 for left, right in zip(boxes, boxes[1:])]
+    gaps = [right.x0 - left.x1 for left, right in zip(boxes, boxes[1:], strict=False)]
     assert min(gaps) >= 0.15 * panel, gaps  # a visible gap between neighbouring titles, not just no overlap
     assert all(box.y1 <= fig.bbox.y1 for box in boxes)  # inside the figure
     plt.close(fig)

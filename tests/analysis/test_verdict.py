@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kdrepro.verdict import (
+from kdrepro.analysis.verdict import (
     CANNOT_JUDGE,
     best_specific,
     capacity_gap,
@@ -213,8 +213,8 @@ def test_failed_compute_check_withholds_the_compute_claims_only_after_a_passed_c
 
 
 def test_verdict_record_carries_the_positive_control_and_the_capacity_gap_in_the_regime():
-    from kdrepro.results import verdict_record
-    from kdrepro.stats import summarize
+    from kdrepro.analysis.results import verdict_record
+    from kdrepro.analysis.stats import summarize
 
     runs, calibration = _full_run(kd=0.43, cwd=0.42)
     runs = pd.concat([runs, pd.DataFrame([{"protocol": "teacher", "method": "teacher", "multiplier": 1.0, "seed": 0,
