@@ -67,7 +67,7 @@ def extension_choice(selection: dict[str, Any], names: dict[str, str]) -> str:
 
 
 def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, str], teacher_miou: float | None,
-                profile: str = "") -> Figure:
+                profile: str = "", teacher_iterations: int | None = None) -> Figure:
     """mIoU (mean ± 95 % CI) vs budget multiplier (log2 axis), the student alone at every budget, line style and
     marker by family, a legend below (name, family, last mean) so no label sits on an error bar; the teacher's level
     labelled at the left edge (clear of the curves) and % of teacher on the right axis, both within [0, 100] mIoU."""
@@ -87,7 +87,8 @@ def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, 
     ax.set_xlim(min(multipliers) / 1.5, max(multipliers) * 1.5)
     if teacher_miou:
         ax.axhline(teacher_miou, color=TEACHER_COLOUR, ls="-.", lw=1.3)
-        ax.text(min(multipliers) / 1.45, teacher_miou, f" teacher {teacher_miou:.1f}", va="bottom", ha="left", fontsize=9,
+        schedule = f" after {int(teacher_iterations):,} iterations" if teacher_iterations else ""
+        ax.text(min(multipliers) / 1.45, teacher_miou, f" teacher {teacher_miou:.1f}{schedule}", va="bottom", ha="left", fontsize=9,
                 color=TEACHER_COLOUR, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         secondary = ax.secondary_yaxis("right", functions=(lambda y: 100 * y / teacher_miou, lambda p: p * teacher_miou / 100))
         secondary.set_ylabel("% of teacher mIoU")
