@@ -40,9 +40,9 @@ from typing import Any
 
 import pandas as pd
 
-from kdrepro.analysis.stats import LOGIT_KD, STUDENT_ALONE, paired_difference, pairwise, t_interval
+from kdrepro.analysis.methods import CANONICAL, LOGIT_KD, STUDENT_ALONE
+from kdrepro.analysis.stats import paired_difference, pairwise, t_interval
 
-CANONICAL = ("kd", "fitnet")
 CANNOT_JUDGE = "cannot judge"
 VERDICTS = ("supported", "contradicted", "inconclusive", CANNOT_JUDGE)
 #: The roles and limits of the preconditions (``verdict:`` of ``kdrepro/conf/train.yaml``; params.yaml may set them).

@@ -17,10 +17,11 @@ import pytest  # noqa: E402
 import report_fixtures as fixtures  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
+from kdrepro.analysis.methods import base_method  # noqa: E402
 from kdrepro.cli import main  # noqa: E402
 from kdrepro.errors import ConfigError  # noqa: E402
 from kdrepro.report import cost, curves, extended, index, matched, pages, readers, style  # noqa: E402
-from kdrepro.report.published import PUBLISHED, SOURCES, base_method, published_entry, published_results  # noqa: E402
+from kdrepro.report.published import PUBLISHED, SOURCES, published_entry, published_results  # noqa: E402
 from kdrepro.report.qualitative import colorize, error_map, image_miou  # noqa: E402
 
 
@@ -87,12 +88,12 @@ def test_root_rule_works_in_a_copy_without_dvc_yaml_and_its_errors_name_it(tmp_p
 def test_readme_notebook_example_names_methods_every_profile_runs():
     """README's `methods = [...]` example: only methods that params.yaml must list (extended runs, positive control)."""
     from kdrepro.analysis.verdict import DEFAULT_SETTINGS
-    from kdrepro.pipeline.params import EXTENDED_CANONICAL
+    from kdrepro.config import roles
 
     readme = (fixtures.ROOT / "README.md").read_text()
     example = readme[readme.index("## Explore the notebooks"):].split("`methods = [", 1)[1].split("]", 1)[0]
     named = {name.strip().strip('"') for name in example.split(",")}
-    assert named and named <= set(EXTENDED_CANONICAL) | set(DEFAULT_SETTINGS["positive_control"])
+    assert named and named <= set(roles().canonical) | set(DEFAULT_SETTINGS["positive_control"])
 
 
 def test_missing_tables_name_the_command_that_writes_them(tmp_path):
