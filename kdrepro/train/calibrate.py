@@ -406,7 +406,7 @@ class CalibrationDisturbed(ConfigError):
 _COST_NEUTRAL_KEYS = (
     "out_dir", "teacher_checkpoint", "runs_dir", "results_dir", "calibrate", "evaluate", "import_teacher", "budget",
     "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
-    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs", "speed", "progress",
+    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs", "verdict", "speed", "progress",
 )
 #: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/pipeline/deps.py, which dvc.yaml's
 #: deps follow too), so a change to any code a training step runs re-measures the methods.

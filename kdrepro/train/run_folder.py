@@ -118,6 +118,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         container.pop(key, None)
     container.get("loader", {}).pop("num_workers", None)
     container.pop("calibrate", None)
+    container.pop("verdict", None)  # read by `kdrepro results` only
     return container
 
 
