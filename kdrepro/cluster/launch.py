@@ -10,6 +10,7 @@ each stage when its upstream is done, on at most N slots (GPUs handed out from t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from kdrepro.cluster.resources import Resources, cluster_config, stage_resources
 from kdrepro.errors import ConfigError
 
 EXECUTORS = ("slurm", "local")
+#: the launcher's lines appear at once, also in a log file or a pipe
+say = functools.partial(print, flush=True)
 
 
 def record_path(root: Path) -> Path:
@@ -47,7 +50,7 @@ def _write_record(root: Path, record: dict[str, Any]) -> None:
 
 
 def launch(root: Path, executor: str, workers: int | None, overrides: list[str], force: bool = False,
-           echo: Callable[[str], None] = print) -> int:
+           echo: Callable[[str], None] = say) -> int:
     """Submit every stage that must run; print one line per job (id, log). Returns the exit status."""
     from kdrepro.cluster.status import active_jobs
     from kdrepro.pipeline import read_params

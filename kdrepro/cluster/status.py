@@ -61,7 +61,13 @@ def rows(root: Path) -> list[Row]:
         return []
     slurm = slurm_jobs() if record["executor"] == "slurm" else {}
     launcher = _alive(record.get("launcher_pid")) if record["executor"] == "local" else False
-    return [_row(root, stage, job, record["executor"], slurm, launcher) for stage, job in record["jobs"].items()]
+    table = {stage: _row(root, stage, job, record["executor"], slurm, launcher) for stage, job in record["jobs"].items()}
+    for stage, job in record["jobs"].items():  # in DVC's order: a stage's upstream rows are final before its own
+        row = table[stage]
+        blocked = [name for name in job["upstream"] if table[name].state in ("failed", "cancelled")]
+        if row.state in ("queued", "not started", "cancelled") and blocked:
+            table[stage] = Row(stage, "cancelled", row.job_id, row.log, f"upstream {', '.join(blocked)} failed")
+    return list(table.values())
 
 
 def _row(root: Path, stage: str, job: dict, executor: str, slurm: dict[str, tuple[str, str]], launcher: bool) -> Row:

@@ -34,7 +34,8 @@ same rounds in lockstep, with a barrier around every timed block; each iteration
 maximum over ranks (the pace of a DDP run is its slowest rank's; see :func:`_measure`), FLOPs are summed over ranks,
 and rank 0 writes the files. The table and ``budget.json`` record ``world_size``; a compute-matched run under another
 number of processes is refused unless ``budget.allow_world_size_mismatch=true`` (:mod:`kdrepro.train.budget`), since
-DDP's communication is part of every iteration's cost.
+DDP's communication is part of every iteration's cost. They record ``device_type`` too (the GPU's name, or the CPU's
+model): a compute-matched run on another device type is refused unless ``budget.allow_device_type_mismatch=true``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from kdrepro.distributed import (
 )
 from kdrepro.errors import ConfigError
 from kdrepro.io import write_text_atomic
-from kdrepro.train.budget import whole_iterations
+from kdrepro.train.budget import device_type, whole_iterations
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -205,6 +206,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "precision": str(base_cfg.get("precision", "fp32")),
         "hardware": _hardware(device, context.world_size),
         "world_size": context.world_size,
+        "device_type": device_type(device),
         "device_memory_bytes": device_memory_bytes(device),
         "process_peak_rss_bytes": peak_rss_bytes(),
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
@@ -222,7 +224,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
                 "repro -f -s calibrate`, or `kdrepro calibrate`): it re-measures disturbed entries instead of reusing "
                 "them", name, 100 * spread, 100 * max_spread)
         write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
-        _write_per_method(output.with_suffix(""), methods, matched, context.world_size)
+        _write_per_method(output.with_suffix(""), methods, matched, context.world_size, device_type(device))
     barrier(context)  # no rank returns before the files exist
     return table
 
@@ -391,12 +393,15 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     return out
 
 
-def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1) -> None:
-    """``budget.json`` (with the world size it was measured at) and one ``<method>.json`` per method (stale files
+def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1,
+                      measured_on: str | None = None) -> None:
+    """``budget.json`` (with the world size and device type it was measured at) and one ``<method>.json`` per method (stale files
     of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no change in it."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
     files["budget"]["world_size"] = world_size
+    if measured_on is not None:
+        files["budget"]["device_type"] = measured_on
     files.update(methods)
     for stale in folder.glob("*.json"):
         if stale.stem not in files:
