@@ -1,7 +1,8 @@
 """The smoke pipeline through a real single-node SLURM and through 2 local workers, against a sequential `dvc repro`.
 
 One sequential run, one SLURM launch (its teacher job killed with scancel, then resubmitted) and one local launch,
-shared by all assertions. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
+shared by all assertions; the sequential run and the local launch start at once in the background, beside the SLURM
+test, so the module costs about one pipeline's time, not three. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
 skipped with the exact reason (KDREPRO_REQUIRE_SLURM=1 fails them instead), the local case still runs.
 """
 
@@ -46,10 +47,34 @@ def _copy(tmp_path_factory, name: str) -> Path:
     return repo
 
 
+def _environment(repo: Path, env: dict | None) -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(repo), **(env or {})}  # fmt: skip
+
+
 def _run(repo: Path, *command: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                   "PYTHONPATH": str(repo), **(env or {})}  # fmt: skip
-    return subprocess.run(list(command), cwd=repo, capture_output=True, text=True, env=environment, timeout=timeout)
+    return subprocess.run(list(command), cwd=repo, capture_output=True, text=True, env=_environment(repo, env), timeout=timeout)
+
+
+class Background:
+    """A command started now in its own process group, its output in a file; :meth:`finish` waits for it."""
+
+    def __init__(self, repo: Path, *command: str) -> None:
+        self.repo, self.started, self.log = repo, time.monotonic(), repo.parent / f"{repo.name}.log"
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(list(command), cwd=repo, stdout=output, stderr=subprocess.STDOUT,
+                                            env=_environment(repo, None), start_new_session=True)
+
+    def finish(self, timeout: float = 5400) -> tuple[str, float]:
+        self.process.wait(timeout=timeout)
+        output = self.log.read_text()
+        assert self.process.returncode == 0, output[-3000:]
+        return output, time.monotonic() - self.started
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=60)
 
 
 def _launch(repo: Path, *arguments: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
@@ -90,13 +115,21 @@ def _clean_and_idle(repo: Path, env: dict | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def sequential(tmp_path_factory) -> Path:
-    repo = _copy(tmp_path_factory, "sequential")
-    started = time.monotonic()
-    result = _run(repo, str(BIN / "dvc"), "repro")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    print(f"\nsequential dvc repro of the smoke pipeline: {time.monotonic() - started:.0f} s")
-    return repo
+def background(tmp_path_factory):
+    """A sequential `dvc repro` and a local launch with 2 workers, both started now."""
+    runs = {"sequential": Background(_copy(tmp_path_factory, "sequential"), str(BIN / "dvc"), "repro"),
+            "local": Background(_copy(tmp_path_factory, "local"), str(BIN / "kdrepro"), "launch", "--executor", "local",
+                                "--workers", "2")}  # fmt: skip
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def sequential(background) -> Path:
+    _, seconds = background["sequential"].finish()
+    print(f"\nsequential dvc repro of the smoke pipeline: {seconds:.0f} s")
+    return background["sequential"].repo
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +152,7 @@ def slurm_env(tmp_path_factory):
     pytest.skip(f"SLURM cannot start: {reason}")
 
 
-def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(sequential, slurm_env, tmp_path_factory):
+def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(background, slurm_env, tmp_path_factory, request):
     repo = _copy(tmp_path_factory, "slurm")
     started = time.monotonic()
     _, jobs = _launch(repo, "--executor", "slurm", env=slurm_env)
@@ -142,15 +175,16 @@ def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(sequenti
     states = _wait_until_idle(repo, slurm_env)
     assert set(states.values()) == {"done"}, states
     print(f"\nSLURM launch, kill and resubmission of the smoke pipeline: {time.monotonic() - started:.0f} s")
+    sequential = request.getfixturevalue("sequential")  # started beside this test; waited for only now
     pd.testing.assert_frame_equal(_iteration_matched(repo), _iteration_matched(sequential))
     _clean_and_idle(repo, slurm_env)
 
 
-def test_local_workers_match_sequential_repro(sequential, tmp_path_factory):
-    repo = _copy(tmp_path_factory, "local")
-    started = time.monotonic()
-    result, jobs = _launch(repo, "--executor", "local", "--workers", "2")
-    assert "0 failed" in result.stdout and len(jobs) > 20
-    print(f"\nlocal launch (2 workers) of the smoke pipeline: {time.monotonic() - started:.0f} s")
+def test_local_workers_match_sequential_repro(background, sequential):
+    output, seconds = background["local"].finish()
+    repo = background["local"].repo
+    jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", output, re.MULTILINE))
+    assert "0 failed" in output and len(jobs) > 20 and all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
+    print(f"\nlocal launch (2 workers) of the smoke pipeline: {seconds:.0f} s")
     pd.testing.assert_frame_equal(_iteration_matched(repo), _iteration_matched(sequential))
     _clean_and_idle(repo)
