@@ -35,8 +35,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("run the out-of-date stages of dvc.yaml as jobs (SLURM or N local workers)", "kdrepro launch --executor slurm gpu_type=a100"),
     "status": ("the last launch's jobs: queued, running, done, failed, with their logs", "kdrepro status"),
 }
-#: set by a launch job whose stage gets several GPUs (kdrepro.cluster)
-NPROC_ENV = "KDREPRO_NPROC_PER_NODE"
 #: commands that train or time models: with KDREPRO_NPROC_PER_NODE > 1 (set by a launch job) they run under torchrun
 TORCHRUN_COMMANDS = ("train", "teacher", "calibrate")
 
@@ -115,6 +113,8 @@ def run() -> None:
 def torchrun_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str] | None:
     """``torchrun --standalone --nproc_per_node=N -m kdrepro <argv>`` when a launch job asks for N > 1 processes
     (``KDREPRO_NPROC_PER_NODE``) and this is a training command not yet under torchrun; else None."""
+    from kdrepro.cluster.job import NPROC_ENV
+
     nproc = int(environ.get(NPROC_ENV, "1") or 1)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     if nproc <= 1 or "WORLD_SIZE" in environ or command not in TORCHRUN_COMMANDS:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdrepro.cli import NPROC_ENV  # set when a training stage gets several GPUs: kdrepro re-runs under torchrun
+#: set in a job whose training stage gets several GPUs: ``kdrepro`` then re-runs its command under torchrun
+NPROC_ENV = "KDREPRO_NPROC_PER_NODE"
 
 #: launch records, job logs and state files, relative to the repository root (git-ignored)
 LOG_DIR = Path("logs") / "cluster"
@@ -46,6 +47,26 @@ def read_state(root: Path, stage: str) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def record_path(root: Path) -> Path:
+    """The last launch: executor, launcher, and per stage its upstream, resources, job id and log."""
+    return root / LOG_DIR / "launch.json"
+
+
+def read_record(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(record_path(root).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(root: Path, record: dict[str, Any]) -> None:
+    path = record_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
 
 
 def job_id() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import math
 import os
 import time
@@ -21,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kdrepro.cluster.dag import Stage, downstream, stages_to_run
-from kdrepro.cluster.job import LOG_DIR, run_stage, state_path
+from kdrepro.cluster.job import LOG_DIR, run_stage, state_path, write_record
 from kdrepro.cluster.resources import Resources, cluster_config, stage_resources
+from kdrepro.cluster.status import active_jobs
 from kdrepro.errors import ConfigError
 
 EXECUTORS = ("slurm", "local")
@@ -30,30 +30,10 @@ EXECUTORS = ("slurm", "local")
 say = functools.partial(print, flush=True)
 
 
-def record_path(root: Path) -> Path:
-    return root / LOG_DIR / "launch.json"
-
-
-def read_record(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(record_path(root).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_record(root: Path, record: dict[str, Any]) -> None:
-    path = record_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
-
-
 def launch(root: Path, executor: str, workers: int | None, overrides: list[str], force: bool = False,
            echo: Callable[[str], None] = say) -> int:
     """Submit every stage that must run; print one line per job (id, log). Returns the exit status."""
-    from kdrepro.cluster.status import active_jobs
-    from kdrepro.pipeline import read_params
+    from kdrepro.pipeline.params import read_params
 
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use --executor slurm or --executor local")
@@ -82,7 +62,7 @@ def launch(root: Path, executor: str, workers: int | None, overrides: list[str],
         "jobs": {s.name: {"upstream": list(s.upstream), "resources": asdict(resources[s.name]), "job_id": None,
                           "log": None} for s in stages},
     }
-    _write_record(root, record)
+    write_record(root, record)
     echo(f"{len(stages)} stage(s) to run on {executor}" + (f" with {workers} worker(s)" if workers else ""))
     if executor == "slurm":
         return _submit_slurm(root, stages, resources, record, echo)
@@ -126,7 +106,7 @@ def _submit_slurm(root: Path, stages: list[Stage], resources: dict[str, Resource
         job = executor.submit(run_stage, str(root), stage.name, resources[stage.name].gpus)
         ids[stage.name] = str(job.job_id)
         record["jobs"][stage.name].update(job_id=ids[stage.name], log=str(job.paths.stdout.relative_to(root)))
-        _write_record(root, record)
+        write_record(root, record)
         echo(_line(stage.name, ids[stage.name], resources[stage.name], job.paths.stdout, root, after))
     echo("submitted; follow them with `kdrepro status`")
     return 0
@@ -181,7 +161,7 @@ def _run_local(root: Path, stages: list[Stage], resources: dict[str, Resources],
                 running[stage.name] = (job, gpus)
                 pending.remove(stage)
                 record["jobs"][stage.name].update(job_id=str(job.job_id), log=str(job.paths.stdout.relative_to(root)))
-                _write_record(root, record)
+                write_record(root, record)
                 echo(_line(stage.name, str(job.job_id), need, job.paths.stdout, root, list(stage.upstream)))
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdrepro.cluster.job import read_state
+from kdrepro.cluster.job import read_record, read_state
 
 #: SLURM job states that mean the job is still queued or running
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
@@ -54,8 +54,6 @@ def _alive(pid: int | None) -> bool:
 
 def rows(root: Path) -> list[Row]:
     """One row per stage of the last launch, in submission order."""
-    from kdrepro.cluster.launch import read_record
-
     record = read_record(root)
     if record is None:
         return []

@@ -10,8 +10,8 @@ import pytest
 
 from kdrepro.cli import main, torchrun_argv
 from kdrepro.cluster.dag import Stage, downstream
-from kdrepro.cluster.job import write_state
-from kdrepro.cluster.launch import _ready, _slurm_parameters, record_path
+from kdrepro.cluster.job import record_path, write_state
+from kdrepro.cluster.launch import _ready, _slurm_parameters
 from kdrepro.cluster.resources import cluster_config, stage_resources
 from kdrepro.cluster.status import format_rows, rows
 from kdrepro.errors import ConfigError
