@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("check a pipeline params file before any stage runs", "kdrepro validate --params params.yaml"),
     "plan": ("the whole pipeline's cost (hours, GPU-hours, memory) from a calibration", "kdrepro plan --params params.yaml"),
     "report-index": ("write reports/index.html linking the rendered reports", "kdrepro report-index runs_dir=runs/synthetic results_dir=results/synthetic"),
-    "launch": ("run the out-of-date stages of dvc.yaml as jobs (SLURM or N local workers)", "kdrepro launch --executor slurm gpu_type=a100"),
+    "launch": ("run the out-of-date stages of dvc.yaml (or of [stage ...]) as jobs: SLURM or N local workers", "kdrepro launch --executor slurm gpu_type=a100"),
     "status": ("the last launch's jobs: queued, running, done, failed, with their logs", "kdrepro status"),
 }
 #: commands that train or time models: with KDREPRO_NPROC_PER_NODE > 1 (set by a launch job) they run under torchrun
@@ -70,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     positional = [arg for arg in arguments.args if "=" not in arg]
     try:
         if arguments.command in ("launch", "status"):
-            if positional:
-                raise KdreproError(f"unexpected argument(s) {positional}; launch takes --executor, --workers and key=value")
-            return _launch_or_status(arguments, overrides)
+            return _launch_or_status(arguments, overrides, positional)
         handler = HANDLERS[arguments.command]
         if arguments.params:
             from kdrepro.pipeline.params import params_overrides
@@ -131,17 +129,19 @@ def _relaunch_under_torchrun(argv: Sequence[str], environ: Mapping[str, str]) ->
         os.execv(command[0], command)
 
 
-def _launch_or_status(arguments: argparse.Namespace, overrides: list[str]) -> int:
-    """``kdrepro launch`` / ``kdrepro status`` in the repository root (the current directory)."""
+def _launch_or_status(arguments: argparse.Namespace, overrides: list[str], targets: list[str]) -> int:
+    """``kdrepro launch [stage ...]`` / ``kdrepro status`` in the repository root (the current directory)."""
     root = Path.cwd()
     if arguments.command == "status":
+        if targets or overrides:
+            raise KdreproError(f"kdrepro status takes no arguments, got {[*targets, *overrides]}")
         from kdrepro.cluster.status import format_rows, rows
 
         print(format_rows(rows(root)))
         return 0
     from kdrepro.cluster.launch import launch
 
-    return launch(root, arguments.executor, arguments.workers, overrides, force=arguments.force)
+    return launch(root, arguments.executor, arguments.workers, overrides, force=arguments.force, targets=targets)
 
 
 def _info(overrides: list[str], positional: list[str]) -> None:

@@ -35,8 +35,9 @@ class Stage:
         return shlex.split(self.command)[1:2] == ["calibrate"]
 
 
-def stages_to_run(root: Path, force: bool = False) -> list[Stage]:
-    """Every stage that is out of date and every stage downstream of one, upstream first (DVC's order).
+def stages_to_run(root: Path, force: bool = False, targets: list[str] | tuple[str, ...] = ()) -> list[Stage]:
+    """Every stage that is out of date and every stage downstream of one, upstream first (DVC's order); with
+    ``targets`` (stage names, as ``dvc repro <targets>``) only those and what they depend on.
 
     A downstream stage whose inputs turn out unchanged after its upstream ran is a no-op job: ``dvc repro`` inside it
     says "didn't change, skipping", exactly as a sequential ``dvc repro`` would."""
@@ -45,6 +46,8 @@ def stages_to_run(root: Path, force: bool = False) -> list[Stage]:
 
     with Repo(str(root)) as repo, repo.lock:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        if targets:
+            graph = graph.subgraph(_with_upstream(graph, targets))
         order = list(reversed(list(nx.topological_sort(graph))))
         changed = {stage for stage in order if force or stage.changed()}
         selected = set(changed)
@@ -55,6 +58,21 @@ def stages_to_run(root: Path, force: bool = False) -> list[Stage]:
                   tuple(sorted(dep.addressing for dep in graph.successors(stage) if dep in selected)))
             for stage in order if stage in selected and getattr(stage, "cmd", None)
         ]
+
+
+def _with_upstream(graph, targets: list[str] | tuple[str, ...]) -> set:
+    import networkx as nx
+
+    from kdrepro.errors import ConfigError
+
+    by_name = {stage.addressing: stage for stage in graph.nodes}
+    unknown = [name for name in targets if name not in by_name]
+    if unknown:
+        raise ConfigError(f"no stage named {', '.join(unknown)} in dvc.yaml; `dvc stage list` shows the names")
+    chosen = set()
+    for name in targets:
+        chosen |= {by_name[name], *nx.descendants(graph, by_name[name])}
+    return chosen
 
 
 def downstream(stages: list[Stage], failed: str) -> set[str]:

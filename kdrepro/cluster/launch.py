@@ -31,8 +31,9 @@ say = functools.partial(print, flush=True)
 
 
 def launch(root: Path, executor: str, workers: int | None, overrides: list[str], force: bool = False,
-           echo: Callable[[str], None] = say) -> int:
-    """Submit every stage that must run; print one line per job (id, log). Returns the exit status."""
+           echo: Callable[[str], None] = say, targets: list[str] | tuple[str, ...] = ()) -> int:
+    """Submit every stage that must run (of ``targets`` and their upstream, if given); print one line per job (id,
+    log). Returns the exit status."""
     from kdrepro.pipeline.params import read_params
 
     if executor not in EXECUTORS:
@@ -49,7 +50,7 @@ def launch(root: Path, executor: str, workers: int | None, overrides: list[str],
         )
     profile = read_params(root / "params.yaml").get("profile", "synthetic")
     config = cluster_config(str(profile), overrides)
-    stages = stages_to_run(root, force)
+    stages = stages_to_run(root, force, targets)
     if not stages:
         echo("nothing to run: every stage is up to date (dvc status is clean)")
         return 0

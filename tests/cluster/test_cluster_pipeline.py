@@ -1,8 +1,11 @@
-"""The smoke pipeline through a real single-node SLURM and through 2 local workers, against a sequential `dvc repro`.
+"""The smoke pipeline's iteration-matched branch through a real single-node SLURM and through 2 local workers,
+against a sequential `dvc repro` of the same stages.
 
-One sequential run, one SLURM launch (its teacher job killed with scancel, then resubmitted) and one local launch,
-shared by all assertions; the sequential run and the local launch start at once in the background, beside the SLURM
-test, so the module costs about one pipeline's time, not three. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
+The stages: data, pretrain, teacher, the student alone and two KD methods at the reference schedule (TARGETS and
+their upstream; the rest of the pipeline goes through the same code, per stage). One sequential run, one SLURM
+launch (its teacher job killed with scancel, then resubmitted) and one local launch, shared by all assertions; the
+sequential run and the local launch start at once in the background, beside the SLURM test, so the module costs
+about one run's time, not three. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
 skipped with the exact reason (KDREPRO_REQUIRE_SLURM=1 fails them instead), the local case still runs.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kdrepro.analysis.results import collect_per_class, collect_runs
 from kdrepro.cluster.job import read_state
 from kdrepro.cluster.status import rows
 
@@ -27,6 +31,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 PARAMS = {"profile": "smoke", "seeds": [0], "methods": ["kd", "fitnet", "cwd"], "extended": {"multipliers": ["2"]},
           "calibrate": {"warmup": 1, "rounds": 1, "iterations_per_round": 1, "reference_method": None}}  # fmt: skip
+TARGETS = ("student@iter_matched", "iter_matched@kd", "iter_matched@fitnet")
 TIMING = re.compile(r"second|time|hour|rss|memory|created|speed|throughput")
 
 
@@ -97,19 +102,26 @@ def _wait_until_idle(repo: Path, env: dict, timeout: float = 3600) -> dict[str, 
     raise AssertionError(f"jobs still queued or running after {timeout:.0f} s: {table}")
 
 
-def _iteration_matched(repo: Path) -> pd.DataFrame:
-    runs = pd.read_csv(repo / "results" / "smoke" / "runs.csv")
-    runs = runs[runs.protocol == "iter_matched"].sort_values(["method", "seed"]).reset_index(drop=True)
-    return runs[[column for column in runs.columns if not TIMING.search(column)]]
+def _same_iteration_matched_rows(repo: Path, reference: Path) -> None:
+    """The rows `kdrepro results` writes to runs.csv and per_class.csv, timing columns aside, are identical."""
+    tables = []
+    for folder in (repo, reference):
+        runs = collect_runs(folder / "runs" / "smoke")
+        runs = runs[runs.protocol == "iter_matched"].reset_index(drop=True)
+        tables.append((runs[[column for column in runs.columns if not TIMING.search(column)]],
+                       collect_per_class(folder / "runs" / "smoke")))  # fmt: skip
+    assert sorted(tables[0][0].method) == ["fitnet", "kd", "none"]
+    pd.testing.assert_frame_equal(tables[0][0], tables[1][0])
+    pd.testing.assert_frame_equal(tables[0][1], tables[1][1])
 
 
 def _clean_and_idle(repo: Path, env: dict | None = None) -> None:
-    status = _run(repo, str(BIN / "dvc"), "status", env=env)
+    status = _run(repo, str(BIN / "dvc"), "status", *TARGETS, env=env)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout[-2000:]
-    again, jobs = _launch(repo, *(["--executor", "local"] if env is None else []), env=env)
+    again, jobs = _launch(repo, *TARGETS, *(["--executor", "local"] if env is None else []), env=env)
     assert jobs == {} and "nothing to run" in again.stdout
     lock = (repo / "dvc.lock").read_bytes()
-    repro = _run(repo, str(BIN / "dvc"), "repro", env=env)
+    repro = _run(repo, str(BIN / "dvc"), "repro", *TARGETS, env=env)
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout[-2000:]
     assert (repo / "dvc.lock").read_bytes() == lock  # dvc.lock already recorded what dvc repro records
 
@@ -117,9 +129,9 @@ def _clean_and_idle(repo: Path, env: dict | None = None) -> None:
 @pytest.fixture(scope="module")
 def background(tmp_path_factory):
     """A sequential `dvc repro` and a local launch with 2 workers, both started now."""
-    runs = {"sequential": Background(_copy(tmp_path_factory, "sequential"), str(BIN / "dvc"), "repro"),
-            "local": Background(_copy(tmp_path_factory, "local"), str(BIN / "kdrepro"), "launch", "--executor", "local",
-                                "--workers", "2")}  # fmt: skip
+    runs = {"sequential": Background(_copy(tmp_path_factory, "sequential"), str(BIN / "dvc"), "repro", *TARGETS),
+            "local": Background(_copy(tmp_path_factory, "local"), str(BIN / "kdrepro"), "launch", *TARGETS, "--executor",
+                                "local", "--workers", "2")}  # fmt: skip
     yield runs
     for run in runs.values():
         run.stop()
@@ -128,7 +140,7 @@ def background(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sequential(background) -> Path:
     _, seconds = background["sequential"].finish()
-    print(f"\nsequential dvc repro of the smoke pipeline: {seconds:.0f} s")
+    print(f"\nsequential dvc repro of the smoke stages: {seconds:.0f} s")
     return background["sequential"].repo
 
 
@@ -155,8 +167,8 @@ def slurm_env(tmp_path_factory):
 def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(background, slurm_env, tmp_path_factory, request):
     repo = _copy(tmp_path_factory, "slurm")
     started = time.monotonic()
-    _, jobs = _launch(repo, "--executor", "slurm", env=slurm_env)
-    assert {"data", "pretrain", "teacher", "calibrate", "student@iter_matched", "results", "index"} <= set(jobs)
+    _, jobs = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
+    assert set(jobs) == {"data", "pretrain", "teacher", *TARGETS}
 
     deadline = time.monotonic() + 1800  # kill the teacher's job once it runs
     while (read_state(repo, "teacher") or {}).get("state") != "running":
@@ -165,18 +177,18 @@ def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(backgrou
     assert _run(repo, "scancel", jobs["teacher"], env=slurm_env).returncode == 0
     states = _wait_until_idle(repo, slurm_env)
     assert states["teacher"] == "failed"
-    held_back = {"calibrate", "iter_matched@kd", "compute_matched@kd", "results", "index"}
+    held_back = {"iter_matched@kd", "iter_matched@fitnet"}
     assert all(states[stage] == "cancelled" for stage in held_back), states
     assert states["student@iter_matched"] == states["data"] == states["pretrain"] == "done"  # other branches ran on
 
-    second, resubmitted = _launch(repo, "--executor", "slurm", env=slurm_env)
-    assert "teacher" in resubmitted and held_back <= set(resubmitted)
+    second, resubmitted = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
+    assert set(resubmitted) == {"teacher", *held_back}
     assert not {"data", "pretrain", "student@iter_matched"} & set(resubmitted)  # finished stages stay finished
     states = _wait_until_idle(repo, slurm_env)
     assert set(states.values()) == {"done"}, states
-    print(f"\nSLURM launch, kill and resubmission of the smoke pipeline: {time.monotonic() - started:.0f} s")
+    print(f"\nSLURM launch, kill and resubmission of the smoke stages: {time.monotonic() - started:.0f} s")
     sequential = request.getfixturevalue("sequential")  # started beside this test; waited for only now
-    pd.testing.assert_frame_equal(_iteration_matched(repo), _iteration_matched(sequential))
+    _same_iteration_matched_rows(repo, sequential)
     _clean_and_idle(repo, slurm_env)
 
 
@@ -184,7 +196,8 @@ def test_local_workers_match_sequential_repro(background, sequential):
     output, seconds = background["local"].finish()
     repo = background["local"].repo
     jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", output, re.MULTILINE))
-    assert "0 failed" in output and len(jobs) > 20 and all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
-    print(f"\nlocal launch (2 workers) of the smoke pipeline: {seconds:.0f} s")
-    pd.testing.assert_frame_equal(_iteration_matched(repo), _iteration_matched(sequential))
+    assert "0 failed" in output and set(jobs) == {"data", "pretrain", "teacher", *TARGETS}
+    assert all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
+    print(f"\nlocal launch (2 workers) of the smoke stages: {seconds:.0f} s")
+    _same_iteration_matched_rows(repo, sequential)
     _clean_and_idle(repo)
