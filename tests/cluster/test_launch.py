@@ -118,3 +118,10 @@ def test_launch_refuses_bad_arguments_in_one_line(tmp_path, capsys, monkeypatch)
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "use --executor slurm or --executor local" in errors[0]
     assert "--workers is for --executor local" in errors[1] and "run kdrepro launch from the repository root" in errors[2]
+
+
+def test_an_unknown_target_stage_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the repository's own dvc.yaml; nothing is submitted
+    assert main(["launch", "iter_matched@nope", "--executor", "local"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: no stage named iter_matched@nope in dvc.yaml; `dvc stage list` shows the names"
