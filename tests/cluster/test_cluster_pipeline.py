@@ -1,8 +1,8 @@
 """The smoke pipeline's iteration-matched branch through a real single-node SLURM and through 2 local workers,
 against a sequential `dvc repro` of the same stages.
 
-The stages: data, pretrain, teacher, the student alone and two KD methods at the reference schedule (TARGETS and
-their upstream; the rest of the pipeline goes through the same code, per stage). One sequential run, one SLURM
+The stages: data, pretrain, teacher, calibrate (a method's calibration entry is its config card), the student alone
+and two KD methods at the reference schedule (TARGETS and their upstream; the rest of the pipeline goes through the same code, per stage). One sequential run, one SLURM
 launch (its teacher job killed with scancel, then resubmitted) and one local launch, shared by all assertions; the
 sequential run and the local launch start at once in the background, beside the SLURM test, so the module costs
 about one run's time, not three. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
@@ -168,7 +168,7 @@ def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(backgrou
     repo = _copy(tmp_path_factory, "slurm")
     started = time.monotonic()
     _, jobs = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
-    assert set(jobs) == {"data", "pretrain", "teacher", *TARGETS}
+    assert set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
 
     deadline = time.monotonic() + 1800  # kill the teacher's job once it runs
     while (read_state(repo, "teacher") or {}).get("state") != "running":
@@ -177,7 +177,7 @@ def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(backgrou
     assert _run(repo, "scancel", jobs["teacher"], env=slurm_env).returncode == 0
     states = _wait_until_idle(repo, slurm_env)
     assert states["teacher"] == "failed"
-    held_back = {"iter_matched@kd", "iter_matched@fitnet"}
+    held_back = {"calibrate", "iter_matched@kd", "iter_matched@fitnet"}
     assert all(states[stage] == "cancelled" for stage in held_back), states
     assert states["student@iter_matched"] == states["data"] == states["pretrain"] == "done"  # other branches ran on
 
@@ -196,7 +196,7 @@ def test_local_workers_match_sequential_repro(background, sequential):
     output, seconds = background["local"].finish()
     repo = background["local"].repo
     jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", output, re.MULTILINE))
-    assert "0 failed" in output and set(jobs) == {"data", "pretrain", "teacher", *TARGETS}
+    assert "0 failed" in output and set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
     assert all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
     print(f"\nlocal launch (2 workers) of the smoke stages: {seconds:.0f} s")
     _same_iteration_matched_rows(repo, sequential)
