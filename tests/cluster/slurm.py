@@ -105,8 +105,23 @@ def start(folder: Path, timeout: float = 60.0) -> dict[str, str]:
     raise RuntimeError(f"the SLURM node did not become idle in {timeout:.0f} s: {logs}")
 
 
+def cancel_all(folder: Path, timeout: float = 30.0) -> None:
+    """Cancel every job of this test cluster and wait until the node runs none (slurmd leaves running jobs alone)."""
+    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+    if not (folder / "slurm.conf").exists() or subprocess.run(["scancel", "--user", str(os.getuid())], env=env,
+                                                               capture_output=True).returncode != 0:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True)
+        if queue.returncode != 0 or not queue.stdout.strip():
+            return
+        time.sleep(0.5)
+
+
 def stop(folder: Path) -> None:
-    """End slurmd, slurmctld and munged by their pid files (SIGTERM, then SIGKILL after 10 s)."""
+    """Cancel the jobs, then end slurmd, slurmctld and munged by their pid files (SIGTERM, SIGKILL after 10 s)."""
+    cancel_all(folder)
     for daemon in DAEMONS:
         pid_file = folder / f"{daemon}.pid"
         if not pid_file.exists():
