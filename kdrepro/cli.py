@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 from kdrepro.errors import KdreproError, raise_on_signals
@@ -20,6 +20,7 @@ from kdrepro.errors import KdreproError, raise_on_signals
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
     "prepare": ("download / generate / validate a dataset", "kdrepro prepare dataset=synthetic"),
+    "hardware": ("choose precision / channels_last / threads `auto` on this machine", "kdrepro hardware --params params.yaml"),
     "train": ("train one run under a budget (resumable)", "kdrepro train method=kd teacher_checkpoint=runs/teacher/checkpoint.pt"),
     "calibrate": ("measure each method's cost per iteration and match budgets", "kdrepro calibrate calibrate.methods=[none,kd,cwd]"),
     "evaluate": ("evaluate a checkpoint on the validation set", "kdrepro evaluate evaluate.checkpoint=runs/kd/checkpoint.pt"),
@@ -167,6 +168,15 @@ def _prepare(overrides: list[str], positional: list[str]) -> None:
     print(f"dataset {cfg.dataset.name} ready at {root}")
 
 
+def _hardware(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.train.hardware import write_decision
+    from kdrepro.train.speed_choice import speed_sentence
+
+    decision, path = write_decision(load_config(overrides))
+    print(f"{speed_sentence(decision)}\nwritten to {path}")
+
+
 def _train(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.pipeline.params import method_from
@@ -176,14 +186,27 @@ def _train(overrides: list[str], positional: list[str]) -> None:
         print(json.dumps({k: metrics.get(k) for k in ("method", "seed", "miou", "iterations", "train_seconds")}))
 
 
+def passive_openmp(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Ask OpenMP threads to sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose
+    a policy: calibration on CPUs then counts only the work in its CPU time. It takes effect only before torch (and
+    its OpenMP runtime) loads, so ``kdrepro calibrate`` calls it first; returns whether the policy is passive."""
+    environ = os.environ if environ is None else environ
+    if "torch" in sys.modules:  # too late to change the runtime's policy
+        return False
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+
+
 def _calibrate(overrides: list[str], positional: list[str]) -> None:
+    passive_openmp()  # before torch loads (kdrepro.train.calibrate's clock)
     from kdrepro.config import load_config
     from kdrepro.train.calibrate import calibrate
+    from kdrepro.train.hardware import apply_speed
     from kdrepro.train.signals import watch_parent
 
     watch_parent()  # under dvc repro: a killed dvc ends the calibration too
-    base = load_config(overrides)
-    table = calibrate(base, lambda name: load_config([*overrides, f"method={name}"]))
+    base = apply_speed(load_config(overrides))  # `auto` speed settings: the pipeline's decision, for every method
+    table = calibrate(base, lambda name: apply_speed(load_config([*overrides, f"method={name}"])))
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports; every rank holds the same table
         return
     matched = table["matched"]
@@ -225,7 +248,7 @@ def _pretrain(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.train.pretrain import pretrain
 
-    print(json.dumps(pretrain(load_config(overrides), overrides)))
+    print(json.dumps(pretrain(load_config(overrides))))
 
 
 def _teacher(overrides: list[str], positional: list[str]) -> None:
@@ -278,6 +301,7 @@ HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
     "plan": _plan,
     "info": _info,
     "prepare": _prepare,
+    "hardware": _hardware,
     "train": _train,
     "calibrate": _calibrate,
     "evaluate": _evaluate,

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from kdrepro.analysis.methods import base_method
+
 DATASETS = ("cityscapes", "ade20k")
 
 
@@ -73,8 +75,8 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     PublishedResult("ade20k", "teacher", "T: PSPNet-R101", "bpkd", miou=44.39, schedule="512x512, 160k iterations"),
     PublishedResult("cityscapes", "none", "S: PSPNet-R18", "bpkd", miou=74.23, schedule=_BPKD_CITYSCAPES, note="mmseg R-18b-D8"),
     PublishedResult("ade20k", "none", "S: PSPNet-R18", "bpkd", miou=33.30, schedule=_BPKD_ADE20K),
-    PublishedResult("cityscapes", "skd", "SKDS", "bpkd", miou=76.13, schedule=_BPKD_CITYSCAPES),
-    PublishedResult("ade20k", "skd", "SKDS", "bpkd", miou=34.49, schedule=_BPKD_ADE20K),
+    PublishedResult("cityscapes", "skd", "SKD", "bpkd", miou=76.13, schedule=_BPKD_CITYSCAPES, note="'SKDS' in the source"),
+    PublishedResult("ade20k", "skd", "SKD", "bpkd", miou=34.49, schedule=_BPKD_ADE20K, note="'SKDS' in the source"),
     PublishedResult("cityscapes", "ifvd", "IFVD", "bpkd", miou=76.24, schedule=_BPKD_CITYSCAPES),
     PublishedResult("ade20k", "ifvd", "IFVD", "bpkd", miou=34.54, schedule=_BPKD_ADE20K),
     PublishedResult("cityscapes", "cirkd", "CIRKD", "bpkd", miou=76.03, schedule=_BPKD_CITYSCAPES),
@@ -93,14 +95,6 @@ def published_results(dataset: str | None = None) -> pd.DataFrame:
         frame = frame[frame.dataset == dataset]
     frame["source_url"] = frame.source.map(lambda key: SOURCES[key].url)
     return frame.reset_index(drop=True)
-
-
-def base_method(config_name: str) -> str:
-    """The method a config variant reproduces: ``cwd_published`` / ``cwd_mmrazor`` -> ``cwd``, ``kd_t4`` -> ``kd``."""
-    for suffix in ("_published", "_mmrazor", "_t4"):
-        if config_name.endswith(suffix):
-            return config_name[: -len(suffix)]
-    return config_name
 
 
 def published_entry(method: str, dataset: str = "cityscapes") -> dict[str, object] | None:

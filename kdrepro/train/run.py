@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +34,15 @@ from kdrepro.distributed import (
     barrier,
     broadcast_float,
     check_global_batch,
-    init_from_environment,
+    setup_device,
 )
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
-from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
+from kdrepro.train.hardware import apply_speed
+from kdrepro.train.progress import Progress
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
     RunLock,
@@ -53,7 +54,7 @@ from kdrepro.train.run_folder import (
 )
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher, resolve_device
+from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher
 
 log = logging.getLogger("kdrepro.train")
 
@@ -101,19 +102,18 @@ def check_options(cfg: DictConfig) -> None:
                     cfg.method.name, cfg.teacher_checkpoint)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
+    ``budget`` is ``cfg.budget`` already resolved (resolved here, when the run starts training, if not given).
 
     Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
     check_options(cfg)
+    cfg = apply_speed(cfg)  # precision / channels_last / threads `auto`: the pipeline's decision
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()
-        dist = init_from_environment(str(cfg.device))
-        device = resolve_device(str(cfg.device))
-        if dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
+        dist, device = setup_device(str(cfg.device))
         lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
         inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
         finished = claim(out_dir, cfg, inputs, lock) if dist.is_main else None
@@ -122,14 +122,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
             return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
         with storage_errors(out_dir / "checkpoint.pt"):
-            run = _start(cfg, out_dir, dist, device, signals, inputs)
+            run = _start(cfg, out_dir, dist, device, signals, inputs, budget)
             return _train_and_evaluate(run)
 
 
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,
-           inputs: dict) -> Run:
+           inputs: dict, budget: Budget | None = None) -> Run:
     """Build the run and restore its checkpoint, if any (signals raise at once meanwhile)."""
-    budget = resolve_budget(cfg.budget, str(cfg.method.name), device)
+    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name), device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     check_global_batch(int(cfg.loader.batch_size), dist)
@@ -217,9 +217,16 @@ def _result(run: Run, metrics: Any) -> dict[str, Any]:
         "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
         "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
         "precision": str(run.cfg.get("precision", "fp32")),
+        "speed": speed_record(run.cfg),
         "device": str(run.trainer.device),
         "world_size": run.dist.world_size,
     }
+
+
+def speed_record(cfg: DictConfig) -> dict[str, Any] | None:
+    """The speed settings the run trained with and why (``speed.choice``, set by :func:`apply_speed`)."""
+    choice = (cfg.get("speed") or {}).get("choice")
+    return OmegaConf.to_container(choice, resolve=True) if choice is not None else None
 
 
 def _eval_loader(cfg: DictConfig):
@@ -238,6 +245,8 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
         slide_stride=list(cfg.dataset.slide_stride),
         device=trainer.device,
         autocast_dtype=torch.bfloat16 if cfg.get("precision") == "bf16" else None,
+        reporter=Progress("evaluate", len(loader), f"{cfg.method.name}, seed {cfg.seed}",
+                          every_seconds=float((cfg.get("progress") or {}).get("every_seconds", 30))),
     )
 
 
@@ -257,6 +266,7 @@ def _record_divergence(run: Run, error: NonFiniteLossError) -> dict[str, Any]:
         "iterations": error.step,
         "train_seconds": None,
         "precision": str(run.cfg.get("precision", "fp32")),
+        "speed": speed_record(run.cfg),
     }
     run.live.summary.update({"diverged_at_step": error.step})
     run.live.end()
@@ -279,9 +289,11 @@ def _pretrain(run: Run) -> float:
     loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
     synchronize(trainer.device)
     start = time.perf_counter()
+    progress = progress_of(run, trainer.distiller.pretrain_iterations, stage=f"{run.cfg.progress.stage} method pre-training")
     for index in range(trainer.distiller.pretrain_iterations):
         images, labels = trainer.to_device(*next(loader))
         logs = trainer.pretrain_step(images, labels)
+        progress.update(index + 1, sum(float(value) for value in logs.values()) if logs else None)
         if run.live is not None and ((index + 1) % max(int(cfg.log_every), 1) == 0):
             run.live.step = index + 1
             for name, value in logs.items():
@@ -289,6 +301,7 @@ def _pretrain(run: Run) -> float:
         if run.signals.pending:
             raise Interrupted(run.signals.signum or signal.SIGTERM, f"interrupted by signal {run.signals.signum} during "
                               f"{run.method} pre-training; nothing of it was saved, rerun to restart it")
+    progress.close()
     synchronize(trainer.device)
     return time.perf_counter() - start
 
@@ -298,11 +311,10 @@ def _train_to_budget(run: Run) -> None:
     loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed), state.step,
                                   int(cfg.loader.num_workers), trainer.device.type == "cuda"))
     last_save = time.monotonic()
-    progress_bar = _progress(run.budget, state.step)
+    progress = progress_of(run, run.budget.iterations, state.step)
     while not run.budget.exhausted(state.step, state.train_seconds):
         result = _step(run, loader)
-        if progress_bar is not None:
-            progress_bar.update(1)
+        progress.update(state.step, result.total, run.budget.progress(state.step, state.train_seconds))
         _log_and_validate(run, result)
         if any_rank(run.signals.pending, run.dist, trainer.device):
             if state.saved_step != state.step:  # (a signal during a periodic save needs no second one)
@@ -313,8 +325,7 @@ def _train_to_budget(run: Run) -> None:
         if time.monotonic() - last_save > float(cfg.checkpoint_every_seconds):
             _save(run)
             last_save = time.monotonic()
-    if progress_bar is not None:
-        progress_bar.close()
+    progress.close()
 
 
 def _step(run: Run, loader) -> StepResult:
@@ -353,32 +364,30 @@ def log_step(live, result: StepResult, lr: float, train_seconds: float, step: in
     live.make_summary()
 
 
-def _progress(budget: Budget, step: int):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=budget.iterations, initial=step, desc="train", unit="it", leave=False)
+def progress_of(run: Run, total: int | None, step: int = 0, stage: str | None = None) -> Progress:
+    """The run's progress display (rank 0 only): a tqdm bar on a terminal, else a line every
+    ``progress.every_seconds`` naming ``progress.stage``, the method and the seed."""
+    settings = run.cfg.get("progress") or {}
+    return Progress(stage or str(settings.get("stage", "train")), total, f"{run.method}, seed {run.cfg.seed}", step,
+                    float(settings.get("every_seconds", 30)), enabled=run.dist.is_main)
 
 
 def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict[str, Any]:
     """What ``checkpoint.pt`` holds: weights, optimiser and method state, RNGs, step, clock and timing history."""
     history = trainer.timer.history
     keys = list(history[0]) if history else [*PHASES, "total"]
-    return {
-        "format": FORMAT_VERSION,
-        **trainer.state_dict(),
-        "step": state.step,
-        "train_seconds": state.train_seconds,
-        "pretrained": state.pretrained,
-        "finished": False,
-        "rng": rng_state(),
-        "timing_keys": keys,
-        "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
-        "num_classes": trainer.num_classes,
-        "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
+    trained = trainer.state_dict()
+    return checkpoint_dict(
+        trained.pop("model"), trainer.num_classes, OmegaConf.to_container(cfg.student, resolve=True), finished=False,
+        **trained,
+        step=state.step,
+        train_seconds=state.train_seconds,
+        pretrained=state.pretrained,
+        rng=rng_state(),
+        timing_keys=keys,
+        timing=torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
 
 
 def _save(run: Run) -> None:
