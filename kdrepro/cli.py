@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 from kdrepro.errors import KdreproError, raise_on_signals
@@ -33,7 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("check a pipeline params file before any stage runs", "kdrepro validate --params params.yaml"),
     "plan": ("the whole pipeline's cost (hours, GPU-hours, memory) from a calibration", "kdrepro plan --params params.yaml"),
     "report-index": ("write reports/index.html linking the rendered reports", "kdrepro report-index runs_dir=runs/synthetic results_dir=results/synthetic"),
+    "launch": ("run the out-of-date stages of dvc.yaml (or of [stage ...]) as jobs: SLURM or N local workers", "kdrepro launch --executor slurm gpu_type=a100"),
+    "status": ("the last launch's jobs: queued, running, done, failed, with their logs", "kdrepro status"),
 }
+#: commands that train or time models: with KDREPRO_NPROC_PER_NODE > 1 (set by a launch job) they run under torchrun
+TORCHRUN_COMMANDS = ("train", "teacher", "calibrate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a DVC params.yaml whose profile, seed, methods and calibrate settings become overrides (before yours)",
     )
+    parser.add_argument("--executor", default="slurm", help="launch: slurm (one job per stage) or local (N workers here)")
+    parser.add_argument("--workers", type=int, help="launch --executor local: how many stages run at once")
+    parser.add_argument("--force", action="store_true", help="launch: every stage, changed or not (dvc repro -f)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -62,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     overrides = [arg for arg in arguments.args if "=" in arg]
     positional = [arg for arg in arguments.args if "=" not in arg]
-    handler = HANDLERS[arguments.command]
     try:
+        if arguments.command in ("launch", "status"):
+            return _launch_or_status(arguments, overrides, positional)
+        handler = HANDLERS[arguments.command]
         if arguments.params:
             from kdrepro.pipeline.params import params_overrides
 
@@ -89,6 +98,7 @@ def run() -> None:
     torch.distributed process group is destroyed first.
     """
     raise_on_signals()
+    _relaunch_under_torchrun(sys.argv[1:], os.environ)
     code = main()
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
@@ -97,6 +107,42 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def torchrun_argv(argv: Sequence[str], environ: Mapping[str, str]) -> list[str] | None:
+    """``torchrun --standalone --nproc_per_node=N -m kdrepro <argv>`` when a launch job asks for N > 1 processes
+    (``KDREPRO_NPROC_PER_NODE``) and this is a training command not yet under torchrun; else None."""
+    from kdrepro.cluster.job import NPROC_ENV
+
+    nproc = int(environ.get(NPROC_ENV, "1") or 1)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if nproc <= 1 or "WORLD_SIZE" in environ or command not in TORCHRUN_COMMANDS:
+        return None
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "kdrepro", *argv]
+
+
+def _relaunch_under_torchrun(argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Replace this process by torchrun running the same command (the stage's command stays what dvc.yaml says)."""
+    command = torchrun_argv(argv, environ)
+    if command is not None:
+        sys.stdout.flush()
+        os.execv(command[0], command)
+
+
+def _launch_or_status(arguments: argparse.Namespace, overrides: list[str], targets: list[str]) -> int:
+    """``kdrepro launch [stage ...]`` / ``kdrepro status`` in the repository root (the current directory)."""
+    root = Path.cwd()
+    if arguments.command == "status":
+        if targets or overrides:
+            raise KdreproError(f"kdrepro status takes no arguments, got {[*targets, *overrides]}")
+        from kdrepro.cluster.status import format_rows, rows
+
+        print(format_rows(rows(root)))
+        return 0
+    from kdrepro.cluster.launch import launch
+
+    return launch(root, arguments.executor, arguments.workers, overrides, force=arguments.force, targets=targets)
 
 
 def _info(overrides: list[str], positional: list[str]) -> None:

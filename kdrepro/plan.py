@@ -29,6 +29,7 @@ import yaml
 from omegaconf import DictConfig
 
 from kdrepro.analysis.methods import CANONICAL, STUDENT_ALONE, method_info
+from kdrepro.cluster.schedule import wall_clock
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import budget_seconds, iterations_within, read_table, reference_method
 
@@ -163,6 +164,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
         for key in ("iteration_matched", "compute_matched"):
             entry[f"{key}_hours_all_seeds"] = entry[f"{key}_seconds"] * len(seeds) / HOUR
             entry[f"{key}_gpu_hours_all_seeds"] = entry[f"{key}_hours_all_seeds"] * world_size
+    cluster = [wall_clock(rows, len(seeds), int(gpus), world_size) for gpus in cfg.plan.get("gpus") or []]
     notes = [n for n in (teacher_note, best_note) if n]
     notes.append("not included: evaluation, checkpoints, process start-up and data preparation")
     if table.get("process_peak_rss_bytes") and not any(row["peak_memory_bytes"] for row in memory_rows(names, table)):
@@ -173,7 +175,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
         "world_size": world_size, "seeds": seeds, "methods": kd_methods, "reference_method": reference,
         "reference_iterations": reference_iterations, "budget_seconds": budget, "multipliers": multipliers,
         "extended_best_specific": best, "stages": rows, "totals": totals, "protocols": protocols,
-        "memory": memory_rows(names, table), "notes": notes,
+        "memory": memory_rows(names, table), "notes": notes, "cluster": cluster,
     }  # fmt: skip
 
 
@@ -279,6 +281,10 @@ def markdown(plan: dict[str, Any]) -> str:
                      f"{duration(entry['iteration_matched_seconds'] * seeds)} | {_number(entry['iteration_matched_gpu_hours_all_seeds'])} |")
         lines.append(f"| compute-matched, {where} | budget {duration(entry['budget_seconds'])} | "
                      f"{duration(entry['compute_matched_seconds'] * seeds)} | {_number(entry['compute_matched_gpu_hours_all_seeds'])} |")  # fmt: skip
+    if plan.get("cluster"):
+        lines += ["", f"| GPUs (runs as jobs, {world} per run) | runs at once | wall-clock, all seeds with extended |", "|---|---|---|"]
+        lines += [f"| {row['gpus']} | {row['parallel_runs']} | "
+                  f"{duration(row['seconds']) if row['seconds'] is not None else f'needs {world} GPUs per run'} |" for row in plan["cluster"]]
     lines += ["", "| method | peak memory | device memory | share | fits |", "|---|---|---|---|---|"]
     for row in plan["memory"]:
         share = "" if row["fraction"] is None else f"{100 * row['fraction']:.0f} %"

@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("kdrepro.train",),
     ("kdrepro.analysis",),
     ("kdrepro.report",),
-    ("kdrepro.plan", "kdrepro.evaluate_cli", "kdrepro.cli", "kdrepro.__main__", "kdrepro"),
+    ("kdrepro.cluster", "kdrepro.plan", "kdrepro.evaluate_cli", "kdrepro.cli", "kdrepro.__main__", "kdrepro"),
 )
 
 

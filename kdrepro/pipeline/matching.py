@@ -155,6 +155,8 @@ def write_calibration(output: Path, table: dict[str, Any], default: Any = None) 
     folder.mkdir(parents=True, exist_ok=True)
     files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
     files["budget"]["world_size"] = table.get("world_size", 1)
+    if table.get("device_type"):  # compute-matched runs on another GPU or CPU model are refused (train/budget.py)
+        files["budget"]["device_type"] = table["device_type"]
     files.update(table["methods"])
     for stale in folder.glob("*.json"):
         if stale.stem not in files:

@@ -12,9 +12,11 @@ Three kinds (``conf/budget/``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +68,9 @@ def _positive(value: Any, name: str, fix: str) -> float:
     return number
 
 
-def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
-    """Turn a ``budget`` config into a :class:`Budget` for ``method_name``."""
+def resolve_budget(budget_cfg: Any, method_name: str, device: Any = None) -> Budget:
+    """Turn a ``budget`` config into a :class:`Budget` for ``method_name``; with the run's ``device`` given, a
+    calibration measured on another device type is refused (see :func:`calibrated_budget`)."""
     kind = budget_cfg.get("kind") if budget_cfg is not None else None
     if kind == "iterations":
         iterations = _positive(budget_cfg.get("iterations"), "budget.iterations", "set e.g. budget.iterations=1000")
@@ -81,7 +84,8 @@ def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
         multiplier = _positive(budget_cfg.get("multiplier", 1.0), "budget.multiplier", "use e.g. 1, 2, 4 or 8")
         path = budget_cfg.get("calibration")
         world_size = None if budget_cfg.get("allow_world_size_mismatch", False) else running_world_size()
-        return calibrated_budget(Path(str(path)), method_name, multiplier, world_size)
+        running_type = None if device is None or budget_cfg.get("allow_device_type_mismatch", False) else device_type(device)
+        return calibrated_budget(Path(str(path)), method_name, multiplier, world_size, running_type)
     raise ConfigError(f"unknown budget kind {kind!r}; use budget=iterations, budget=seconds or budget=calibrated")
 
 
@@ -90,18 +94,57 @@ def running_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, world_size: int | None = None) -> Budget:
+def device_type(device: Any) -> str:
+    """The model of the device a run trains on: the GPU's name (``NVIDIA H100 80GB HBM3``) or the CPU's."""
+    if str(getattr(device, "type", device)).split(":")[0] == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _measured_device_type(path: Path) -> str | None:
+    """The device type a calibration (table or folder) records; None for tables from before it was recorded."""
+    try:
+        table = json.loads((path / "budget.json" if path.is_dir() else path).read_text())
+    except (OSError, ValueError):
+        return None
+    return table.get("device_type") if isinstance(table, dict) else None
+
+
+def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, world_size: int | None = None,
+                      running_device_type: str | None = None) -> Budget:
     """The compute-matched iteration count of ``method_name`` from a calibration table: either the whole
     ``calibration.json`` or the folder beside it (``budget.json`` + ``<method>.json``, what DVC stages depend on).
 
     With ``world_size`` given, a calibration measured with another number of processes is refused (DDP's
-    communication is part of every iteration's cost); tables from before the world size was recorded count as 1."""
+    communication is part of every iteration's cost); tables from before the world size was recorded count as 1.
+    With ``running_device_type`` given, a calibration measured on another GPU or CPU model is refused likewise
+    (tables from before the device type was recorded are not checked)."""
     budget_seconds, measured_world, entry, known = read_method(path, method_name)
+    measured_type = _measured_device_type(path)
     if world_size is not None and measured_world != world_size:
         launcher = f"torchrun --nproc_per_node={world_size} -m kdrepro" if world_size > 1 else "kdrepro"
         raise ConfigError(
             f"calibration {path} was measured with {measured_world} process(es) but this run has {world_size}; "
             f"re-calibrate with `{launcher} calibrate ...` or set budget.allow_world_size_mismatch=true"
+        )
+    if running_device_type is not None and measured_type is not None and measured_type != running_device_type:
+        raise ConfigError(
+            f"calibration {path} was measured on {measured_type} but this run trains on {running_device_type}; "
+            "re-calibrate on this device type (on SLURM: the same gpu_type --constraint as the training jobs) "
+            "or set budget.allow_device_type_mismatch=true"
         )
     if entry is None:
         raise ConfigError(

@@ -45,7 +45,8 @@ same rounds in lockstep, with a barrier around every timed block; each iteration
 maximum over ranks (the pace of a DDP run is its slowest rank's; see :func:`_measure`), FLOPs are summed over ranks,
 and rank 0 writes the files. The table and ``budget.json`` record ``world_size``; a compute-matched run under another
 number of processes is refused unless ``budget.allow_world_size_mismatch=true`` (:mod:`kdrepro.train.budget`), since
-DDP's communication is part of every iteration's cost.
+DDP's communication is part of every iteration's cost. They record ``device_type`` too (the GPU's name, or the CPU's
+model): a compute-matched run on another device type is refused unless ``budget.allow_device_type_mismatch=true``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ from kdrepro.distributed import (
 )
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import PHASES, matched_iterations, read_previous, write_calibration
+from kdrepro.train.budget import device_type
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -194,6 +196,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "speed": OmegaConf.to_container(base_cfg.speed.choice) if base_cfg.get("speed", {}).get("choice") else None,
         "hardware": _hardware(device, context.world_size),
         "world_size": context.world_size,
+        "device_type": device_type(device),
         "device_memory_bytes": device_memory_bytes(device),
         "process_peak_rss_bytes": peak_rss_bytes(),
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},

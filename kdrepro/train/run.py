@@ -129,7 +129,7 @@ def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,
            inputs: dict, budget: Budget | None = None) -> Run:
     """Build the run and restore its checkpoint, if any (signals raise at once meanwhile)."""
-    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
+    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name), device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     check_global_batch(int(cfg.loader.batch_size), dist)

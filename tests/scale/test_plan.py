@@ -76,6 +76,11 @@ def test_plan_prices_every_stage_per_seed_and_for_all_seeds(tmp_path):
     assert json.loads(output.read_text())["totals"] == json.loads(json.dumps(totals))
     assert output.with_suffix(".md").read_text() == text
     assert "| compute-matched, paper schedule |" in text and "**no**" in text and "× 4 processes" in text
+    # as jobs (kdrepro launch): 1 GPU cannot hold a 4-process run; 8 GPUs run 2 of them at once
+    cluster = {row["gpus"]: row for row in plan["cluster"]}
+    assert cluster[1]["seconds"] is None and cluster[8]["parallel_runs"] == 2
+    assert teacher + calibration < cluster[8]["seconds"] < totals["all_seeds_with_extended"]["seconds"]
+    assert "| 8 | 2 |" in text and "needs 4 GPUs per run" in text
 
 
 def test_imported_teacher_is_free_and_extended_follows_params(tmp_path):

@@ -1,0 +1,203 @@
+"""The smoke pipeline's iteration-matched branch through a real single-node SLURM and through 2 local workers,
+against a sequential `dvc repro` of the same stages.
+
+The stages: data, pretrain, teacher, calibrate (a method's calibration entry is its config card), the student alone
+and two KD methods at the reference schedule (TARGETS and their upstream; the rest of the pipeline goes through the same code, per stage). One sequential run, one SLURM
+launch (its teacher job killed with scancel, then resubmitted) and one local launch, shared by all assertions; the
+sequential run and the local launch start at once in the background, beside the SLURM test, so the module costs
+about one run's time, not three. CI installs Debian's slurm-wlm and munge (.ci/run); without them the SLURM cases are
+skipped with the exact reason (KDREPRO_REQUIRE_SLURM=1 fails them instead), the local case still runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kdrepro.analysis.results import collect_per_class, collect_runs
+from kdrepro.cluster.job import read_state
+from kdrepro.cluster.status import rows
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+PARAMS = {"profile": "smoke", "seeds": [0], "methods": ["kd", "fitnet", "cwd"], "extended": {"multipliers": ["2"]},
+          "calibrate": {"warmup": 1, "rounds": 1, "iterations_per_round": 1, "reference_method": None}}  # fmt: skip
+TARGETS = ("student@iter_matched", "iter_matched@kd", "iter_matched@fitnet")
+TIMING = re.compile(r"second|time|hour|rss|memory|created|speed|throughput")
+
+
+def _module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+slurm = _module(HERE / "slurm.py", "kdrepro_test_slurm")
+pipeline = _module(HERE.parent / "pipeline" / "test_dvc.py", "kdrepro_test_dvc")  # its repository copy
+
+
+def _copy(tmp_path_factory, name: str) -> Path:
+    repo = pipeline._copy_repository(tmp_path_factory.mktemp(name))
+    pipeline._write_params(repo, **PARAMS)
+    return repo
+
+
+def _environment(repo: Path, env: dict | None) -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(repo), **(env or {})}  # fmt: skip
+
+
+def _run(repo: Path, *command: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run(list(command), cwd=repo, capture_output=True, text=True, env=_environment(repo, env), timeout=timeout)
+
+
+class Background:
+    """A command started now in its own process group, its output in a file; :meth:`finish` waits for it."""
+
+    def __init__(self, repo: Path, *command: str) -> None:
+        self.repo, self.started, self.log = repo, time.monotonic(), repo.parent / f"{repo.name}.log"
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(list(command), cwd=repo, stdout=output, stderr=subprocess.STDOUT,
+                                            env=_environment(repo, None), start_new_session=True)
+
+    def finish(self, timeout: float = 5400) -> tuple[str, float]:
+        self.process.wait(timeout=timeout)
+        output = self.log.read_text()
+        assert self.process.returncode == 0, output[-3000:]
+        return output, time.monotonic() - self.started
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=60)
+
+
+def _launch(repo: Path, *arguments: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    result = _run(repo, str(BIN / "kdrepro"), "launch", *arguments, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", result.stdout, re.MULTILINE))
+    for stage, job_id in jobs.items():  # every job line names its log file
+        assert re.search(rf"^{re.escape(stage)}\s+job {job_id}\s.*log logs/cluster/jobs/{job_id}_0_log.out", result.stdout, re.M)
+    return result, jobs
+
+
+def _wait_until_idle(repo: Path, env: dict, timeout: float = 3600) -> dict[str, str]:
+    os.environ.update(env)  # squeue inside rows() reads SLURM_CONF
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        table = {row.stage: row.state for row in rows(repo)}
+        if not any(state in ("queued", "running") for state in table.values()):
+            return table
+        time.sleep(2)
+    raise AssertionError(f"jobs still queued or running after {timeout:.0f} s: {table}")
+
+
+def _same_iteration_matched_rows(repo: Path, reference: Path) -> None:
+    """The rows `kdrepro results` writes to runs.csv and per_class.csv, timing columns aside, are identical."""
+    tables = []
+    for folder in (repo, reference):
+        runs = collect_runs(folder / "runs" / "smoke")
+        runs = runs[runs.protocol == "iter_matched"].reset_index(drop=True)
+        tables.append((runs[[column for column in runs.columns if not TIMING.search(column)]],
+                       collect_per_class(folder / "runs" / "smoke")))  # fmt: skip
+    assert sorted(tables[0][0].method) == ["fitnet", "kd", "none"]
+    pd.testing.assert_frame_equal(tables[0][0], tables[1][0])
+    pd.testing.assert_frame_equal(tables[0][1], tables[1][1])
+
+
+def _clean_and_idle(repo: Path, env: dict | None = None) -> None:
+    status = _run(repo, str(BIN / "dvc"), "status", *TARGETS, env=env)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout[-2000:]
+    again, jobs = _launch(repo, *TARGETS, *(["--executor", "local"] if env is None else []), env=env)
+    assert jobs == {} and "nothing to run" in again.stdout
+    lock = (repo / "dvc.lock").read_bytes()
+    repro = _run(repo, str(BIN / "dvc"), "repro", *TARGETS, env=env)
+    assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout[-2000:]
+    assert (repo / "dvc.lock").read_bytes() == lock  # dvc.lock already recorded what dvc repro records
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    """A sequential `dvc repro` and a local launch with 2 workers, both started now."""
+    runs = {"sequential": Background(_copy(tmp_path_factory, "sequential"), str(BIN / "dvc"), "repro", *TARGETS),
+            "local": Background(_copy(tmp_path_factory, "local"), str(BIN / "kdrepro"), "launch", *TARGETS, "--executor",
+                                "local", "--workers", "2")}  # fmt: skip
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def sequential(background) -> Path:
+    _, seconds = background["sequential"].finish()
+    print(f"\nsequential dvc repro of the smoke stages: {seconds:.0f} s")
+    return background["sequential"].repo
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    reason = slurm.why_not()
+    if reason is None:
+        folder = tmp_path_factory.mktemp("slurm")
+        started = time.monotonic()
+        try:
+            env = slurm.start(folder)
+        except RuntimeError as error:
+            reason = str(error)
+        else:
+            print(f"\nsingle-node SLURM up in {time.monotonic() - started:.1f} s")
+            yield env
+            slurm.stop(folder)
+            return
+    if os.environ.get("KDREPRO_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM cannot start: {reason}")
+    pytest.skip(f"SLURM cannot start: {reason}")
+
+
+def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(background, slurm_env, tmp_path_factory, request):
+    repo = _copy(tmp_path_factory, "slurm")
+    started = time.monotonic()
+    _, jobs = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
+    assert set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
+
+    deadline = time.monotonic() + 1800  # kill the teacher's job once it runs
+    while (read_state(repo, "teacher") or {}).get("state") != "running":
+        assert time.monotonic() < deadline and (read_state(repo, "teacher") or {}).get("state") != "done"
+        time.sleep(0.2)
+    assert _run(repo, "scancel", jobs["teacher"], env=slurm_env).returncode == 0
+    states = _wait_until_idle(repo, slurm_env)
+    assert states["teacher"] == "failed"
+    held_back = {"calibrate", "iter_matched@kd", "iter_matched@fitnet"}
+    assert all(states[stage] == "cancelled" for stage in held_back), states
+    assert states["student@iter_matched"] == states["data"] == states["pretrain"] == "done"  # other branches ran on
+
+    second, resubmitted = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
+    assert set(resubmitted) == {"teacher", *held_back}
+    assert not {"data", "pretrain", "student@iter_matched"} & set(resubmitted)  # finished stages stay finished
+    states = _wait_until_idle(repo, slurm_env)
+    assert set(states.values()) == {"done"}, states
+    print(f"\nSLURM launch, kill and resubmission of the smoke stages: {time.monotonic() - started:.0f} s")
+    sequential = request.getfixturevalue("sequential")  # started beside this test; waited for only now
+    _same_iteration_matched_rows(repo, sequential)
+    _clean_and_idle(repo, slurm_env)
+
+
+def test_local_workers_match_sequential_repro(background, sequential):
+    output, seconds = background["local"].finish()
+    repo = background["local"].repo
+    jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", output, re.MULTILINE))
+    assert "0 failed" in output and set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
+    assert all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
+    print(f"\nlocal launch (2 workers) of the smoke stages: {seconds:.0f} s")
+    _same_iteration_matched_rows(repo, sequential)
+    _clean_and_idle(repo)
