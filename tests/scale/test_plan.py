@@ -145,7 +145,7 @@ def test_resident_bytes_counts_weights_gradients_and_optimizer_state():
     from kdrepro.train.calibrate_ranks import resident_bytes
     from kdrepro.train.trainer import Trainer
 
-    trainer = Trainer(load_config(["method=none", "student.base_width=8", "student.pretrained=null"]), torch.device("cpu"))
+    trainer = Trainer(load_config(["method=none", "student.base_width=8", "student.pretrained=null", "precision=fp32", "channels_last=false"]), torch.device("cpu"))
     weights = sum(p.numel() * 4 for p in trainer.student.parameters())
     buffers = sum(b.numel() * b.element_size() for b in trainer.student.buffers())
     assert resident_bytes(trainer) == 2 * weights + buffers  # weights + gradients
