@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone = cfg[which].get("pretrained")
         if backbone and not Path(str(backbone)).is_file():
             out_dir = Path(str(backbone)).parent.parent
-            pretrain(load_config([*base, f"out_dir={out_dir}", f"which={which}"]),
-                     [*base, f"out_dir={out_dir}", f"which={which}"])  # fmt: skip
+            pretrain(load_config([*base, f"out_dir={out_dir}", f"which={which}"]))
     start = time.perf_counter()
     teacher_miou = None
     checkpoint = args.teacher_checkpoint

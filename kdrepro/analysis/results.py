@@ -35,6 +35,7 @@ from kdrepro.analysis.stats import summarize
 from kdrepro.analysis.verdict import best_specific, judge, preconditions
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
 from kdrepro.pipeline.matching import read_table
+from kdrepro.train.speed_choice import runs_speed_choice
 
 
 def _method_meta(run_dir: Path) -> dict[str, Any]:
@@ -257,6 +258,7 @@ def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None,
     curves = load_curves(runs_dir)
     curves.to_csv(results_dir / "curves.csv", index=False)
     verdict = verdict_record(runs, stats, per_class, profile, read_calibration_json(runs_dir), settings)
+    verdict["regime"]["speed"] = runs_speed_choice(json.loads(path.read_text()).get("speed") for path in _metrics_files(runs_dir))
     for claim in verdict["claims"]:
         figures = claim["figures"]
         if claim["id"] == "b" and figures.get("canonical") and figures.get("best_specific"):

@@ -16,6 +16,9 @@ params.yaml               Hydra override
 ``extended``              read by dvc.yaml only (the multipliers of the extended runs)
 ========================  ===========================================================================
 
+Every command also gets ``speed.file=runs/<profile>/hardware.json``: the decision of the ``hardware`` stage (the
+pipeline's first), which settles a profile's ``auto`` precision, channels_last and threads once for every stage.
+
 Unknown profiles or method names are rejected here, before any stage runs.
 """
 
@@ -139,7 +142,8 @@ def _check_verdict(path: Path, verdict: Any, methods: list[str]) -> None:
 def params_overrides(path: Path) -> list[str]:
     """Hydra overrides from a params file (see the module docstring)."""
     params = read_params(path)
-    overrides = [f"profile={params.get('profile', 'synthetic')}"]
+    profile = params.get("profile", "synthetic")
+    overrides = [f"profile={profile}", f"speed.file=runs/{profile}/hardware.json"]  # the `hardware` stage's decision
     if params.get("seeds"):
         overrides.append(f"seeds=[{','.join(str(int(s)) for s in params['seeds'])}]")
     if params.get("reference_iterations") is not None:

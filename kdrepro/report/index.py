@@ -124,7 +124,7 @@ def index_context(inputs: readers.Inputs) -> dict[str, Any]:
     n_seeds = int(stats.n_seeds.max()) if "n_seeds" in stats and len(stats) else 0
     table = table1(stats, calibration, meta, regime.get("teacher_miou"), verdict.get("compute_check"),
                    regime.get("teacher_iterations"))
-    context["table1"] = table1_html(table, table1_caption(inputs.profile, n_seeds))
+    context["table1"] = table1_html(table, table1_caption(inputs.profile, n_seeds, regime.get("speed")))
     return context
 
 

@@ -40,6 +40,7 @@ from kdrepro.report.verdict_text import (
     positive_control_sentence,
     teacher_schedule,
 )
+from kdrepro.train.speed_choice import speed_sentence
 
 MATCHED = ("iter_matched", "compute_matched")
 BADGE_STYLES = {"supported": "background:#d9f2e6;color:#00553a;border:1px solid #009E73",
@@ -69,6 +70,7 @@ def regime_line(verdict: dict[str, Any], names: dict[str, str] | None = None) ->
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
     parts += [positive_control_sentence(regime, names), capacity_gap_sentence(regime), classes_sentence(regime)]
+    parts.append(speed_sentence(regime.get("speed")))
     return " ".join(part for part in parts if part)
 
 
@@ -284,7 +286,8 @@ def table1_html(table: pd.DataFrame, caption: str) -> str:
     return f'<div id="table1" class="kdrepro-table1">{styler.to_html()}</div>'
 
 
-def table1_caption(profile: str, n_seeds: int) -> str:
+def table1_caption(profile: str, n_seeds: int, speed: dict[str, Any] | None = None) -> str:
+    """Table 1's caption; ``speed``: the runs' speed choice (the verdict's ``regime.speed``), stated at its end."""
     return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
             f"95 % t-interval over the seeds of each row (up to {n_seeds}). Δ: mIoU difference paired by seed, with its 95 % interval below; "
             "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
@@ -295,7 +298,18 @@ def table1_caption(profile: str, n_seeds: int) -> str:
             "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
             "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
             "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "
-            "full-size models: a scale reference, never comparable with this profile's numbers).")
+            "full-size models: a scale reference, never comparable with this profile's numbers). "
+            + html.escape(speed_note(speed)))
+
+
+def speed_note(speed: dict[str, Any] | None) -> str:
+    """The speed sentence and what it means for the numbers ('' when unknown): precision changes the numerics, and
+    the time per iteration the compute-matched budgets are made of."""
+    sentence = speed_sentence(speed)
+    if not sentence:
+        return ""
+    return (sentence + " Iteration-matched scores depend on the precision this machine chose (bf16 and fp32 runs "
+            "differ in their numerics).")
 
 
 # ------------------------------------------------------------------------------------------------------- figures

@@ -58,7 +58,7 @@ def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     _write_params(repo, profile=profile, extended={"multipliers": ["2", "4"]})  # the synthetic_study run's budgets
     dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
-    stages = ("data", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
+    stages = ("data", "hardware", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
               "iter_matched@kd", "compute_matched@cwd", "select", "student_extended@2", "extended@kd-4",
               "extended@fitnet-2", "extended_best@4", "results")
     for stage in stages:
@@ -135,8 +135,13 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     experiments = _dvc(repo, "exp", "show", "--no-pager")
     assert experiments.returncode == 0, experiments.stderr
 
+    hardware = json.loads((repo / "runs" / "smoke" / "hardware.json").read_text())
+    assert set(hardware) == {"precision", "channels_last", "threads", "reason"}  # the decision only, no timings
+    assert kd_run["speed"]["precision"] == hardware["precision"] == calibration["speed"]["precision"]
+    assert verdict["regime"]["speed"]["reason"]["precision"] == hardware["reason"]["precision"]
     second = _dvc(repo, "repro")
-    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    ran = {line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")}
+    assert second.returncode == 0 and ran == {"hardware"}, second.stdout  # checked every time; it decided before
     # a third seed trains only the new seed's runs: finished seeds are no-ops inside the persisted stage folders
     before = (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes()
     _write_params(repo, seeds=[0, 1, 2])
