@@ -98,9 +98,14 @@ def method_settings_html(runs: pd.DataFrame, inputs: Inputs, names: dict[str, st
     students = runs[~runs.protocol.isin(["teacher"])]
     for method, group in students.groupby("method", sort=False):
         saved = inputs.runs_dir / str(group.run.iloc[0]) / "config.yaml"
-        config = (yaml.safe_load(saved.read_text()) or {}).get("method", {}) if saved.is_file() else {}
-        terms = _settings_text(config.get("terms") or {}) or ["no distillation term (the student alone)"]
         source = method_config_file(str(method), inputs)
+        if saved.is_file():  # what the run was trained with
+            config = (yaml.safe_load(saved.read_text()) or {}).get("method", {})
+        else:  # no saved run config: the config file as it is now
+            config = (yaml.safe_load(source.read_text()) or {}) if source is not None else {}
+        terms = _settings_text(config.get("terms") or {}) or ["no distillation term (the student alone)"]
+        if not saved.is_file():
+            terms.append("(from the config file: no run folder with config.yaml was found)")
         where = html.escape(os.path.relpath(source, inputs.root) if source else "?")
         if source is not None:
             where = _link(source, inputs.reports_dir, Path(os.path.relpath(source, inputs.root)).as_posix())

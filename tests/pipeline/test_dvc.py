@@ -110,7 +110,11 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     assert row.n_seeds == 2 and {"miou_ci_low", "delta_student_mean", "delta_kd_ci_high"} <= set(stats.columns)
     verdict = json.loads((repo / "results" / "smoke" / "verdict.json").read_text())
     assert [c["id"] for c in verdict["claims"]] == ["a", "b", "c"]
-    assert all(c["verdict"] in ("supported", "contradicted", "inconclusive") for c in verdict["claims"])
+    assert all(c["verdict"] in ("supported", "contradicted", "inconclusive", "cannot judge") for c in verdict["claims"])
+    assert verdict["regime"]["positive_control"]["methods"] == ["kd", "cwd"] and "capacity_gap" in verdict["regime"]
+    assert verdict["compute_check"]["state"] in ("passed", "failed") and len(verdict["compute_check"]["runs"]) >= 10
+    if not verdict["regime"]["positive_control"]["passed"]:  # smoke numbers mean nothing: usually the case
+        assert {c["verdict"] for c in verdict["claims"]} == {"cannot judge"}
     assert verdict["regime"]["seeds"] == [0, 1] and verdict["regime"]["teacher_gap"] is not None
     per_class = pd.read_csv(repo / "results" / "smoke" / "per_class.csv")
     assert len(per_class) == 7 * len(runs)  # the smoke profile scores the 7 categories

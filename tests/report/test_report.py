@@ -418,3 +418,21 @@ def test_qualitative_column_titles_do_not_run_together():
     assert min(gaps) >= 0.15 * panel, gaps  # a visible gap between neighbouring titles, not just no overlap
     assert all(box.y1 <= fig.bbox.y1 for box in boxes)  # inside the figure
     plt.close(fig)
+
+
+def test_matched_page_lists_every_methods_hyper_parameters_and_links_every_runs_files(tmp_path):
+    from kdrepro.report import links
+
+    fixtures.make_repository(tmp_path)
+    inputs = readers.locate(start=tmp_path)
+    saved = inputs.runs_dir / "iter_matched" / "kd" / "seed0"
+    saved.mkdir(parents=True)
+    (saved / "config.yaml").write_text("method:\n  terms:\n    kd:\n      weight: 2.5\n      temperature: 4.0\n")
+    (saved / "metrics.json").write_text("{}")
+    html = links.method_settings_html(fixtures.runs_table(), inputs, fixtures.DISPLAY)
+    assert "kd.weight = 2.5" in html and "kd.temperature = 4.0" in html  # as trained, from the run's config.yaml
+    assert "cwd.weight = 3.0" in html and "cwd.temperature = 4.0" in html  # from its config file
+    runs = links.runs_html(fixtures.runs_table(), inputs, fixtures.DISPLAY)
+    assert '<a href="../runs/smoke/iter_matched/kd/seed0/metrics.json">metrics.json</a>' in runs
+    assert 'title="not found">config.yaml' not in runs.split("iter_matched/kd/seed0")[1][:300]
+    assert '<a href="../results/smoke/runs.csv">runs.csv</a>' in links.tidy_tables_html(inputs)
