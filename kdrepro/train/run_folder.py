@@ -27,14 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.errors import ConfigError, RunLockedError
 from kdrepro.io import ensure_dir, sha256_file, storage_errors, write_json_atomic, write_text_atomic
+from kdrepro.train.effects import result_view
 
 log = logging.getLogger("kdrepro.train")
 
-#: Config keys that do not change what a run computes (may differ when resuming or re-running).
-RUNTIME_KEYS = (
-    "out_dir", "device", "threads", "checkpoint_every_seconds", "log_every", "on_nonfinite", "on_config_change",
-    "allow_changed_inputs",
-)
 LOCK_NAME = ".kdrepro.lock"
 INPUTS_NAME = "inputs.json"
 #: ``<out_dir>`` + this + a UTC time: where ``on_config_change=archive`` moves a superseded run.
@@ -111,14 +107,10 @@ class RunLock:
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of a config that defines a run's result."""
+    """The part of a config that defines a run's result (:func:`kdrepro.train.effects.result_view`)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    for key in RUNTIME_KEYS:
-        container.pop(key, None)
-    container.get("loader", {}).pop("num_workers", None)
-    container.pop("calibrate", None)
-    return container
+    return result_view(container)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
