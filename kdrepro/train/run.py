@@ -53,7 +53,14 @@ from kdrepro.train.run_folder import (
 )
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher, resolve_device
+from kdrepro.train.trainer import (
+    NonFiniteLossError,
+    StepResult,
+    Trainer,
+    check_method,
+    method_uses_teacher,
+    resolve_device,
+)
 
 log = logging.getLogger("kdrepro.train")
 
@@ -107,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
     check_options(cfg)
+    check_method(cfg)  # a rejected option must not archive or restore anything first
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()

@@ -100,6 +100,12 @@ class RunLock:
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
 
+    def relock(self) -> None:
+        """Another folder was moved to this lock's place: lock it afresh (a new lock file in it)."""
+        self._created = False
+        self.release()
+        self.acquire()
+
     def move(self, out_dir: Path) -> None:
         """The locked folder was renamed to ``out_dir``: drop its lock file there and lock nothing."""
         self.path = Path(out_dir) / LOCK_NAME
@@ -164,6 +170,8 @@ def claim(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], loc
         raise ConfigError(f"on_config_change={mode!r}: use on_config_change=error or on_config_change=archive")
     problem = _mismatch(out_dir, cfg, inputs)
     if problem is None:
+        if _holds_nothing(out_dir):
+            _restore_superseded(out_dir, cfg, inputs, lock)
         metrics = out_dir / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.exists() else None
     if mode == "error":
@@ -185,6 +193,24 @@ def claim(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], loc
     lock.acquire()
     metrics = out_dir / "metrics.json"
     return json.loads(metrics.read_text()) if earlier is not None and metrics.exists() else None
+
+
+def _holds_nothing(out_dir: Path) -> bool:
+    """``out_dir`` holds no file but this process's lock file."""
+    return all(entry.name == LOCK_NAME for entry in out_dir.iterdir()) if out_dir.is_dir() else True
+
+
+def _restore_superseded(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], lock: RunLock) -> None:
+    """An empty ``out_dir`` whose config matches a run moved aside earlier (e.g. a parameter set back, after a
+    stage that archived it failed): that run comes back instead of a new one starting."""
+    earlier = _matching_superseded(out_dir, cfg, inputs)
+    if earlier is None:
+        return
+    lock.path.unlink(missing_ok=True)  # the lock is held on the open file; the folder must be empty to be replaced
+    with storage_errors(out_dir):
+        os.replace(earlier, out_dir)
+    log.warning("%s was empty: restored the earlier run of this config from %s", out_dir, earlier)
+    lock.relock()
 
 
 def _superseded_name(out_dir: Path) -> Path:

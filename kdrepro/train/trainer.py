@@ -69,6 +69,23 @@ def method_uses_teacher(method_cfg: Any) -> bool:
     return bool(method_cfg.get("terms"))
 
 
+def check_method(cfg: DictConfig) -> None:
+    """Build the method's distiller on the ``meta`` device (no memory, no weights read): a bad option is its
+    one-line :class:`ConfigError` before anything in a run folder is touched."""
+    import_plugins([Path(str(folder)) for folder in cfg.get("plugins") or ()])
+    num_classes = int(cfg.dataset.num_classes)
+    with torch.device("meta"):
+        student = build_segmentor({**_model_cfg(cfg.student), "pretrained": None}, num_classes)
+        teacher = build_segmentor({**_model_cfg(cfg.teacher), "pretrained": None}, num_classes) if method_uses_teacher(cfg.method) else student
+        distill.build(OmegaConf.to_container(cfg.method, resolve=True), student.channels, teacher.channels)
+
+
+def _model_cfg(model: Any) -> dict[str, Any]:
+    container = OmegaConf.to_container(model, resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
 def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
     """Build the teacher ``cfg.teacher_checkpoint`` describes (strictly, safely read); frozen and in eval mode."""
     if not cfg.get("teacher_checkpoint"):

@@ -260,3 +260,14 @@ def test_real_read_only_file_system_is_one_line(tiny_dataset, small_tmpfs, capsy
     assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write {out}: {small_tmpfs} is on a read-only file system; write elsewhere", err
+
+
+def test_a_rejected_method_option_touches_nothing(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *tiny_teacher, "method=cwd", "budget.iterations=1", f"out_dir={out}", "on_config_change=archive"]
+    assert main(args) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*args, "method.terms.cwd.temperature=-4"]) == 2
+    assert capsys.readouterr().err.strip() == "error: cwd option temperature must be positive, got -4; fix it in the method config"
+    assert snapshot(out) == before and not list(tmp_path.glob("run.superseded-*"))
