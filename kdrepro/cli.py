@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a DVC params.yaml whose profile, seed, methods and calibrate settings become overrides (before yours)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback behind an error")
     return parser
 
 
@@ -71,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KdreproError(f"unexpected argument(s) {positional}; overrides look like key=value")
         handler(overrides, positional)
     except KdreproError as error:
+        if arguments.verbose and error.__cause__ is not None:  # -v: the traceback behind the one line
+            traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
@@ -88,7 +91,11 @@ def run() -> None:
     torch.distributed process group is destroyed first.
     """
     raise_on_signals()
-    code = main()
+    try:
+        code = main()
+    except Exception:  # a bug: its traceback, then the same fast exit (no exit hooks' noise after it)
+        traceback.print_exc()
+        code = 1
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()

@@ -20,6 +20,8 @@ import logging
 import signal
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from kdrepro.distributed import (
     check_global_batch,
     init_from_environment,
 )
-from kdrepro.errors import ConfigError, Interrupted
+from kdrepro.errors import ConfigError, Interrupted, MethodCodeError
 from kdrepro.evaluate import evaluate
 from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
@@ -63,6 +65,8 @@ from kdrepro.train.trainer import (
 )
 
 log = logging.getLogger("kdrepro.train")
+#: Where ``kdrepro train`` writes the full traceback of a method's code that raised (the error line names it).
+ERROR_LOG = "error.log"
 
 
 @dataclass
@@ -129,9 +133,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if finished is not None:
                 log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
             return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
-        with storage_errors(out_dir / "checkpoint.pt"):
+        with storage_errors(out_dir / "checkpoint.pt"), _traceback_logged(out_dir, dist.is_main):
             run = _start(cfg, out_dir, dist, device, signals, inputs)
             return _train_and_evaluate(run)
+
+
+@contextlib.contextmanager
+def _traceback_logged(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """A method's code that raised: its full traceback goes to ``<out_dir>/error.log`` and the one-line error
+    says so."""
+    try:
+        yield
+    except MethodCodeError as error:
+        if not is_main or error.__cause__ is None:
+            raise
+        log_path = out_dir / ERROR_LOG
+        text = "".join(traceback.format_exception(error.__cause__))
+        try:
+            log_path.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}\n{text}")
+        except OSError:  # the log is a courtesy: never hide the error behind a failed write
+            raise error from error.__cause__
+        raise MethodCodeError(f"{error}; the full traceback is in {log_path}") from error.__cause__
 
 
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,

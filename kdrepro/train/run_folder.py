@@ -93,6 +93,9 @@ class RunLock:
         try:
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
                 os.unlink(self.path)
+        except OSError as error:  # e.g. the folder was made read-only: the error that ended the run is the news
+            log.warning("could not remove the lock file %s (%s); harmless: the next run takes it over", self.path,
+                        error.strerror or error)
         finally:
             os.close(self._fd)
             self._fd = None
