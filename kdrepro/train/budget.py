@@ -71,6 +71,18 @@ def _positive(value: Any, name: str, fix: str) -> float:
     return number
 
 
+def _measured(value: Any, name: str, path: Path) -> float:
+    """A measured time of a calibration: positive and finite, else a one-line error (as `kdrepro plan` gives)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"calibration {path}: {name} is {value!r}, not a positive time; the file was edited or "
+                          "damaged: re-run `kdrepro calibrate`")
+    return seconds
+
+
 def resolve_budget(budget_cfg: Any, method_name: str) -> Budget:
     """Turn a ``budget`` config into a :class:`Budget` for ``method_name``."""
     kind = budget_cfg.get("kind") if budget_cfg is not None else None
@@ -130,8 +142,14 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, wor
             f"add it to calibrate.methods and re-run `kdrepro calibrate`"
         )
     entry = methods[method_name]
-    available = multiplier * budget_seconds - float(entry.get("pretrain_seconds", 0.0))
-    iterations = whole_iterations(available, float(entry["seconds_per_iteration"]))
+    seconds_per_iteration = _measured(entry.get("seconds_per_iteration"), f"{method_name}'s seconds_per_iteration", path)
+    _measured(budget_seconds, "the matched budget_seconds", path)
+    pretrain_seconds = float(entry.get("pretrain_seconds") or 0.0)
+    if not math.isfinite(pretrain_seconds) or pretrain_seconds < 0:
+        raise ConfigError(f"calibration {path}: {method_name}'s pretrain_seconds is {pretrain_seconds!r}, not a time; "
+                          "re-run `kdrepro calibrate`")
+    available = multiplier * budget_seconds - pretrain_seconds
+    iterations = whole_iterations(available, seconds_per_iteration)
     source = f"{multiplier:g} x {budget_seconds:.1f} s matched budget"
     if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so
         log.warning("the matched budget of %.1f s x %g buys no whole iteration of %r (%.2f s each): training 1",

@@ -70,6 +70,7 @@ from kdrepro.distributed import (
 from kdrepro.errors import ConfigError
 from kdrepro.io import write_text_atomic
 from kdrepro.train.budget import whole_iterations
+from kdrepro.train.calibration_check import SETTING_KEY, measured_setting
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -196,11 +197,13 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         entry = _rescaled(measured[name], scale, anchor) if scale is not None else measured[name]
         methods[name] = {**entry, "fingerprint": fingerprints[name]}
     matched = matched_iterations(methods, int(base_cfg.reference_iterations), settings.get("reference_method"))
+    uses_teacher = any(method_uses_teacher(c.method) for c in configs.values())
+    setting = measured_setting(base_cfg, device.type, context.world_size, uses_teacher)
     table = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": str(base_cfg.dataset.name),
         "student": str(base_cfg.student.name),
-        "teacher": str(base_cfg.teacher.name) if any(method_uses_teacher(c.method) for c in configs.values()) else None,
+        "teacher": str(base_cfg.teacher.name) if uses_teacher else None,
         "batch_size": int(base_cfg.loader.batch_size),
         "crop_size": list(base_cfg.dataset.crop_size),
         "precision": str(base_cfg.get("precision", "fp32")),
@@ -214,6 +217,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "disturbed": disturbed(methods, max_spread),
         "methods": methods,
         "matched": matched,
+        SETTING_KEY: setting,
     }
     if context.is_main:
         for name, spread in table["disturbed"].items():
@@ -223,7 +227,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
                 "repro -f -s calibrate`, or `kdrepro calibrate`): it re-measures disturbed entries instead of reusing "
                 "them", name, 100 * spread, 100 * max_spread)
         write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
-        _write_per_method(output.with_suffix(""), methods, matched, context.world_size)
+        _write_per_method(output.with_suffix(""), methods, matched, context.world_size, setting)
     barrier(context)  # no rank returns before the files exist
     return table
 
@@ -382,12 +386,18 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     return out
 
 
-def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1) -> None:
-    """``budget.json`` (with the world size it was measured at) and one ``<method>.json`` per method (stale files
-    of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no change in it."""
+def _write_per_method(
+    folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1,
+    setting: dict[str, Any] | None = None,
+) -> None:
+    """``budget.json`` (with the world size and the setting it was measured at) and one ``<method>.json`` per method
+    (stale files of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no
+    change in it."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
     files["budget"]["world_size"] = world_size
+    if setting is not None:
+        files["budget"][SETTING_KEY] = setting
     files.update(methods)
     for stale in folder.glob("*.json"):
         if stale.stem not in files:

@@ -54,6 +54,8 @@ EFFECTS: dict[str, frozenset[str]] = {
     "seeds": NEITHER,                      # one run per seed: each seed's run has its own `seed`
     "optim": ONLY_RETRAIN,
     "budget": ONLY_RETRAIN,
+    "budget.allow_world_size_mismatch": NEITHER,   # flags that accept a calibration; its content is hashed
+    "budget.allow_calibration_mismatch": NEITHER,
     "reference_iterations": ONLY_RETRAIN,
     "teacher_checkpoint": ONLY_RETRAIN,    # its content is hashed too (inputs.json)
     "eval_points": ONLY_RETRAIN,           # validation during training: the learning curves' points

@@ -43,6 +43,7 @@ from kdrepro.errors import ConfigError, Interrupted, MethodCodeError
 from kdrepro.evaluate import evaluate
 from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
+from kdrepro.train.calibration_check import check_calibration
 from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
@@ -126,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device = resolve_device(str(cfg.device))
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
+        check_calibration(cfg, device.type, dist.world_size, method_uses_teacher(cfg.method))
         lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
         inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
         finished = claim(out_dir, cfg, inputs, lock) if dist.is_main else None

@@ -200,6 +200,7 @@ def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(pi
         ("profile: synthetic\nmethods: [kd]\nextended: {multipliers: ['2']}\n", "methods must include ['fitnet']"),
         ("profile: synthetic\nseed: 3\n", "seed became seeds"),
         ("profile: synthetic\nseeds: [0, 0]\n", "seeds must be distinct"),
+        ("profile: synthetic\nseeds: [0]\n", "is one seed, but the pipeline's statistics and verdict"),
         ("profile: synthetic\nplugins: nowhere\n", "plugins folder nowhere does not exist"),
         ("profile: synthetic\ncalibrate: {max_spread: -1}\n", "calibrate.max_spread must be a positive number"),
         ("profile: synthetic\ncalibrate: {max_spread: lots}\n", "calibrate.max_spread must be a positive number"),
