@@ -70,7 +70,6 @@ from kdrepro.distributed import (
 from kdrepro.errors import ConfigError
 from kdrepro.io import write_text_atomic
 from kdrepro.train.budget import whole_iterations
-from kdrepro.train.calibration_check import SETTING_KEY, measured_setting
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -79,6 +78,7 @@ from kdrepro.train.calibrate_ranks import (
     resident_bytes,
     slowest_rank_history,
 )
+from kdrepro.train.calibration_check import SETTING_KEY, measured_setting
 from kdrepro.train.effects import cost_view
 from kdrepro.train.timing import PHASES, synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
