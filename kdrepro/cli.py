@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kdrepro.errors import KdreproError, raise_on_signals
+from kdrepro.errors import PREPARE_COMMAND, KdreproError, raise_on_signals
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [arg for arg in arguments.args if "=" in arg]
     positional = [arg for arg in arguments.args if "=" not in arg]
     handler = HANDLERS[arguments.command]
+    PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
     try:
         if arguments.params:
             from kdrepro.pipeline import params_overrides
@@ -80,6 +81,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
         return int(getattr(error, "exit_code", 130))
     return 0
+
+
+#: Override keys that choose the dataset (what `kdrepro prepare` must be given to prepare the same folder).
+DATASET_KEYS = ("profile", "dataset")
+
+
+def prepare_command(params: str | None, overrides: Sequence[str]) -> str:
+    """The ``kdrepro prepare`` command for the dataset this command line composes (its params file, profile and
+    dataset overrides), for the advice of dataset errors."""
+    parts = ["kdrepro prepare", *([f"--params {params}"] if params else [])]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key.split(".", 1)[0] in DATASET_KEYS:
+            parts.append(override)
+    return " ".join(parts)
 
 
 def run() -> None:

@@ -8,7 +8,12 @@ a bug and keeps its traceback.
 import signal
 import traceback
 from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
+
+#: The ``kdrepro prepare ...`` command that prepares the dataset of the command being run (set by the CLI from its
+#: own arguments: ``--params`` and the profile / dataset overrides), quoted by dataset errors; empty outside the CLI.
+PREPARE_COMMAND: ContextVar[str] = ContextVar("prepare_command", default="")
 
 
 class KdreproError(Exception):

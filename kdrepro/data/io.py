@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kdrepro.errors import DatasetError
+from kdrepro.errors import PREPARE_COMMAND, DatasetError
 
 
 def prepare_hint(dataset_name: str) -> str:
-    """The command that (re)builds a dataset, quoted in error messages."""
-    return f"run `kdrepro prepare dataset={dataset_name}`"
+    """The command that (re)builds the dataset, quoted in error messages: the one built from the running command's
+    own profile, params file and dataset overrides (:data:`kdrepro.errors.PREPARE_COMMAND`), else the dataset's."""
+    return f"run `{PREPARE_COMMAND.get() or f'kdrepro prepare dataset={dataset_name}'}`"
 
 
 def require_root(root: Path, dataset_name: str, subfolders: Sequence[str]) -> Path:

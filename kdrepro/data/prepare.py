@@ -35,7 +35,7 @@ from kdrepro.data import ade20k, cityscapes, synthetic
 from kdrepro.data.io import atomic_directory, size_problem
 from kdrepro.data.io import label_problem as content_problem
 from kdrepro.data.labels import CITYSCAPES_VALID_IDS, valid_train_ids
-from kdrepro.errors import ConfigError, DatasetError
+from kdrepro.errors import PREPARE_COMMAND, ConfigError, DatasetError
 from kdrepro.io import write_json_atomic
 
 CITYSCAPES_PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -103,7 +103,7 @@ def _prepare_cityscapes(root: Path, name: str, packages: Sequence[str], download
         raise DatasetError(
             f"{_count(damaged, 'labelIds file')} damaged: {_first(damaged)}; restore them from gtFine_trainvaltest.zip "
             f"(unzip -o gtFine_trainvaltest.zip <file> -d {root}), or move {root} away and run "
-            f"`kdrepro prepare dataset={name}` to download it again"
+            f"`{_command(name)}` to download it again"
         )
     return root
 
@@ -136,7 +136,7 @@ def _prepare_ade20k(root: Path, name: str, url: str, md5: str, download: Downloa
         raise DatasetError(
             f"{_count(damaged, 'ADE20K annotation')} damaged: {_first(damaged)}; restore them from "
             f"ADEChallengeData2016.zip (unzip -o ADEChallengeData2016.zip 'ADEChallengeData2016/annotations/*'), or "
-            f"move {root} away and run `kdrepro prepare dataset={name}` to download it again"
+            f"move {root} away and run `{_command(name)}` to download it again"
         )
     return root
 
@@ -236,6 +236,10 @@ def _ade20k_labels(root: Path) -> list[str]:
                 damaged.append(f"{label} {problem}")
     checked.save()
     return damaged
+
+
+def _command(name: str) -> str:
+    return PREPARE_COMMAND.get() or f"kdrepro prepare dataset={name}"
 
 
 def _count(items: list[str], what: str) -> str:

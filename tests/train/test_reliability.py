@@ -342,3 +342,19 @@ def test_plugin_whose_forward_raises_is_one_line_with_the_traceback_in_the_run_f
     ), line
     log = (out / "error.log").read_text()
     assert "Traceback (most recent call last)" in log and f'File "{source}", line 12, in forward' in log
+
+
+def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):
+    root = tmp_path / "my_smoke"
+    args = ["train", "profile=smoke", f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    advice = f"run `kdrepro prepare profile=smoke dataset.root={root}`"
+    assert advice in error_line(capsys.readouterr().err)
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: smoke\nseeds: [0, 1]\n")
+    assert main(["train", "--params", str(params), f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert f"run `kdrepro prepare --params {params} dataset.root={root}`" in error_line(capsys.readouterr().err)
+    assert main(["prepare", "profile=smoke", f"dataset.root={root}"]) == 0  # the advice prepares exactly that folder
+    from kdrepro.data import build_dataset
+
+    assert len(build_dataset(load_config(["profile=smoke", f"dataset.root={root}"]).dataset, "train", True)) == 8
