@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [arg for arg in arguments.args if "=" in arg]
     positional = [arg for arg in arguments.args if "=" not in arg]
     handler = HANDLERS[arguments.command]
-    PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
+    advice = PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
     try:
         if arguments.params:
             from kdrepro.pipeline import params_overrides
@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
         print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
         return int(getattr(error, "exit_code", 130))
+    finally:
+        PREPARE_COMMAND.reset(advice)
     return 0
 
 

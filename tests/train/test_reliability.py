@@ -327,6 +327,9 @@ def test_plugin_with_a_syntax_error_is_one_line_naming_file_line_and_method(tiny
     line = error_line(capsys.readouterr().err)
     assert line.startswith(f"error: method broken: importing plugin {tmp_path / 'mine' / 'broken.py'} raised SyntaxError: ")
     assert f"at {tmp_path / 'mine' / 'broken.py'}:11;" in line and "-v" in line
+    assert main(["-v", "train", *tiny_teacher, *plugin, f"out_dir={tmp_path / 'run'}"]) == 2
+    verbose = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in verbose and verbose.rstrip().splitlines()[-1] == line
 
 
 def test_plugin_whose_forward_raises_is_one_line_with_the_traceback_in_the_run_folder(tiny_teacher, tmp_path):
