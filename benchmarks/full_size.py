@@ -1,7 +1,7 @@
 """The real profiles' own stages at full size on this machine: ``python benchmarks/full_size.py [--profiles ...]``.
 
 For each profile (``cityscapes``, ``ade20k``) in a work folder: write a small fake dataset at the real resolutions
-and layout (:mod:`kdrepro.data.fake_trees`), ``kdrepro prepare`` it, import a full-width PSPNet-R101 teacher from an
+and layout (``benchmarks/fake_trees.py``), ``kdrepro prepare`` it, import a full-width PSPNet-R101 teacher from an
 mmsegmentation-format checkpoint (``kdrepro teacher teacher_import=...``), calibrate every method (a couple of
 iterations), train each method for a few iterations at the profile's crop (512×1024 / 512×512) with batch 2 (every
 run ends with the whole-image evaluation at the test scale: 2048×1024 / ADE short side 512), evaluate one checkpoint
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("kd", "fitnet", "cirkd", "afdcd", "skd")
+#: makes ``fake_trees`` (beside this file) importable in a step's ``python -c``
+SUPPORT = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
 
 
 @dataclass
@@ -42,7 +44,7 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
                   calibrate_methods: tuple[str, ...] | None = None, extra: tuple[str, ...] = (),
                   evaluate_again: bool = True) -> list[Step]:  # fmt: skip
     """The stages of one profile as commands (batch 2, the profile's crop, model widths and memory banks)."""
-    from kdrepro.layout import run_path
+    from kdrepro.pipeline.layout import run_path
 
     data, runs = work / "data" / profile, work / "runs" / profile
     backbone = runs / "pretrain" / "student" / "backbone.pth"  # the student's ImageNet weights, imported below
@@ -52,18 +54,18 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
     writer = "write_cityscapes_tree" if profile == "cityscapes" else "write_ade20k_tree"
     classes = 19 if profile == "cityscapes" else 150
     steps = [
-        Step(profile, "fake dataset", [sys.executable, "-c", f"from kdrepro.data.fake_trees import {writer}; {writer}({str(data)!r})"]),
+        Step(profile, "fake dataset", [sys.executable, "-c", f"{SUPPORT}from fake_trees import {writer}; {writer}({str(data)!r})"]),
         Step(profile, "prepare / validate", _kdrepro("prepare", *common)),
         Step(profile, "mmseg checkpoint (R101)", [sys.executable, "-c", (
-            "from kdrepro.config import load_config; from omegaconf import OmegaConf; "
-            "from kdrepro.data.fake_trees import write_mmseg_checkpoint; "
+            f"{SUPPORT}from kdrepro.config import load_config; from omegaconf import OmegaConf; "
+            "from fake_trees import write_mmseg_checkpoint; "
             f"cfg = load_config(['profile={profile}', 'teacher.pretrained=null']); "
             f"write_mmseg_checkpoint({str(work / f'mmseg_{profile}.pth')!r}, OmegaConf.to_container(cfg.teacher), {classes})")]),
         Step(profile, "teacher import", _kdrepro("teacher", *common, f"teacher_import={work / f'mmseg_{profile}.pth'}",
                                                  f"out_dir={runs / 'teacher'}")),
         Step(profile, "ImageNet backbone (R18, fake)", [sys.executable, "-c", (
-            "from kdrepro.config import load_config; from omegaconf import OmegaConf; "
-            "from kdrepro.data.fake_trees import write_imagenet_backbone; "
+            f"{SUPPORT}from kdrepro.config import load_config; from omegaconf import OmegaConf; "
+            "from fake_trees import write_imagenet_backbone; "
             f"cfg = load_config(['profile={profile}', 'student.pretrained=null']); "
             f"write_imagenet_backbone({str(work / 'resnet18_v1c.pth')!r}, OmegaConf.to_container(cfg.student))")]),
         Step(profile, "pretrain (ImageNet import)", _kdrepro("pretrain", *common, "which=student",

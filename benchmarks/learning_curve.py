@@ -63,7 +63,7 @@ def main() -> None:
         at = {row["factor"]: row["miou_mean"] for row in rows if row["lr"] == lr}
         summary["ratio_at_reference"][f"{lr:g}"] = at[1.0] / at[4.0]
     if args.teacher:
-        from kdrepro.pipeline import teacher
+        from kdrepro.train.teacher import teacher
 
         folder = args.work / args.profile / "teacher"
         summary["teacher"] = teacher([*base, f"out_dir={folder}"])

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     advice = PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
     try:
         if arguments.params:
-            from kdrepro.pipeline import params_overrides
+            from kdrepro.pipeline.params import params_overrides
 
             overrides = [*params_overrides(Path(arguments.params)), *overrides]
         if positional and arguments.command != "import-teacher":
@@ -148,7 +148,7 @@ def _prepare(overrides: list[str], positional: list[str]) -> None:
 
 def _train(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
-    from kdrepro.pipeline import method_from
+    from kdrepro.pipeline.params import method_from
     from kdrepro.train.seeds import train_seeds
 
     for metrics in train_seeds(load_config(method_from(overrides))):
@@ -184,7 +184,7 @@ def _evaluate(overrides: list[str], positional: list[str]) -> None:
 
 def _import_teacher(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
-    from kdrepro.models.weights import import_teacher
+    from kdrepro.train.teacher import import_teacher
 
     if len(positional) != 1:
         raise KdreproError("import-teacher takes exactly one mmsegmentation checkpoint path, e.g. kdrepro import-teacher pspnet.pth")
@@ -208,20 +208,20 @@ def _pretrain(overrides: list[str], positional: list[str]) -> None:
 
 
 def _teacher(overrides: list[str], positional: list[str]) -> None:
-    from kdrepro.pipeline import teacher
+    from kdrepro.train.teacher import teacher
 
     print(json.dumps(teacher(overrides)))
 
 
 def _results(overrides: list[str], positional: list[str]) -> None:
-    from kdrepro.pipeline import results
+    from kdrepro.analysis.commands import results
 
     for path in results(overrides):
         print(f"written {path}")
 
 
 def _select(overrides: list[str], positional: list[str]) -> None:
-    from kdrepro.pipeline import select
+    from kdrepro.analysis.commands import select
 
     print(json.dumps(select(overrides)))
 

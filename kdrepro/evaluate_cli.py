@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 from kdrepro.data import build_dataset, class_names
 from kdrepro.errors import ConfigError
 from kdrepro.evaluate import evaluate
-from kdrepro.io import load_model, write_json_atomic
+from kdrepro.io import write_json_atomic
+from kdrepro.models.loading import load_model
 from kdrepro.train.trainer import resolve_device
 
 

@@ -1,4 +1,4 @@
-"""Every file kdrepro writes or reads back: atomic writes, safe checkpoint reading, checkpoint -> model.
+"""Every file kdrepro writes or reads back: atomic writes and safe checkpoint reading.
 
 * **Atomic writes** (:func:`write_bytes_atomic`, :func:`write_text_atomic`, :func:`write_json_atomic`,
   :func:`save_checkpoint`): the bytes go to ``<name>.tmp`` in the same folder, are flushed to disk, then renamed over
@@ -10,7 +10,6 @@
   OpenMMLab classes (mmengine's ``HistoryBuffer`` in a runner checkpoint's ``message_hub``, ...) become inert
   :class:`Opaque` placeholders; any other global (``os.system``, ``builtins.eval``, ...) refuses the file. Nothing
   in a file is ever executed, whether kdrepro wrote it or not.
-* **Checkpoint -> model** (:func:`load_model`): rebuild the segmentor a kdrepro checkpoint describes.
 """
 
 from __future__ import annotations
@@ -38,6 +37,8 @@ from kdrepro.errors import StorageError, WeightsError
 #: OpenMMLab runners; never weights).
 OPAQUE_ROOTS = ("mmengine", "mmcv", "mmseg", "mmdet", "mmpretrain", "mmcls")
 CHUNK_BYTES = 1 << 22
+#: The version of the kdrepro checkpoint format (the ``format`` entry of every checkpoint kdrepro writes).
+FORMAT_VERSION = 1
 
 
 # -- writing ------------------------------------------------------------------------------------------------------------
@@ -255,39 +256,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or "model" not in state:
         raise WeightsError(f"{path} is not a kdrepro checkpoint (no 'model' entry); use `kdrepro import-teacher` for mmseg files")
     return state
-
-
-# -- checkpoint -> model ------------------------------------------------------------------------------------------------
-def check_classes(state: dict[str, Any], path: Path, num_classes: int, dataset: str, fix: str) -> None:
-    """Refuse a checkpoint for another class count, and one whose classifier contradicts its own ``num_classes``."""
-    declared = int(state.get("num_classes", -1))
-    classifier = state["model"].get("decode_head.conv_seg.weight")
-    if classifier is not None and int(classifier.shape[0]) != declared:
-        raise WeightsError(
-            f"{path} contradicts itself: it says num_classes={declared} but its classifier "
-            f"(decode_head.conv_seg.weight) has {int(classifier.shape[0])} outputs; re-create it"
-        )
-    if declared != num_classes:
-        raise WeightsError(f"{path} predicts {declared} classes but dataset {dataset!r} has {num_classes}; {fix}")
-
-
-def load_model(
-    source: Path | dict[str, Any], num_classes: int, dataset: str, model_cfg: dict[str, Any] | None = None,
-    map_location: str | torch.device = "cpu", fix: str = "use a checkpoint trained on this dataset",
-) -> torch.nn.Module:
-    """The segmentor a kdrepro checkpoint describes, with its weights (strict), on ``map_location``.
-
-    ``model_cfg`` is used when the checkpoint does not record its own (``model_cfg``).
-    """
-    from kdrepro.models import build_segmentor
-    from kdrepro.models.weights import load_strict
-
-    state = load_checkpoint(Path(source), map_location) if not isinstance(source, dict) else source
-    path = Path(source) if not isinstance(source, dict) else Path(str(state.get("source", "checkpoint")))
-    check_classes(state, path, num_classes, dataset, fix)
-    config = state.get("model_cfg") or model_cfg
-    if not config:
-        raise WeightsError(f"{path} does not record its model (model_cfg); re-create it with kdrepro")
-    model = build_segmentor({**dict(config), "pretrained": None}, num_classes)  # every weight comes from the file
-    load_strict(model, state["model"], str(path), f"model {config.get('name')!r}")
-    return model.to(map_location)

@@ -56,7 +56,7 @@ def tiny_dataset(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_dataset, tmp_path_factory) -> list[str]:
     """Overrides of ``tiny_dataset`` plus ``teacher_checkpoint`` of a teacher trained for 3 iterations."""
-    from kdrepro.pipeline import teacher
+    from kdrepro.train.teacher import teacher
 
     out = tmp_path_factory.mktemp("teacher")
     teacher([*tiny_dataset, f"out_dir={out}", "teacher_iterations=3"])

@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdrepro.errors import WeightsError
-from kdrepro.io import read_torch_file, save_checkpoint
+from kdrepro.io import read_torch_file
 
 #: mmsegmentation ``EncoderDecoder`` top-level module -> ours. Inside each module our names equal mmseg's
 #: (``ResNetV1c`` stem/layers, mmcv ``ConvModule`` conv/bn, ``psp_modules.N.1``, ``image_pool.1``,
@@ -191,21 +191,3 @@ def import_mmseg_checkpoint(
         mapped[our_key] = value
     load_strict(model, mapped, name, "segmentor (mmseg import)")
     return meta
-
-
-def import_teacher(cfg: Any, mmseg_path: Path) -> Path:
-    """``kdrepro import-teacher``: map an mmsegmentation PSPNet/DeepLabV3 checkpoint onto ``model@teacher`` (strictly)
-    and save it as a kdrepro checkpoint at ``cfg.import_teacher.output``."""
-    from omegaconf import OmegaConf
-
-    from kdrepro.models import build_segmentor
-    from kdrepro.train.checkpoint import FORMAT_VERSION
-
-    model_cfg = {**OmegaConf.to_container(cfg.teacher, resolve=True), "pretrained": None}  # all weights from the file
-    model = build_segmentor(model_cfg, int(cfg.dataset.num_classes))
-    import_mmseg_checkpoint(mmseg_path, model)
-    output = Path(str(cfg.import_teacher.output))
-    state = {"format": FORMAT_VERSION, "model": model.state_dict(), "num_classes": int(cfg.dataset.num_classes),
-             "model_cfg": model_cfg, "finished": True, "source": str(mmseg_path)}
-    save_checkpoint(state, output)
-    return output

@@ -128,7 +128,7 @@ def image_miou(prediction: np.ndarray, label: np.ndarray, num_classes: int, igno
 
 
 def _load(run_dir: Path, num_classes: int, dataset: str, device: str) -> torch.nn.Module:
-    from kdrepro.io import load_model
+    from kdrepro.models.loading import load_model
 
     return load_model(Path(run_dir) / "checkpoint.pt", num_classes, dataset, map_location=device).eval()
 

@@ -161,7 +161,7 @@ def read_extended_selection(results_dir: Path) -> dict[str, Any]:
 
 def method_metadata(methods: list[str], table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per method: family, display name and citation (``reproduces``), from the method configs through
-    :func:`kdrepro.results.method_info`, else from the ``family``/``display_name`` columns of ``table``."""
+    :func:`kdrepro.analysis.results.method_info`, else from the ``family``/``display_name`` columns of ``table``."""
     rows = []
     for method in dict.fromkeys(methods):
         info = _method_info(method)
@@ -179,10 +179,10 @@ def method_metadata(methods: list[str], table: pd.DataFrame | None = None) -> pd
 
 
 def _method_info(method: str) -> dict[str, Any]:
-    """:func:`kdrepro.results.method_info` when it exists, else the keys of the method's config file."""
+    """:func:`kdrepro.analysis.results.method_info` when it exists, else the keys of the method's config file."""
     if method == "teacher":
         return {"family": "teacher", "display_name": "Teacher"}
-    from kdrepro import results
+    from kdrepro.analysis import results
 
     lookup = getattr(results, "method_info", None)
     if lookup is not None:

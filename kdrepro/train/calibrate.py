@@ -303,7 +303,7 @@ def _measure(
     return methods
 
 
-#: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/deps.py, which dvc.yaml's
+#: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/pipeline/deps.py, which dvc.yaml's
 #: deps follow too), so a change to any code a training step runs re-measures the methods.
 code_digest_stage = "calibrate"
 
@@ -336,7 +336,7 @@ def _plugin_digest(method: str, folders: tuple[str, ...]) -> bytes:
 @functools.cache
 def _code_digest() -> bytes:
     """sha256 over the sources `kdrepro calibrate` can run (read once per process)."""
-    from kdrepro.deps import code_digest
+    from kdrepro.pipeline.deps import code_digest
 
     return code_digest(code_digest_stage)
 

@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may touch."""

@@ -41,10 +41,10 @@ from kdrepro.distributed import (
 )
 from kdrepro.errors import ConfigError, Interrupted, MethodCodeError
 from kdrepro.evaluate import evaluate
-from kdrepro.io import load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.calibration_check import check_calibration
-from kdrepro.train.checkpoint import FORMAT_VERSION, restore_rng_state, rng_state
+from kdrepro.train.checkpoint import restore_rng_state, rng_state
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
     RunLock,

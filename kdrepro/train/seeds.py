@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from kdrepro.errors import ConfigError
-from kdrepro.layout import seed_dir
+from kdrepro.pipeline.layout import seed_dir
 from kdrepro.train.budget import resolve_budget
 
 

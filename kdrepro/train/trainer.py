@@ -27,8 +27,8 @@ from kdrepro import distill
 from kdrepro.config import import_plugins
 from kdrepro.distributed import DistributedContext, average_gradients, shard, wrap_student
 from kdrepro.errors import ConfigError, KdreproError, MethodCodeError
-from kdrepro.io import load_model
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
+from kdrepro.models.loading import load_model
 from kdrepro.train.budget import poly_lr
 from kdrepro.train.timing import PhaseTimer, synchronize
 

@@ -1,4 +1,4 @@
-"""dvc.yaml lists exactly the code and configs each stage's command can read (kdrepro/deps.py is the definition)."""
+"""dvc.yaml lists exactly the code and configs each stage's command can read (kdrepro/pipeline/deps.py is the definition)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from kdrepro.config import options
-from kdrepro.deps import ROOT, STAGE_KIND, code_files, compact, config_files, notebook_code_files, update_dvc_yaml
+from kdrepro.pipeline.deps import (
+    ROOT,
+    STAGE_KIND,
+    code_files,
+    compact,
+    config_files,
+    notebook_code_files,
+    update_dvc_yaml,
+)
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -56,7 +64,7 @@ def test_code_deps_are_exactly_what_the_command_imports(stage):
         extra = [d for d in listed if ((ROOT / d).is_dir() and not all(p.relative_to(ROOT) in needed for p in (ROOT / d).rglob("*.py")))
                  or ((ROOT / d).is_file() and Path(d) not in needed) or not (ROOT / d).exists()]  # fmt: skip
         expected = "\n".join(f"- {d}" for d in compact(needed))
-        fix = "run `python -m kdrepro.deps --update` to rewrite dvc.yaml's code deps"
+        fix = "run `python -m kdrepro.pipeline.deps --update` to rewrite dvc.yaml's code deps"
         assert not missing, f"{stage}: dvc.yaml misses {missing} ({fix}); its code deps are:\n{expected}"
         assert not extra, f"{stage}: dvc.yaml lists {extra}, which its command never imports ({fix}):\n{expected}"
 
@@ -120,7 +128,7 @@ def test_calibration_fingerprint_hashes_the_training_step_code():
 
 
 def test_update_rewrites_stale_code_deps(tmp_path):
-    stale = (ROOT / "dvc.yaml").read_text().replace("      - kdrepro/layout.py\n", "", 1)
+    stale = (ROOT / "dvc.yaml").read_text().replace("      - kdrepro/pipeline/layout.py\n", "", 1)
     target = tmp_path / "dvc.yaml"
     target.write_text(stale)
     assert update_dvc_yaml(target)
@@ -130,8 +138,8 @@ def test_update_rewrites_stale_code_deps(tmp_path):
 
 def test_analysis_code_is_not_a_dependency_of_training_or_calibration():
     """Editing the statistics, the verdict or the plan must not re-calibrate and re-train every method (the dynamic
-    submodule rule once matched kdrepro/deps.py's own source text and pulled every top-level module into calibrate)."""
-    analysis = {Path("kdrepro/results.py"), Path("kdrepro/stats.py"), Path("kdrepro/verdict.py"), Path("kdrepro/plan.py")}
+    submodule rule once matched kdrepro/pipeline/deps.py's own source text and pulled every top-level module into calibrate)."""
+    analysis = {Path("kdrepro/analysis/results.py"), Path("kdrepro/analysis/stats.py"), Path("kdrepro/analysis/verdict.py"), Path("kdrepro/plan.py")}
     for stage in ("pretrain", "teacher", "train", "calibrate"):
         assert not analysis & set(code_files(stage)), stage
     assert analysis - {Path("kdrepro/plan.py")} <= set(code_files("results"))

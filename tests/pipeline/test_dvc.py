@@ -217,7 +217,7 @@ def test_bad_params_file_is_one_line_error(tmp_path, capsys, params, message):
 
 def test_params_file_maps_to_hydra_overrides(tmp_path):
     from kdrepro.config import load_config
-    from kdrepro.pipeline import params_overrides
+    from kdrepro.pipeline.params import params_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text("profile: smoke\nseeds: [3, 4]\nreference_iterations: 7\nmethods: [kd, cwd]\ncalibrate: {rounds: 2, warmup: null}\n")

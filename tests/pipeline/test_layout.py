@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdrepro.layout import RunKey, method_dir, parse_run_path, run_path
+from kdrepro.pipeline.layout import RunKey, method_dir, parse_run_path, run_path
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_superseded_marker_matches_the_run_folder_code():
-    from kdrepro.layout import SUPERSEDED
+    from kdrepro.pipeline.layout import SUPERSEDED
     from kdrepro.train.run_folder import SUPERSEDED_INFIX
 
     assert SUPERSEDED == SUPERSEDED_INFIX

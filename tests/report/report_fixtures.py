@@ -34,7 +34,7 @@ REFERENCE_ITERATIONS = 40
 
 
 def method_info(name: str) -> dict:
-    """Stands in for :func:`kdrepro.results.method_info` (the method configs' metadata)."""
+    """Stands in for :func:`kdrepro.analysis.results.method_info` (the method configs' metadata)."""
     return {"family": FAMILY[name], "display_name": DISPLAY[name], "reproduces": REPRODUCES.get(name, "")}
 
 

@@ -1,9 +1,8 @@
-"""End-to-end tests of `kdrepro train` / `kdrepro calibrate` on a tiny synthetic set (seconds each)."""
+"""End-to-end tests of `kdrepro train` on a tiny synthetic set (seconds each)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from kdrepro.cli import main
 from kdrepro.config import load_config
 from kdrepro.errors import ConfigError, WeightsError
 from kdrepro.io import load_checkpoint
@@ -83,82 +81,6 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path
         assert torch.equal(a[key], b[key]), key
 
 
-def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
-    from kdrepro.train.calibrate import calibrate
-
-    output = tmp_path / "calibration.json"
-    overrides = [*tiny_teacher, "calibrate.methods=[none,kd,cwd]", "calibrate.warmup=1", "calibrate.rounds=2",
-                 "calibrate.iterations_per_round=2", "calibrate.reference_method=null", f"calibrate.output={output}"]
-    table = calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
-    assert json.loads(output.read_text())["matched"] == table["matched"]
-    methods = table["methods"]
-    assert set(methods) == {"none", "kd", "cwd"}
-    for entry in methods.values():
-        assert entry["samples"] == 4 and entry["seconds_per_iteration"] > 0 and entry["flops_per_iteration"] > 0
-    # the teacher forward is part of every KD method's cost and absent from the student alone
-    assert methods["none"]["phase_median_seconds"]["teacher"] == 0
-    assert methods["kd"]["phase_median_seconds"]["teacher"] > 0
-    assert methods["kd"]["flops_per_iteration"] > methods["none"]["flops_per_iteration"]
-    matched = table["matched"]
-    reference = max(methods, key=lambda m: methods[m]["seconds_per_iteration"])
-    assert matched["reference_method"] == reference and matched["iterations"][reference] == 4
-    # a calibrated run trains exactly its matched iteration count
-    run = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={output}", f"out_dir={tmp_path / 'run'}"]))
-    assert run["iterations"] == matched["iterations"]["none"]
-    # the setting it measured is recorded, and a run of another batch size is refused in one line, before training
-    assert table["measured_setting"]["batch_size"] == 2 and table["measured_setting"]["crop_size"] == [32, 64]
-    other = [*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={output}", "loader.batch_size=4"]
-    with pytest.raises(ConfigError, match=r"measured with batch_size 2 \(this run: 4\)") as error:
-        train(load_config([*other, f"out_dir={tmp_path / 'other'}"]))
-    assert "\n" not in str(error.value) and not (tmp_path / "other").exists()
-
-
-def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(tiny_teacher, tmp_path):
-    from kdrepro.train.calibrate import calibrate
-
-    output = tmp_path / "calibration.json"
-    base = [*tiny_teacher, "calibrate.warmup=1", "calibrate.rounds=1", "calibrate.iterations_per_round=2",
-            "calibrate.reference_method=kd", f"calibrate.output={output}", "calibrate.max_spread=null"]
-
-    def run(methods, *extra):
-        overrides = [*base, f"calibrate.methods=[{','.join(methods)}]", *extra]
-        return calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
-
-    first = run(["none", "kd", "cwd"])
-    folder = tmp_path / "calibration"
-    assert sorted(p.name for p in folder.glob("*.json")) == ["budget.json", "cwd.json", "kd.json", "none.json"]
-    assert json.loads((folder / "budget.json").read_text())["budget_seconds"] == first["matched"]["budget_seconds"]
-    before = {p.name: p.read_bytes() for p in folder.glob("*.json")}
-
-    # cwd's temperature changes: only cwd is re-measured (with the anchor kd), the other files keep their bytes
-    overrides = [*base, "calibrate.methods=[none,kd,cwd]"]
-    second = calibrate(load_config(overrides), lambda name: load_config(
-        [*overrides, f"method={name}", *(["method.terms.cwd.temperature=2.0"] if name == "cwd" else [])]))
-    assert second["reused"] == ["kd", "none"]
-    assert second["methods"]["cwd"]["rescaled"]["anchor"] == "kd"
-    after = {p.name: p.read_bytes() for p in folder.glob("*.json")}
-    assert after["kd.json"] == before["kd.json"] and after["none.json"] == before["none.json"]
-    assert after["budget.json"] == before["budget.json"] and after["cwd.json"] != before["cwd.json"]
-
-    # a dropped method's file goes; incremental=false re-measures everything
-    third = run(["none", "kd"], "calibrate.incremental=false")
-    assert third["reused"] == [] and not (folder / "cwd.json").exists()
-    # training reads the folder form: budget.json + its own entry
-    run_metrics = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={folder}",
-                                     f"out_dir={tmp_path / 'run'}"]))
-    assert run_metrics["iterations"] == third["matched"]["iterations"]["none"]
-
-    # an entry measured under load (spread above calibrate.max_spread) is re-measured, not reused
-    table = json.loads(output.read_text())
-    for name, spread in (("none", 0.9), ("kd", 0.05)):
-        table["methods"][name]["relative_spread"] = spread
-    output.write_text(json.dumps(table))
-    fourth = run(["none", "kd"], "calibrate.max_spread=0.5")
-    assert fourth["reused"] == ["kd"] and fourth["methods"]["none"]["rescaled"]["anchor"] == "kd"
-    assert fourth["max_spread"] == 0.5
-    assert fourth["disturbed"] == {n: e["relative_spread"] for n, e in fourth["methods"].items() if e["relative_spread"] > 0.5}
-
-
 def test_seconds_budget_stops_on_training_time(tiny_teacher, tmp_path):
     metrics = train(load_config([*tiny_teacher, "method=none", "budget=seconds", "budget.seconds=0.5", f"out_dir={tmp_path}"]))
     assert metrics["train_seconds"] >= 0.5
@@ -174,7 +96,7 @@ def test_non_finite_loss_names_step_and_term(tiny_teacher, tmp_path):
 
 
 def test_on_nonfinite_record_writes_a_diverged_result_instead_of_failing(tiny_teacher, tmp_path):
-    from kdrepro.results import collect_runs
+    from kdrepro.analysis.results import collect_runs
 
     out = tmp_path / "runs" / "iter_matched" / "kd"
     overrides = [*tiny_teacher, "method=kd", "method.terms.kd.temperature=1e-40", "on_nonfinite=record", f"out_dir={out}"]
@@ -189,25 +111,6 @@ def test_on_nonfinite_record_writes_a_diverged_result_instead_of_failing(tiny_te
         train(load_config([*overrides[:-2], "on_nonfinite=ignore", f"out_dir={tmp_path / 'x'}"]))
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["method=bogus"], "valid method options"),
-        (["method=kd", "teacher_checkpoint=/nonexistent/teacher.pt"], "does not exist"),
-        (["method=kd", "teacher_checkpoint=null"], "needs a teacher"),
-        (["method=none", "budget.iterations=0"], "must be a positive number"),
-        (["method=none", "budget=calibrated", "budget.calibration=/nonexistent.json"], "run `kdrepro calibrate` first"),
-        (["method=kd", "dataset.label_set=classes", "dataset.num_classes=19"], "predicts 7 classes"),
-    ],
-)
-def test_bad_input_is_one_line_error_with_exit_2(tiny_teacher, tmp_path, capsys, overrides, message):
-    code = main(["train", *tiny_teacher, *overrides, f"out_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error:") and message in err and "\n" not in err, err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
-
-
 def test_corrupt_teacher_checkpoint_is_weights_error(tiny_dataset, tmp_path):
     bad = tmp_path / "teacher.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -215,13 +118,6 @@ def test_corrupt_teacher_checkpoint_is_weights_error(tiny_dataset, tmp_path):
 
     with pytest.raises(WeightsError, match="is not a PyTorch checkpoint"):
         load_teacher(load_config([*tiny_dataset, "method=kd", f"teacher_checkpoint={bad}"]), 19, torch.device("cpu"))
-
-
-def test_cli_help_lists_commands():
-    result = subprocess.run([sys.executable, "-m", "kdrepro", "--help"], capture_output=True, text=True, env={**os.environ})
-    assert result.returncode == 0
-    for command in ("train", "calibrate", "evaluate", "prepare", "info", "import-teacher"):
-        assert command in result.stdout
 
 
 def test_bf16_autocast_trains_with_finite_losses(tiny_teacher, tmp_path):

@@ -1,4 +1,5 @@
-"""Small stand-ins for the real datasets, at the real resolutions and in the real folder layouts.
+"""Small stand-ins for the real datasets, at the real resolutions and in the real folder layouts (benchmark and test
+support: ``benchmarks/full_size.py`` and the tests it backs import it from here, never the package).
 
 They let the ``cityscapes`` and ``ade20k`` profiles run end to end (``kdrepro prepare`` validating an existing root,
 training crops, whole-image evaluation at the test scale) on a machine without the datasets, e.g. in CI:

@@ -1,6 +1,6 @@
 """Every run of a pipeline as tidy pandas tables, their statistics over seeds, and the verdict on the paper's claims.
 
-Run folders follow :mod:`kdrepro.layout` (``runs/<profile>/<protocol>/<method>[-<k>]/seed<s>/``). ``kdrepro results``
+Run folders follow :mod:`kdrepro.pipeline.layout` (``runs/<profile>/<protocol>/<method>[-<k>]/seed<s>/``). ``kdrepro results``
 writes, under ``results/<profile>/``:
 
 ==========================  ============================================================================================
@@ -9,9 +9,9 @@ writes, under ``results/<profile>/``:
 ``per_class.csv``           one row per run and class: IoU in percent (NaN for a class absent from validation)
 ``stats.csv``               one row per (protocol, method, multiplier): mean, sd, 95 % t-interval over seeds, and
                             seed-paired differences vs the student alone and vs logit KD (percent points;
-                            :mod:`kdrepro.stats`)
+                            :mod:`kdrepro.analysis.stats`)
 ``verdict.json``            the regime (teacher gap, where the schedule sits) and the verdict per claim
-                            (:mod:`kdrepro.verdict`); also a DVC metric
+                            (:mod:`kdrepro.analysis.verdict`); also a DVC metric
 ``curves.csv``              the dvclive logs of every run (one row per logged step and metric)
 ``calibration.csv``         one row per calibrated method (seconds/iteration and its spread, phases, FLOPs, memory)
 ``summary.json``            mean mIoU per protocol and method (``dvc metrics show``)
@@ -29,9 +29,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdrepro.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
-from kdrepro.stats import STUDENT_ALONE, summarize
-from kdrepro.verdict import best_specific, judge
+from kdrepro.analysis.stats import STUDENT_ALONE, summarize
+from kdrepro.analysis.verdict import best_specific, judge
+from kdrepro.config import CONF_DIR
+from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
 
 PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
 
@@ -39,7 +40,7 @@ PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every see
 def method_info(name: str, start: str | Path = ".") -> dict[str, Any]:
     """family, display_name and reproduces of a method config: the packaged one, else the one in the ``plugins``
     folder of the nearest ``params.yaml`` at or above ``start`` ({} when there is none)."""
-    candidates = [Path(__file__).parent / "conf" / "method" / f"{name}.yaml"]
+    candidates = [CONF_DIR / "method" / f"{name}.yaml"]
     for folder in (Path(start).resolve(), *Path(start).resolve().parents):
         params = folder / "params.yaml"
         if params.is_file():
@@ -105,7 +106,7 @@ def _metrics_files(runs_dir: Path) -> list[Path]:
 
 def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
     """One row per finished run under ``runs_dir`` (folders with ``metrics.json`` in the layout of
-    :mod:`kdrepro.layout`), sorted by protocol, method, multiplier and seed."""
+    :mod:`kdrepro.pipeline.layout`), sorted by protocol, method, multiplier and seed."""
     runs_dir = Path(runs_dir)
     rows = [row for path in _metrics_files(runs_dir) if (row := _run_row(path, runs_dir)) is not None]
     frame = pd.DataFrame(rows)

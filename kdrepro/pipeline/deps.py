@@ -2,9 +2,9 @@
 
 One definition for two consumers: ``dvc.yaml``'s ``deps`` (a test checks that every stage lists all of it and
 nothing that its command cannot read) and the cost fingerprint of ``kdrepro calibrate`` (a method is re-measured when
-any code its training step can run changes). ``python -m kdrepro.deps <stage>`` prints a stage's deps in the compact
+any code its training step can run changes). ``python -m kdrepro.pipeline.deps <stage>`` prints a stage's deps in the compact
 form ``dvc.yaml`` uses: a folder when the command can read every module in it, single files otherwise;
-``python -m kdrepro.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
+``python -m kdrepro.pipeline.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
 
 The closure is static: every ``import kdrepro...`` / ``from kdrepro... import`` anywhere in a module (also inside
 functions: a lazily imported module can still run), each module's parent packages, and every submodule of a package
@@ -20,23 +20,22 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parent
 
 #: The modules each stage's command starts from (``kdrepro <command>`` -> its handler in kdrepro/cli.py). Every
-#: command also runs the CLI, the params glue and the config loader. The CLI and the params glue dispatch lazily:
-#: their function-level imports belong to one command's handler each, which ``ENTRIES`` names, so only their
-#: module-level imports are followed.
-COMMON = ("kdrepro.cli", "kdrepro.pipeline", "kdrepro.config", "kdrepro.errors")
-DISPATCHERS = ("kdrepro.cli", "kdrepro.pipeline")
+#: command also runs the CLI, the params glue and the config loader. The CLI dispatches lazily: its function-level
+#: imports belong to one command's handler each, which ``ENTRIES`` names, so only its module-level imports are followed.
+COMMON = ("kdrepro.cli", "kdrepro.pipeline.params", "kdrepro.config", "kdrepro.errors")
+DISPATCHERS = ("kdrepro.cli",)
 ENTRIES: dict[str, tuple[str, ...]] = {
     "data": ("kdrepro.data",),
     "pretrain": ("kdrepro.train.pretrain",),
-    "teacher": ("kdrepro.train.seeds", "kdrepro.train.run", "kdrepro.models.weights"),
+    "teacher": ("kdrepro.train.teacher",),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
     "calibrate": ("kdrepro.train.calibrate",),
-    "select": ("kdrepro.results",),
-    "results": ("kdrepro.results",),
+    "select": ("kdrepro.analysis.commands",),
+    "results": ("kdrepro.analysis.commands",),
     "report": ("kdrepro.report",),
     "index": ("kdrepro.report.index",),
 }
@@ -82,6 +81,42 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
     if path.name == "__init__.py" and "iter_modules(__path__)" in path.read_text():  # not this module's own text
         found |= {_module_name(child) for child in path.parent.glob("*.py") if child.name != "__init__.py"}
     return {name for name in found if name == "kdrepro" or name.startswith("kdrepro.")}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every kdrepro module -> the kdrepro modules it imports by name, anywhere in its source (function-level
+    imports included). ``from package import submodule`` is an import of the submodule only, and a package's
+    ``__init__`` counts as the package's own module. The import graph ``tests/test_architecture.py`` checks for
+    circles and upward imports."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {_module_name(path) for path in paths}
+    graph = {}
+    for path in paths:
+        own = _module_name(path)
+        targets = set()
+        for base, aliases in _import_statements(path):
+            submodules = {f"{base}.{alias}" for alias in aliases if f"{base}.{alias}" in names}
+            targets |= submodules if aliases and len(submodules) == len(aliases) else {base, *submodules}
+        if path.name == "__init__.py" and "iter_modules(__path__)" in path.read_text():
+            targets |= {_module_name(child) for child in path.parent.glob("*.py") if child.name != "__init__.py"}
+        graph[own] = {name for name in targets if name in names and name != own}
+    return graph
+
+
+def _import_statements(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import statement in a source file (``import a.b`` is ``("a.b", [])``)."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((base, [alias.name for alias in node.names]))
+    return found
 
 
 def closure(entries: Iterable[str]) -> set[Path]:

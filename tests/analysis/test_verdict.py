@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kdrepro.verdict import best_specific, claim_extended, claim_matched_compute, claim_rankings, judge
+from kdrepro.analysis.verdict import best_specific, claim_extended, claim_matched_compute, claim_rankings, judge
 
 SPECIFIC = ["cwd", "dist"]
 

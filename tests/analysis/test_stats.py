@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from kdrepro.stats import paired_difference, pairwise, significant, summarize, t_interval
+from kdrepro.analysis.stats import paired_difference, pairwise, significant, summarize, t_interval
 
 
 def test_t_interval_matches_hand_computation():

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from kdrepro.cli import main
-from kdrepro.io import load_checkpoint, load_model
+from kdrepro.io import load_checkpoint
+from kdrepro.models.loading import load_model
 
 
 def teacher_path(overrides: list[str]) -> Path:

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from kdrepro.results import classes_learned, deciding_classes, extended_selection
+from kdrepro.analysis.results import classes_learned, deciding_classes, extended_selection
 
 
 def _per_class(rows):
@@ -50,7 +50,7 @@ def test_extended_selection_takes_the_best_specific_mean():
 
 
 def test_method_info_reads_packaged_and_plugin_configs(tmp_path):
-    from kdrepro.results import method_info
+    from kdrepro.analysis.results import method_info
 
     assert method_info("cwd")["family"] == "segmentation_specific"
     (tmp_path / "mine" / "method").mkdir(parents=True)
@@ -62,8 +62,8 @@ def test_method_info_reads_packaged_and_plugin_configs(tmp_path):
 
 
 def test_regime_states_the_schedule_fraction_and_the_teacher_gap_at_the_longest_control():
-    from kdrepro.results import regime
-    from kdrepro.stats import summarize
+    from kdrepro.analysis.results import regime
+    from kdrepro.analysis.stats import summarize
 
     rows = [("teacher", "teacher", 1.0, 0, 0.52, 1000, 100.0)]
     for seed, noise in ((0, -0.01), (1, 0.0), (2, 0.01)):

@@ -1,7 +1,7 @@
 """The paper's claims, judged from this run's numbers: supported, contradicted or inconclusive.
 
 The rules are fixed before any result is seen and are the same for every profile; they use only the seed-paired
-95 % intervals of :mod:`kdrepro.stats` ("significant" = the interval excludes 0). ``canonical`` is the better (by
+95 % intervals of :mod:`kdrepro.analysis.stats` ("significant" = the interval excludes 0). ``canonical`` is the better (by
 mean) of logit KD (``kd``) and feature KD (``fitnet``); ``best specific`` is the segmentation-specific method with the
 highest mean, chosen after the fact (so it is favoured by selection, which makes claim (b) harder to support).
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdrepro.stats import LOGIT_KD, STUDENT_ALONE, paired_difference, pairwise, t_interval
+from kdrepro.analysis.stats import LOGIT_KD, STUDENT_ALONE, paired_difference, pairwise, t_interval
 
 CANONICAL = ("kd", "fitnet")
 APPROACH_PERCENT = 90.0  # the paper's weaker case: 92 % of the teacher on ADE20K
@@ -45,7 +45,7 @@ def _claim(claim_id: str, verdict: str, evidence: str, **figures: Any) -> dict[s
 
 
 def _orders(table: pd.DataFrame) -> set[tuple[str, str]]:
-    """Significant orders ``a > b`` of a :func:`kdrepro.stats.pairwise` table."""
+    """Significant orders ``a > b`` of a :func:`kdrepro.analysis.stats.pairwise` table."""
     return {(row.a, row.b) for row in table.itertuples() if row.significant and row.mean > 0}
 
 

@@ -1,4 +1,4 @@
-"""Glue between DVC's ``params.yaml`` and kdrepro's Hydra configs, and the pipeline-only commands.
+"""Glue between DVC's ``params.yaml`` and kdrepro's Hydra configs.
 
 ``params.yaml`` is owned by the user (edit it, or ``dvc exp run -S key=value``); DVC's Hydra integration is *not*
 enabled, so nothing rewrites it. ``kdrepro <command> --params params.yaml`` turns its keys into Hydra overrides:
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kdrepro.config import load_config, options
+from kdrepro.config import options
 from kdrepro.errors import ConfigError
 
 PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins"}
@@ -145,65 +145,6 @@ def params_overrides(path: Path) -> list[str]:
     if params.get("plugins"):
         overrides.append(f"plugins=[{params['plugins']}]")
     return overrides
-
-
-def teacher(overrides: list[str]) -> dict[str, Any]:
-    """Import ``teacher_import`` if set, else train ``model@teacher`` alone for ``teacher_iterations``."""
-    cfg = load_config(overrides)
-    if cfg.get("teacher_import"):
-        from kdrepro.models.weights import import_teacher
-
-        output = Path(str(cfg.out_dir)) / "checkpoint.pt"
-        cfg.import_teacher.output = str(output)
-        import_teacher(cfg, Path(str(cfg.teacher_import)))
-        return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
-    from kdrepro.train.seeds import train_seeds
-
-    teacher_overrides = [
-        *overrides,
-        "seeds=null",
-        f"seed={int(cfg.teacher_seed)}",
-        "method=none",
-        f"model@student={cfg.teacher.name}",
-        f"student.base_width={cfg.teacher.base_width}",
-        f"student.pretrained={cfg.teacher.get('pretrained') or 'null'}",
-        "budget=iterations",
-        f"budget.iterations={int(cfg.teacher_iterations)}",
-    ]
-    (metrics,) = train_seeds(load_config(teacher_overrides))
-    return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
-
-
-def results(overrides: list[str]) -> list[Path]:
-    """``kdrepro results``: the tidy tables, statistics and verdict of ``runs_dir`` under ``results_dir``."""
-    from kdrepro.results import write_results
-
-    cfg = load_config(overrides)
-    runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
-    if not runs_dir.is_dir():
-        raise ConfigError(f"runs_dir {runs_dir} does not exist; run the training stages first (dvc repro)")
-    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None)
-
-
-def select(overrides: list[str]) -> dict[str, Any]:
-    """``kdrepro select``: the segmentation-specific method to extend (the best of this run's compute-matched
-    table), written to ``<results_dir>/extended_selection.json`` for the extended stage of that slot."""
-    from kdrepro.results import collect_runs, extended_selection, write_json
-
-    cfg = load_config(overrides)
-    runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
-    runs = collect_runs(runs_dir) if runs_dir.is_dir() else None
-    if runs is None or runs.empty or not (runs.protocol == "compute_matched").any():
-        raise ConfigError(f"no compute-matched runs under {runs_dir}; run the compute_matched stages first (dvc repro)")
-    selection = extended_selection(runs)
-    if selection["method"] is None:
-        raise ConfigError(
-            f"no segmentation-specific method finished compute-matched under {runs_dir}; add one to methods in "
-            "params.yaml (family: segmentation_specific in its config)"
-        )
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_json(results_dir / "extended_selection.json", selection)
-    return selection
 
 
 def method_from(overrides: list[str]) -> list[str]:

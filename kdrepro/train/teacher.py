@@ -1,0 +1,51 @@
+"""``kdrepro teacher`` and ``kdrepro import-teacher``: the teacher trained alone, or mapped from an mmsegmentation
+checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from kdrepro.config import load_config
+from kdrepro.io import FORMAT_VERSION, save_checkpoint
+from kdrepro.models import build_segmentor
+from kdrepro.models.weights import import_mmseg_checkpoint
+from kdrepro.train.seeds import train_seeds
+
+
+def teacher(overrides: list[str]) -> dict[str, Any]:
+    """Import ``teacher_import`` if set, else train ``model@teacher`` alone for ``teacher_iterations``."""
+    cfg = load_config(overrides)
+    if cfg.get("teacher_import"):
+        output = Path(str(cfg.out_dir)) / "checkpoint.pt"
+        cfg.import_teacher.output = str(output)
+        import_teacher(cfg, Path(str(cfg.teacher_import)))
+        return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
+    teacher_overrides = [
+        *overrides,
+        "seeds=null",
+        f"seed={int(cfg.teacher_seed)}",
+        "method=none",
+        f"model@student={cfg.teacher.name}",
+        f"student.base_width={cfg.teacher.base_width}",
+        f"student.pretrained={cfg.teacher.get('pretrained') or 'null'}",
+        "budget=iterations",
+        f"budget.iterations={int(cfg.teacher_iterations)}",
+    ]
+    (metrics,) = train_seeds(load_config(teacher_overrides))
+    return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
+
+
+def import_teacher(cfg: Any, mmseg_path: Path) -> Path:
+    """``kdrepro import-teacher``: map an mmsegmentation PSPNet/DeepLabV3 checkpoint onto ``model@teacher`` (strictly)
+    and save it as a kdrepro checkpoint at ``cfg.import_teacher.output``."""
+    model_cfg = {**OmegaConf.to_container(cfg.teacher, resolve=True), "pretrained": None}  # all weights from the file
+    model = build_segmentor(model_cfg, int(cfg.dataset.num_classes))
+    import_mmseg_checkpoint(mmseg_path, model)
+    output = Path(str(cfg.import_teacher.output))
+    state = {"format": FORMAT_VERSION, "model": model.state_dict(), "num_classes": int(cfg.dataset.num_classes),
+             "model_cfg": model_cfg, "finished": True, "source": str(mmseg_path)}
+    save_checkpoint(state, output)
+    return output
