@@ -81,7 +81,8 @@ EFFECTS: dict[str, frozenset[str]] = {
     "teacher_iterations": NEITHER,
     "teacher_import": NEITHER,
     "import_teacher": NEITHER,
-    "pretrain": NEITHER,                   # the pretrain stage's (its backbone file is student/teacher.pretrained)
+    "pretrain": ONLY_RETRAIN,              # how the backbones a run starts from were made (their files' content
+                                           # is not hashed: the settings stand for it)
     "which": NEITHER,
     "evaluate": NEITHER,
     "runs_dir": NEITHER,
