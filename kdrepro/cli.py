@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 
 from kdrepro.errors import PREPARE_COMMAND, KdreproError, raise_on_signals
@@ -155,7 +155,19 @@ def _train(overrides: list[str], positional: list[str]) -> None:
         print(json.dumps({k: metrics.get(k) for k in ("method", "seed", "miou", "iterations", "train_seconds")}))
 
 
+def passive_openmp(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Ask OpenMP threads to sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose
+    a policy: calibration on CPUs then counts only the work in its CPU time. It takes effect only before torch (and
+    its OpenMP runtime) loads, so ``kdrepro calibrate`` calls it first; returns whether the policy is passive."""
+    environ = os.environ if environ is None else environ
+    if "torch" in sys.modules:  # too late to change the runtime's policy
+        return False
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+
+
 def _calibrate(overrides: list[str], positional: list[str]) -> None:
+    passive_openmp()  # before torch loads (kdrepro.train.calibrate's clock)
     from kdrepro.config import load_config
     from kdrepro.train.calibrate import calibrate
     from kdrepro.train.signals import watch_parent

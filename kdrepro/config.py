@@ -6,9 +6,11 @@ notebooks can call, and so that Hydra does not change the working directory or w
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -34,6 +36,23 @@ def options(group: str, plugins: Sequence[str | Path] = ()) -> list[str]:
     configs (``<folder>/<group>/<name>.yaml``) searched after the packaged ones."""
     folders = [CONF_DIR / group, *(Path(folder) / group for folder in plugins)]
     return sorted({path.stem for folder in folders for path in folder.glob("*.yaml")})
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The roles methods play in the paper's protocol (``conf/roles.yaml``)."""
+
+    control: str  # the student alone
+    logit_kd: str  # canonical logit KD
+    canonical: tuple[str, ...]  # canonical KD methods, always extended
+
+
+@functools.cache
+def roles() -> Roles:
+    """The method roles declared in ``conf/roles.yaml``."""
+    declared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "roles.yaml"))
+    assert isinstance(declared, dict)
+    return Roles(str(declared["control"]), str(declared["logit_kd"]), tuple(str(m) for m in declared["canonical"]))
 
 
 def plugin_folders(overrides: Sequence[str]) -> list[Path]:
@@ -123,6 +142,14 @@ def check_calibrate(settings: DictConfig) -> None:
     spread = settings.get("max_spread")
     if spread is not None and (isinstance(spread, bool) or not isinstance(spread, int | float) or spread <= 0):
         raise ConfigError(f"calibrate.max_spread must be a positive number (e.g. 0.5) or null, got {spread!r}")
+    deviation = settings.get("max_flop_deviation")
+    if deviation is not None and (isinstance(deviation, bool) or not isinstance(deviation, int | float) or deviation <= 1):
+        raise ConfigError(f"calibrate.max_flop_deviation must be a number above 1 (e.g. 4) or null, got {deviation!r}")
+    remeasure = settings.get("remeasure", 0)
+    if isinstance(remeasure, bool) or not isinstance(remeasure, int) or remeasure < 0:
+        raise ConfigError(f"calibrate.remeasure must be a whole number of re-measurements (0 or more), got {remeasure!r}")
+    if str(settings.get("clock", "auto")) not in ("auto", "wall", "cpu"):
+        raise ConfigError(f"calibrate.clock must be auto, wall or cpu, got {settings.get('clock')!r}")
 
 
 def _explain(error: HydraException, plugins: Sequence[Path] = ()) -> str:

@@ -6,15 +6,11 @@ Protocol: every method is built (one shared frozen teacher), warmed up, then tim
 method alike, and the median over all timed iterations is robust to stragglers. A method's pre-training stage (e.g.
 MasKD's mask tokens) is timed too and charged once, as ``pretrain_seconds``.
 
-The matched budget is ``reference_iterations × seconds_per_iteration(reference) + pretrain_seconds(reference)``, the
-reference being the slowest method by default, so no method trains below the standard schedule; each method then
-gets ``(budget − its pretrain_seconds) / its seconds_per_iteration`` iterations. FLOP-matched iteration counts (from
-``torch.utils.flop_counter`` on one full training step) are written beside them as an alternative.
-
-Outputs: ``calibrate.output`` (``calibration.json``, the whole table, read by the reports) and, beside it, a folder
-of the same stem holding ``budget.json`` (reference method, iterations, budget seconds) and ``<method>.json`` (that
-method's entry). A training stage reads only ``budget.json`` and its own method's file, so DVC reruns only what a
-change touches.
+The matched budget and every method's iteration count follow :mod:`kdrepro.pipeline.matching` (the reference choice
+-- the slowest method by default, so no method trains below the standard schedule --, the formula, and the files:
+``calibrate.output`` = ``calibration.json`` and the per-method folder beside it that DVC stages depend on).
+FLOP-matched iteration counts (from ``torch.utils.flop_counter`` on one full training step) are written beside them
+as an alternative.
 
 **Incremental re-calibration** (``calibrate.incremental``, default on): every entry carries a fingerprint of what
 sets its cost (the method's config, models, data shapes, precision, device, threads, protocol, kdrepro's model /
@@ -23,10 +19,25 @@ are measured, interleaved with the *anchor* (the previous reference method); the
 ``previous anchor seconds / anchor seconds now``, so drift between the two sessions cancels. Unchanged entries are
 kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=false``, everything is re-measured.
 
-**Disturbed measurements**: a method whose timed iterations spread by more than ``calibrate.max_spread`` (IQR over
-median; 0.5 by default, where 12 samples per method on an idle 2-core machine spread by 3–24 %) was measured while
-something else loaded the machine. The table lists it under ``disturbed``, a warning says so, and the next
-calibration re-measures it instead of reusing it.
+**The clock** (``calibrate.clock``): on GPUs, synchronised wall time (the phases by CUDA events). On CPUs
+(``auto``), the CPU time of the calibrating process, summed over its compute threads: another process on the
+machine takes cores away, which stretches wall time (and, with two threads on two cores, stalls every OpenMP
+barrier on the descheduled thread), but barely changes the CPU time an iteration needs. ``kdrepro calibrate`` sets
+``OMP_WAIT_POLICY=PASSIVE`` before torch loads (:func:`kdrepro.cli.passive_openmp`), so threads waiting at a barrier sleep
+instead of spinning and their waiting is not counted as work. The medians are expressed in wall-clock seconds by one
+factor common to every method (pooled wall / CPU time of all timed iterations, ``clock.wall_per_cpu`` in the
+table), so budgets keep their unit and the matched iteration counts depend on the CPU-time ratios alone.
+
+**Disturbed measurements** are re-measured before any budget is derived. A method is disturbed when its timed
+iterations spread by more than ``calibrate.max_spread`` (IQR over median; 0.5 by default, where 12 samples per
+method on an idle 2-core machine spread by 3–24 %), or when its time per FLOP is more than
+``calibrate.max_flop_deviation`` times the methods' median time per FLOP (a cross-check of time ratios against FLOP
+ratios: methods whose FLOPs per iteration are nearly equal cannot differ 20-fold in time). Only the dear side is a
+sign of load: a method can be cheaper than its FLOPs say (SKD's discriminator and AFDCD's big convolutions run at
+0.1–0.2 of the median time per FLOP at the smoke size, where the student's small kernels are overhead-bound). Those methods
+are measured again, interleaved with an undisturbed anchor, up to ``calibrate.remeasure`` times; a measurement that
+stays disturbed stops the calibration with one line naming the method and the cause, and no table is written (the
+previous one stays). A previous table's ``disturbed`` entries are re-measured instead of reused.
 
 **Under torchrun** (``torchrun --nproc_per_node=N -m kdrepro calibrate ...``) every rank builds the same trainers
 (DDP students, each rank on its slice of the global batch, exactly as ``kdrepro train`` under torchrun) and runs the
@@ -44,6 +55,8 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import statistics
 import time
@@ -63,13 +76,11 @@ from kdrepro.distributed import (
     DistributedContext,
     barrier,
     check_global_batch,
-    init_from_environment,
-    rank_device,
+    setup_device,
     shard,
 )
 from kdrepro.errors import ConfigError
-from kdrepro.io import write_text_atomic
-from kdrepro.train.budget import whole_iterations
+from kdrepro.pipeline.matching import PHASES, matched_iterations, read_previous, write_calibration
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -80,8 +91,8 @@ from kdrepro.train.calibrate_ranks import (
 )
 from kdrepro.train.calibration_check import SETTING_KEY, measured_setting
 from kdrepro.train.effects import cost_view
-from kdrepro.train.timing import PHASES, synchronize
-from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
+from kdrepro.train.timing import synchronize
+from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher
 
 log = logging.getLogger("kdrepro.calibrate")
 
@@ -90,36 +101,6 @@ def rotated_order(names: Sequence[str], round_index: int) -> list[str]:
     """Round ``r`` starts with method ``r mod n`` (A B C, B C A, C A B, ...)."""
     shift = round_index % len(names)
     return list(names[shift:]) + list(names[:shift])
-
-
-def matched_iterations(
-    methods: dict[str, dict[str, Any]], reference_iterations: int, reference_method: str | None = None
-) -> dict[str, Any]:
-    """Budget seconds and each method's iteration count from measured seconds/iteration (see module docstring)."""
-    if reference_iterations <= 0:
-        raise ConfigError(f"reference_iterations must be positive, got {reference_iterations}")
-    if reference_method is None:
-        reference_method = max(methods, key=lambda name: methods[name]["seconds_per_iteration"])
-    if reference_method not in methods:
-        raise ConfigError(f"calibrate.reference_method {reference_method!r} is not among the calibrated methods {sorted(methods)}")
-    reference = methods[reference_method]
-    budget = reference_iterations * reference["seconds_per_iteration"] + reference.get("pretrain_seconds", 0.0)
-    iterations = {
-        name: max(whole_iterations(budget - entry.get("pretrain_seconds", 0.0), entry["seconds_per_iteration"]), 0)
-        for name, entry in methods.items()
-    }
-    result: dict[str, Any] = {
-        "reference_method": reference_method,
-        "reference_iterations": reference_iterations,
-        "budget_seconds": budget,
-        "iterations": iterations,
-    }
-    if all(entry.get("flops_per_iteration") for entry in methods.values()):
-        reference_flops = reference_iterations * reference["flops_per_iteration"]
-        result["flop_matched_iterations"] = {
-            name: whole_iterations(reference_flops, entry["flops_per_iteration"]) for name, entry in methods.items()
-        }
-    return result
 
 
 class AtenFlopCounter(TorchDispatchMode):
@@ -170,14 +151,13 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     names = list(settings.methods)
     if base_cfg.get("threads"):
         torch.set_num_threads(int(base_cfg.threads))
-    context = init_from_environment(str(base_cfg.device))
-    device = rank_device(resolve_device(str(base_cfg.device)), context)
+    context, device = setup_device(str(base_cfg.device))
     check_global_batch(int(base_cfg.loader.batch_size), context)
     torch.manual_seed(int(base_cfg.seed))
     configs = {name: method_cfg(name) for name in names}
     fingerprints = {name: fingerprint(cfg, device, context.world_size) for name, cfg in configs.items()}
     output = Path(str(settings.output))
-    previous = _previous_methods(output) if settings.get("incremental", True) else {}
+    previous = read_previous(output) if settings.get("incremental", True) else {}
     previous = from_rank_zero(previous, context)  # every rank measures the same methods, in the same order
     max_spread = settings.get("max_spread")
     kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"), max_spread)
@@ -187,7 +167,8 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     if kept:
         log.info("unchanged since the last calibration: %s; measuring %s against %s", ", ".join(kept), ", ".join(to_measure) or "nothing", anchor)
 
-    measured = _measure(base_cfg, {name: configs[name] for name in to_measure}, device, context) if to_measure else {}
+    measure = functools.partial(_measure, base_cfg, device=device, context=context)
+    measured = _undisturbed(measure, {name: configs[name] for name in to_measure}, previous, kept, settings) if to_measure else {}
     methods: dict[str, dict[str, Any]] = {}
     scale = previous[anchor]["seconds_per_iteration"] / measured[anchor]["seconds_per_iteration"] if kept and anchor in measured else None
     for name in names:
@@ -212,8 +193,11 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "device_memory_bytes": device_memory_bytes(device),
         "process_peak_rss_bytes": peak_rss_bytes(),
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
+        "clock": {"kind": clock_kind(settings, device), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "reused": sorted(kept),
         "max_spread": max_spread,
+        "max_flop_deviation": settings.get("max_flop_deviation"),
+        "remeasured": {name: entry["remeasured"] for name, entry in measured.items() if entry.get("remeasured")},
         "disturbed": disturbed(methods, max_spread),
         "methods": methods,
         "matched": matched,
@@ -226,8 +210,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
                 "measured, so the matched budgets may be off; run the calibration again on an idle machine (`dvc "
                 "repro -f -s calibrate`, or `kdrepro calibrate`): it re-measures disturbed entries instead of reusing "
                 "them", name, 100 * spread, 100 * max_spread)
-        write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
-        _write_per_method(output.with_suffix(""), methods, matched, context.world_size, setting)
+        write_calibration(output, table, default=_json_default)
     barrier(context)  # no rank returns before the files exist
     return table
 
@@ -279,10 +262,12 @@ def _measure(
                 peak_memory[name] = max(peak_memory[name] or 0, alone)
         log.info("calibration round %d/%d done", round_index + 1, int(settings.rounds))
 
+    histories = {name: slowest_rank_history(trainer.timer.history, context, device) for name, trainer in trainers.items()}
+    key, scale = clock_key(settings, device), wall_per_clock(histories, settings, device)
     methods: dict[str, dict[str, Any]] = {}
     for name, trainer in trainers.items():
-        history = slowest_rank_history(trainer.timer.history, context, device)
-        totals = [record["total"] for record in history]
+        history = histories[name]
+        totals = [record[key] * scale for record in history]
         median = statistics.median(totals)
         distiller = trainer.distiller
         methods[name] = {
@@ -290,6 +275,8 @@ def _measure(
             "p25_seconds": _quantile(totals, 0.25),
             "p75_seconds": _quantile(totals, 0.75),
             "relative_spread": (_quantile(totals, 0.75) - _quantile(totals, 0.25)) / median,
+            "wall_seconds_per_iteration": statistics.median(record["total"] for record in history),
+            "cpu_seconds_per_iteration": statistics.median(record["cpu"] for record in history),
             "samples": len(totals),
             "phase_median_seconds": {phase: statistics.median(r[phase] for r in history) for phase in PHASES},
             "pretrain_iterations": distiller.pretrain_iterations,
@@ -301,6 +288,110 @@ def _measure(
             "terms": {term: dict(options or {}) for term, options in (configs[name].method.get("terms") or {}).items()},
         }
     return methods
+
+
+def clock_kind(settings: DictConfig, device: torch.device) -> str:
+    """``wall`` (synchronised wall time; always on GPUs) or ``cpu`` (the process's CPU time; ``auto`` on CPUs)."""
+    kind = str(settings.get("clock", "auto"))
+    if kind not in ("auto", "wall", "cpu"):
+        raise ConfigError(f"calibrate.clock must be auto, wall or cpu, got {kind!r}")
+    if device.type == "cuda" or kind == "wall":
+        return "wall"
+    return "cpu"
+
+
+def clock_key(settings: DictConfig, device: torch.device) -> str:
+    """The timing record's field the calibration's clock reads (:class:`kdrepro.train.timing.PhaseTimer`)."""
+    return "cpu" if clock_kind(settings, device) == "cpu" else "total"
+
+
+def wall_per_clock(histories: dict[str, list[dict[str, float]]], settings: DictConfig, device: torch.device) -> float:
+    """The one factor that turns CPU seconds into wall-clock seconds for every method alike: pooled wall time over
+    pooled CPU time of all timed iterations (1 for the wall clock). Common to all methods, it leaves the cost ratios,
+    hence the matched iteration counts, as the CPU times give them."""
+    if clock_key(settings, device) == "total":
+        return 1.0
+    wall = sum(record["total"] for history in histories.values() for record in history)
+    cpu = sum(record["cpu"] for history in histories.values() for record in history)
+    return wall / cpu if cpu > 0 else 1.0
+
+
+def flop_deviations(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each method's time per FLOP over the methods' (geometric) median time per FLOP: 1 where its time ratio to
+    the others equals its FLOP ratio. ``{}`` when a method has no FLOP count."""
+    if len(methods) < 2 or not all(entry.get("flops_per_iteration") for entry in methods.values()):
+        return {}
+    logs = {name: math.log(entry["seconds_per_iteration"] / entry["flops_per_iteration"]) for name, entry in methods.items()}
+    centre = statistics.median(logs.values())
+    return {name: math.exp(value - centre) for name, value in logs.items()}
+
+
+def disturbance(methods: dict[str, dict[str, Any]], settings: DictConfig) -> dict[str, str]:
+    """``{method: cause}`` for every method whose measurement looks disturbed by other load (module docstring):
+    its iterations spread too much, or it took far more time than its FLOPs predict."""
+    causes = {name: f"its iteration times spread by {100 * spread:.0f} % (limit {100 * float(settings.max_spread):.0f} %, "
+                    "calibrate.max_spread)" for name, spread in disturbed(methods, settings.get("max_spread")).items()}
+    limit = settings.get("max_flop_deviation")
+    if limit is not None:
+        for name, deviation in flop_deviations(methods).items():
+            if name not in causes and deviation > float(limit):
+                causes[name] = (f"its time per FLOP is {deviation:.2g}x the methods' median (limit {float(limit):g}x, "
+                                "calibrate.max_flop_deviation)")
+    return causes
+
+
+def _undisturbed(
+    measure: Callable[[dict[str, DictConfig]], dict[str, dict[str, Any]]],
+    configs: dict[str, DictConfig],
+    previous: dict[str, dict[str, Any]],
+    kept: Sequence[str],
+    settings: DictConfig,
+) -> dict[str, dict[str, Any]]:
+    """``measure(configs)``, with disturbed methods (:func:`disturbance`) measured again, interleaved with an
+    undisturbed anchor whose two measurements rescale the new ones, up to ``calibrate.remeasure`` times; raises a
+    one-line :class:`CalibrationDisturbed` if a method stays disturbed."""
+    measured = measure(configs)
+    for attempt in range(int(settings.get("remeasure", 2)) + 1):
+        causes = {name: cause for name, cause in disturbance({**{n: previous[n] for n in kept}, **measured}, settings).items()
+                  if name in measured}
+        if not causes:
+            return measured
+        if attempt == int(settings.get("remeasure", 2)):
+            break
+        log.warning("calibration disturbed (%s); measuring %s again (%d/%d)", "; ".join(f"{n}: {c}" for n, c in causes.items()),
+                    ", ".join(causes), attempt + 1, int(settings.get("remeasure", 2)))
+        measured = _remeasured(measure, configs, measured, list(causes), str(settings.get("reference_method") or ""))
+    name, cause = next(iter(causes.items()))
+    others = f" (and {len(causes) - 1} more method(s))" if len(causes) > 1 else ""
+    raise CalibrationDisturbed(
+        f"calibration stayed disturbed after {int(settings.get('remeasure', 2))} re-measurement(s): {name}: {cause}{others}; "
+        "another process is using the CPU: stop it and calibrate again (`dvc repro -s calibrate`); no budget was written"
+    )
+
+
+def _remeasured(
+    measure: Callable[[dict[str, DictConfig]], dict[str, dict[str, Any]]],
+    configs: dict[str, DictConfig],
+    measured: dict[str, dict[str, Any]],
+    noisy: list[str],
+    reference: str,
+) -> dict[str, dict[str, Any]]:
+    """``measured`` with the ``noisy`` methods measured again beside an undisturbed anchor (the reference method
+    when it is one), rescaled to the anchor's first measurement; everything again when no anchor is left."""
+    anchors = [name for name in (reference, *measured) if name in measured and name not in noisy]
+    if not anchors:
+        return {name: {**entry, "remeasured": measured[name].get("remeasured", 0) + 1} for name, entry in measure(configs).items()}
+    anchor = anchors[0]
+    again = measure({name: configs[name] for name in [*noisy, anchor]})
+    scale = measured[anchor]["seconds_per_iteration"] / again[anchor]["seconds_per_iteration"]
+    out = dict(measured)
+    for name in noisy:
+        out[name] = {**_rescaled(again[name], scale, anchor), "remeasured": measured[name].get("remeasured", 0) + 1}
+    return out
+
+
+class CalibrationDisturbed(ConfigError):
+    """A calibration that stayed disturbed by other load after its re-measurements (no budget derived from it)."""
 
 
 #: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/pipeline/deps.py, which dvc.yaml's
@@ -341,15 +432,6 @@ def _code_digest() -> bytes:
     return code_digest(code_digest_stage)
 
 
-def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:
-    """Entries of an earlier calibration table at ``output`` ({} if there is none or it cannot be read)."""
-    try:
-        methods = json.loads(output.read_text())["methods"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {name: entry for name, entry in methods.items() if isinstance(entry, dict) and "fingerprint" in entry}
-
-
 def disturbed(methods: dict[str, dict[str, Any]], max_spread: float | None) -> dict[str, float]:
     """Methods whose timed iterations spread by more than ``max_spread`` (IQR / median): measured while something
     else loaded the machine. ``{name: spread}``; empty when ``max_spread`` is null."""
@@ -384,29 +466,6 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     out["phase_median_seconds"] = {phase: seconds * scale for phase, seconds in entry["phase_median_seconds"].items()}
     out["rescaled"] = {"anchor": anchor, "scale": scale}
     return out
-
-
-def _write_per_method(
-    folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1,
-    setting: dict[str, Any] | None = None,
-) -> None:
-    """``budget.json`` (with the world size and the setting it was measured at) and one ``<method>.json`` per method
-    (stale files of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no
-    change in it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
-    files["budget"]["world_size"] = world_size
-    if setting is not None:
-        files["budget"][SETTING_KEY] = setting
-    files.update(methods)
-    for stale in folder.glob("*.json"):
-        if stale.stem not in files:
-            stale.unlink()
-    for name, data in files.items():
-        path = folder / f"{name}.json"
-        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
-        if not path.is_file() or path.read_text() != text:
-            write_text_atomic(path, text)
 
 
 def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:

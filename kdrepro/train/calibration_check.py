@@ -18,9 +18,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kdrepro.errors import ConfigError
+from kdrepro.pipeline.matching import SETTING_KEY
 
-#: The key of the record in ``calibration.json`` and ``budget.json``.
-SETTING_KEY = "measured_setting"
+__all__ = ["SETTING_KEY", "check_calibration", "differences", "measured_setting", "recorded_setting"]
 
 
 def _model(model_cfg: Any) -> str:

@@ -71,6 +71,7 @@ EFFECTS: dict[str, frozenset[str]] = {
     "calibrate.warmup": ONLY_RECALIBRATE,  # the timing protocol
     "calibrate.rounds": ONLY_RECALIBRATE,
     "calibrate.iterations_per_round": ONLY_RECALIBRATE,
+    "calibrate.clock": ONLY_RECALIBRATE,   # CPU or wall time: what a measured second is
     # where things go, how often to log or save, other commands' settings: neither
     "out_dir": NEITHER,
     "log_every": NEITHER,

@@ -37,11 +37,11 @@ from kdrepro.distributed import (
     barrier,
     broadcast_float,
     check_global_batch,
-    init_from_environment,
+    setup_device,
 )
 from kdrepro.errors import ConfigError, Interrupted, MethodCodeError
 from kdrepro.evaluate import evaluate
-from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.calibration_check import check_calibration
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
@@ -56,14 +56,7 @@ from kdrepro.train.run_folder import (
 )
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import (
-    NonFiniteLossError,
-    StepResult,
-    Trainer,
-    check_method,
-    method_uses_teacher,
-    resolve_device,
-)
+from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, check_method, method_uses_teacher
 
 log = logging.getLogger("kdrepro.train")
 #: Where ``kdrepro train`` writes the full traceback of a method's code that raised (the error line names it).
@@ -113,8 +106,9 @@ def check_options(cfg: DictConfig) -> None:
                     cfg.method.name, cfg.teacher_checkpoint)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
+    ``budget`` is ``cfg.budget`` already resolved (resolved here, when the run starts training, if not given).
 
     Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
@@ -123,10 +117,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()
-        dist = init_from_environment(str(cfg.device))
-        device = resolve_device(str(cfg.device))
-        if dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
+        dist, device = setup_device(str(cfg.device))
         check_calibration(cfg, device.type, dist.world_size, method_uses_teacher(cfg.method))
         lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
         inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
@@ -136,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
             return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
         with storage_errors(out_dir / "checkpoint.pt"), _traceback_logged(out_dir, dist.is_main):
-            run = _start(cfg, out_dir, dist, device, signals, inputs)
+            run = _start(cfg, out_dir, dist, device, signals, inputs, budget)
             return _train_and_evaluate(run)
 
 
@@ -159,9 +150,9 @@ def _traceback_logged(out_dir: Path, is_main: bool) -> Iterator[None]:
 
 
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,
-           inputs: dict) -> Run:
+           inputs: dict, budget: Budget | None = None) -> Run:
     """Build the run and restore its checkpoint, if any (signals raise at once meanwhile)."""
-    budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     check_global_batch(int(cfg.loader.batch_size), dist)
@@ -397,20 +388,18 @@ def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict
     """What ``checkpoint.pt`` holds: weights, optimiser and method state, RNGs, step, clock and timing history."""
     history = trainer.timer.history
     keys = list(history[0]) if history else [*PHASES, "total"]
-    return {
-        "format": FORMAT_VERSION,
-        **trainer.state_dict(),
-        "step": state.step,
-        "train_seconds": state.train_seconds,
-        "pretrained": state.pretrained,
-        "finished": False,
-        "rng": rng_state(),
-        "timing_keys": keys,
-        "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
-        "num_classes": trainer.num_classes,
-        "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
+    trained = trainer.state_dict()
+    return checkpoint_dict(
+        trained.pop("model"), trainer.num_classes, OmegaConf.to_container(cfg.student, resolve=True), finished=False,
+        **trained,
+        step=state.step,
+        train_seconds=state.train_seconds,
+        pretrained=state.pretrained,
+        rng=rng_state(),
+        timing_keys=keys,
+        timing=torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
 
 
 def _save(run: Run) -> None:

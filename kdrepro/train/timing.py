@@ -4,7 +4,9 @@ Phases of one iteration (all inside the training clock): ``data`` (waiting for t
 device), ``teacher`` (frozen teacher forward), ``student`` (student forward + task losses), ``distill`` (the KD
 method's loss terms), ``backward``, ``optimizer`` (student step + LR update) and ``method_step`` (a method's own extra
 updates, e.g. SKD's discriminator). An iteration's wall time is measured end to end with a device synchronisation, so
-the phase split adds up to it up to timer overhead.
+the phase split adds up to it up to timer overhead. Each record also holds the iteration's ``cpu`` seconds: the CPU
+time of the whole process (every compute thread), which other processes' load barely changes (calibration's clock on
+CPUs, :mod:`kdrepro.train.calibrate`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = ("data", "teacher", "student", "distill", "backward", "optimizer", "method_step")
+from kdrepro.pipeline.matching import PHASES
+
+
+def process_seconds() -> float:
+    """CPU seconds used so far by this process, summed over all its threads (user + system)."""
+    return time.process_time()
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,12 +55,15 @@ class PhaseTimer:
             yield
             self._current[name] += time.perf_counter() - start_time
 
-    def end_iteration(self, wall_seconds: float) -> dict[str, float]:
-        """Close the iteration (the caller has synchronised the device) and return its record."""
+    def end_iteration(self, wall_seconds: float, cpu_seconds: float | None = None) -> dict[str, float]:
+        """Close the iteration (the caller has synchronised the device) and return its record: every phase, the
+        ``total`` wall seconds and, when given, the process's ``cpu`` seconds."""
         for name, start, end in self._events:
             self._current[name] += start.elapsed_time(end) / 1000.0
         record = {phase: self._current.get(phase, 0.0) for phase in PHASES}
         record["total"] = wall_seconds
+        if cpu_seconds is not None:
+            record["cpu"] = cpu_seconds
         self.history.append(record)
         self._events.clear()
         self._current = defaultdict(float)

@@ -30,7 +30,7 @@ from kdrepro.errors import ConfigError, KdreproError, MethodCodeError
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.models.loading import load_model
 from kdrepro.train.budget import poly_lr
-from kdrepro.train.timing import PhaseTimer, synchronize
+from kdrepro.train.timing import PhaseTimer, process_seconds, synchronize
 
 
 class NonFiniteLossError(KdreproError):
@@ -40,14 +40,6 @@ class NonFiniteLossError(KdreproError):
         super().__init__(message)
         self.step = step
         self.terms = list(terms or [])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -256,7 +248,7 @@ class Trainer:
         This is the unit both the training loop and calibration measure: data wait + every phase of :meth:`step`.
         """
         synchronize(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), process_seconds()
         with self.timer.phase("data"):
             images, labels = next(batches)
             images, labels = self.to_device(shard(images, self.context), shard(labels, self.context))
@@ -264,7 +256,7 @@ class Trainer:
         self.check_finite(result, step_index)
         synchronize(self.device)
         wall = time.perf_counter() - start
-        self.timer.end_iteration(wall)
+        self.timer.end_iteration(wall, process_seconds() - cpu_start)
         return result, wall
 
     def check_finite(self, result: StepResult, step_index: int) -> None:

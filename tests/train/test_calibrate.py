@@ -1,18 +1,25 @@
-"""End-to-end tests of `kdrepro calibrate` on a tiny synthetic set (seconds each)."""
+"""`kdrepro calibrate`: end to end on a tiny synthetic set (slow, seconds each); under other load: the CPU clock,
+the time-vs-FLOP cross-check, re-measurement and refusal (fast, a stand-in measurement)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from kdrepro.config import load_config
+from kdrepro.config import check_calibrate, load_config
 from kdrepro.errors import ConfigError
+from kdrepro.train import calibrate as calibration
+from kdrepro.train.calibrate import CalibrationDisturbed, _undisturbed, disturbance, flop_deviations
 from kdrepro.train.run import train
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
     from kdrepro.train.calibrate import calibrate
 
@@ -43,6 +50,7 @@ def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
     assert "\n" not in str(error.value) and not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(tiny_teacher, tmp_path):
     from kdrepro.train.calibrate import calibrate
 
@@ -87,3 +95,125 @@ def test_calibrate_writes_per_method_files_and_remeasures_only_changed_methods(t
     assert fourth["reused"] == ["kd"] and fourth["methods"]["none"]["rescaled"]["anchor"] == "kd"
     assert fourth["max_spread"] == 0.5
     assert fourth["disturbed"] == {n: e["relative_spread"] for n, e in fourth["methods"].items() if e["relative_spread"] > 0.5}
+
+
+GFLOP = 1e9
+
+
+def entry(seconds: float, gflops: float, spread: float = 0.05) -> dict:
+    """A measured method as ``_measure`` returns it (the fields the checks and the rescaling read)."""
+    return {"seconds_per_iteration": seconds, "p25_seconds": seconds * 0.98, "p75_seconds": seconds * 1.03,
+            "relative_spread": spread, "pretrain_seconds": 0.0, "flops_per_iteration": gflops * GFLOP,
+            "phase_median_seconds": {"teacher": seconds / 3}}
+
+
+#: the issue's busy smoke calibration: kd and fitnet have nearly the same FLOPs, kd timed 22x slower
+DISTURBED = {"none": entry(0.10, 1.0), "kd": entry(5.35, 2.1), "fitnet": entry(0.24, 2.2)}
+IDLE = {"none": entry(0.11, 1.0), "kd": entry(0.25, 2.1), "fitnet": entry(0.24, 2.2)}
+SETTINGS = OmegaConf.create({"max_spread": 0.5, "max_flop_deviation": 4.0, "remeasure": 2, "reference_method": "kd"})
+
+
+class Measurements:
+    """A stand-in for ``_measure``: hands out the given tables in turn (restricted to the methods asked for)."""
+
+    def __init__(self, *tables: dict):
+        self.tables = list(tables)
+        self.asked: list[list[str]] = []
+
+    def __call__(self, configs: dict) -> dict:
+        self.asked.append(list(configs))
+        table = self.tables.pop(0) if len(self.tables) > 1 else self.tables[0]
+        return {name: dict(table[name]) for name in configs}
+
+
+def configs(*names: str) -> dict:
+    return {name: OmegaConf.create({"method": {"name": name}}) for name in names}
+
+
+def test_time_far_from_flop_share_is_flagged_and_idle_is_not():
+    deviations = flop_deviations(DISTURBED)
+    assert deviations["kd"] > 4 and 1 / 4 <= deviations["none"] <= 4
+    assert list(disturbance(DISTURBED, SETTINGS)) == ["kd"]
+    assert "time per FLOP" in disturbance(DISTURBED, SETTINGS)["kd"]
+    assert disturbance(IDLE, SETTINGS) == {}
+    assert disturbance(DISTURBED, OmegaConf.create({"max_spread": None, "max_flop_deviation": None})) == {}
+
+
+def test_a_method_cheaper_than_its_flops_say_is_not_disturbed():
+    # SKD's discriminator: 66x kd's FLOPs at 7x its time (smoke size, idle); only the dear side means load
+    skd = {**IDLE, "skd": entry(0.25 * 7, 2.1 * 66)}
+    assert flop_deviations(skd)["skd"] < 0.25 and disturbance(skd, SETTINGS) == {}
+
+
+def test_spread_is_a_cause_too():
+    noisy = {**IDLE, "fitnet": entry(0.24, 2.2, spread=0.9)}
+    assert "spread by 90 %" in disturbance(noisy, SETTINGS)["fitnet"]
+
+
+def test_disturbed_method_is_remeasured_beside_the_reference_and_rescaled():
+    # the second session runs 10 % slower as a whole: kd (the anchor) carries fitnet's new time back to the first's scale
+    again = {"none": entry(0.10 * 1.1, 1.0), "kd": entry(0.26 * 1.1, 2.1), "fitnet": entry(0.24 * 1.1, 2.2)}
+    measure = Measurements(DISTURBED, again)
+    # disturbed kd is the reference: the anchor is the first undisturbed method, none
+    result = _undisturbed(measure, configs("none", "kd", "fitnet"), {}, [], SETTINGS)
+    assert measure.asked == [["none", "kd", "fitnet"], ["kd", "none"]]
+    assert result["kd"]["remeasured"] == 1 and result["kd"]["rescaled"]["anchor"] == "none"
+    assert result["kd"]["seconds_per_iteration"] == pytest.approx(0.26)
+    assert result["fitnet"] == DISTURBED["fitnet"] and disturbance(result, SETTINGS) == {}
+
+
+def test_calibration_that_stays_disturbed_is_refused_in_one_line():
+    measure = Measurements(DISTURBED)
+    with pytest.raises(CalibrationDisturbed) as raised:
+        _undisturbed(measure, configs("none", "kd", "fitnet"), {}, [], SETTINGS)
+    message = str(raised.value)
+    assert len(measure.asked) == 3  # the first measurement and two re-measurements
+    assert "\n" not in message and "kd" in message and "time per FLOP" in message and "no budget was written" in message
+    assert isinstance(raised.value, ConfigError)  # the CLI's one-line error, exit 2
+
+
+def test_calibrate_refuses_a_disturbed_table_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    output = tmp_path / "calibration.json"
+    output.write_text('{"previous": true}')
+    overrides = ["profile=smoke", "calibrate.methods=[none,kd,fitnet]", f"calibrate.output={output}", "calibrate.remeasure=1"]
+    measure = Measurements(DISTURBED)
+    monkeypatch.setattr(calibration, "_measure", lambda base, configs, device, context: measure(configs))
+    with pytest.raises(CalibrationDisturbed, match="re-measurement"):
+        calibration.calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
+    assert measure.asked == [["none", "kd", "fitnet"], ["kd", "none"]]
+    assert output.read_text() == '{"previous": true}' and not (tmp_path / "calibration").exists()
+
+    measure.tables = [IDLE]  # the load went away: the re-measurement passes, and the table records it
+    table = calibration.calibrate(load_config(overrides), lambda name: load_config([*overrides, f"method={name}"]))
+    assert table["remeasured"] == {} and json.loads(output.read_text())["matched"]["reference_method"] == "kd"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("max_flop_deviation", 0.5, "max_flop_deviation must be a number above 1"),
+    ("remeasure", -1, "remeasure must be a whole number"),
+    ("clock", "sundial", "clock must be auto, wall or cpu"),
+])
+def test_bad_settings_are_one_line_errors(key, value, message):
+    settings = OmegaConf.create({"methods": ["kd"], "rounds": 1, "iterations_per_round": 1, key: value})
+    with pytest.raises(ConfigError, match=message):
+        check_calibrate(settings)
+
+
+def test_cpu_clock_on_cpus_wall_clock_on_request():
+    settings = OmegaConf.create({"clock": "auto"})
+    assert calibration.clock_kind(settings, torch.device("cpu")) == "cpu"
+    assert calibration.clock_kind(OmegaConf.create({"clock": "wall"}), torch.device("cpu")) == "wall"
+    histories = {"a": [{"total": 1.0, "cpu": 2.0}], "b": [{"total": 3.0, "cpu": 6.0}]}
+    assert calibration.wall_per_clock(histories, settings, torch.device("cpu")) == pytest.approx(0.5)
+    assert calibration.wall_per_clock(histories, OmegaConf.create({"clock": "wall"}), torch.device("cpu")) == 1.0
+
+
+def test_calibrate_command_sets_passive_openmp_before_torch_loads():
+    code = ("import os, sys; from kdrepro.cli import passive_openmp; print(passive_openmp(), os.environ['OMP_WAIT_POLICY']); "
+            "import torch; print(passive_openmp())")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "PASSIVE", "False"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice stays
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["False", "ACTIVE"]
