@@ -216,7 +216,7 @@ def _pretrain(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.train.pretrain import pretrain
 
-    print(json.dumps(pretrain(load_config(overrides), overrides)))
+    print(json.dumps(pretrain(load_config(overrides))))
 
 
 def _teacher(overrides: list[str], positional: list[str]) -> None:

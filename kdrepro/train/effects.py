@@ -86,6 +86,7 @@ EFFECTS: dict[str, frozenset[str]] = {
                                            # is not hashed: the settings stand for it)
     "which": NEITHER,
     "evaluate": NEITHER,
+    "verdict": NEITHER,                    # read by `kdrepro results` only
     "runs_dir": NEITHER,
     "results_dir": NEITHER,
 }
