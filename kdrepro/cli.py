@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
-from kdrepro.errors import KdreproError, raise_on_signals
+from kdrepro.errors import PREPARE_COMMAND, KdreproError, raise_on_signals
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--executor", default="slurm", help="launch: slurm (one job per stage) or local (N workers here)")
     parser.add_argument("--workers", type=int, help="launch --executor local: how many stages run at once")
     parser.add_argument("--force", action="store_true", help="launch: every stage, changed or not (dvc repro -f)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback behind an error")
     return parser
 
 
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     overrides = [arg for arg in arguments.args if "=" in arg]
     positional = [arg for arg in arguments.args if "=" not in arg]
+    advice = PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
     try:
         if arguments.command in ("launch", "status"):
             return _launch_or_status(arguments, overrides, positional)
@@ -81,12 +83,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KdreproError(f"unexpected argument(s) {positional}; overrides look like key=value")
         handler(overrides, positional)
     except KdreproError as error:
+        if arguments.verbose and error.__cause__ is not None:  # -v: the traceback behind the one line
+            traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
         print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
         return int(getattr(error, "exit_code", 130))
+    finally:
+        PREPARE_COMMAND.reset(advice)
     return 0
+
+
+#: Override keys that choose the dataset (what `kdrepro prepare` must be given to prepare the same folder).
+DATASET_KEYS = ("profile", "dataset")
+
+
+def prepare_command(params: str | None, overrides: Sequence[str]) -> str:
+    """The ``kdrepro prepare`` command for the dataset this command line composes (its params file, profile and
+    dataset overrides), for the advice of dataset errors."""
+    parts = ["kdrepro prepare", *([f"--params {params}"] if params else [])]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key.split(".", 1)[0] in DATASET_KEYS:
+            parts.append(override)
+    return " ".join(parts)
 
 
 def run() -> None:
@@ -99,7 +120,11 @@ def run() -> None:
     """
     raise_on_signals()
     _relaunch_under_torchrun(sys.argv[1:], os.environ)
-    code = main()
+    try:
+        code = main()
+    except Exception:  # a bug: its traceback, then the same fast exit (no exit hooks' noise after it)
+        traceback.print_exc()
+        code = 1
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdrepro.errors import ConfigError
+from kdrepro.errors import ConfigError, MethodCodeError
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -89,7 +89,11 @@ def import_plugins(folders: Sequence[Path]) -> None:
                 raise ConfigError(f"cannot import plugin {path}; it must be a Python source file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:  # the user's code: one line naming the file and line (-v: the traceback)
+                del sys.modules[name]
+                raise MethodCodeError.wrap(error, path.stem, f"importing plugin {path}", [folder]) from error
             _IMPORTED_PLUGINS[key] = module
 
 

@@ -6,6 +6,14 @@ a bug and keeps its traceback.
 """
 
 import signal
+import traceback
+from collections.abc import Sequence
+from contextvars import ContextVar
+from pathlib import Path
+
+#: The ``kdrepro prepare ...`` command that prepares the dataset of the command being run (set by the CLI from its
+#: own arguments: ``--params`` and the profile / dataset overrides), quoted by dataset errors; empty outside the CLI.
+PREPARE_COMMAND: ContextVar[str] = ContextVar("prepare_command", default="")
 
 
 class KdreproError(Exception):
@@ -30,6 +38,37 @@ class StorageError(KdreproError):
 
 class RunLockedError(KdreproError):
     """Another process is writing the same run folder."""
+
+
+class MethodCodeError(KdreproError):
+    """A method's own code (a plugin, or a registered Distiller) raised while being imported, built or run.
+
+    The message is one line naming the method, the exception and the file and line it came from (the innermost
+    frame in the method's folder); ``kdrepro -v`` prints the full traceback, and ``kdrepro train`` also writes it to
+    ``<out_dir>/error.log``."""
+
+    @classmethod
+    def wrap(cls, error: BaseException, method: str, doing: str, folders: Sequence[Path] = ()) -> "MethodCodeError":
+        """The one-line error for ``error`` raised while the method ``method`` was ``doing`` something."""
+        where = code_location(error, folders)
+        text = " ".join(str(error).split())
+        text = text if len(text) <= 200 else text[:197] + "..."
+        described = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return cls(f"method {method}: {doing} raised {described} at {where}; fix that code, or rerun with -v for the traceback")
+
+
+def code_location(error: BaseException, folders: Sequence[Path] = ()) -> str:
+    """``file:line (in function)`` of the innermost traceback frame under one of ``folders`` (the innermost frame if
+    none is); for a :class:`SyntaxError`, the file and line of the bad code itself."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "an unknown place"
+    roots = [str(Path(folder).resolve()) for folder in folders]
+    inside = [frame for frame in frames if any(str(Path(frame.filename).resolve()).startswith(root) for root in roots)]
+    frame = (inside or frames)[-1]
+    return f"{frame.filename}:{frame.lineno} (in {frame.name})"
 
 
 class Interrupted(KdreproError):

@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kdrepro.errors import DatasetError
+from kdrepro.errors import PREPARE_COMMAND, DatasetError
 
 
 def prepare_hint(dataset_name: str) -> str:
-    """The command that (re)builds a dataset, quoted in error messages."""
-    return f"run `kdrepro prepare dataset={dataset_name}`"
+    """The command that (re)builds the dataset, quoted in error messages: the one built from the running command's
+    own profile, params file and dataset overrides (:data:`kdrepro.errors.PREPARE_COMMAND`), else the dataset's."""
+    return f"run `{PREPARE_COMMAND.get() or f'kdrepro prepare dataset={dataset_name}'}`"
 
 
 def require_root(root: Path, dataset_name: str, subfolders: Sequence[str]) -> Path:
@@ -66,20 +67,33 @@ def read_label(path: Path, valid_values: np.ndarray, dataset_name: str) -> np.nd
             0..33 and 255, train ids 0..18 and 255, ADE20K 0..150).
     """
     image = _open(path, "label", dataset_name)
-    if image.mode not in ("L", "P"):
-        raise DatasetError(
-            f"label {path} has mode {image.mode}, expected a single-channel 8-bit PNG of class ids (not a colour "
-            f"rendering); {prepare_hint(dataset_name)}"
-        )
     label = np.array(image)
+    problem = label_problem(image.mode, label, valid_values, dataset_name)
+    if problem is not None:
+        raise DatasetError(f"label {path} {problem}; {prepare_hint(dataset_name)}")
+    return label
+
+
+def label_problem(mode: str, label: np.ndarray, valid_values: np.ndarray, dataset_name: str) -> str | None:
+    """What is wrong with a decoded label map (not single-channel, values outside ``valid_values``), or ``None``.
+
+    The one check of a label's content, shared by training (:func:`read_label`) and ``kdrepro prepare``
+    (:func:`kdrepro.data.prepare.label_problem`), so prepare never calls ready what training refuses."""
+    if mode not in ("L", "P"):
+        return f"has mode {mode}, expected a single-channel 8-bit PNG of class ids (not a colour rendering)"
     bad = ~valid_values[label]
     if bad.any():
         values = sorted({int(v) for v in np.unique(label[bad])})[:8]
-        raise DatasetError(
-            f"label {path} contains values {values} outside the {dataset_name} set "
-            f"({_describe(valid_values)}); {prepare_hint(dataset_name)}"
-        )
-    return label
+        return f"contains values {values} outside the {dataset_name} set ({_describe(valid_values)})"
+    return None
+
+
+def size_problem(label_size: tuple[int, int], image_size: tuple[int, int], image_path: Path) -> str | None:
+    """``None`` if a label's (width, height) equals its image's, else what differs (shared with prepare)."""
+    if tuple(label_size) == tuple(image_size):
+        return None
+    return (f"is {label_size[0]}x{label_size[1]} but image {image_path} is {image_size[0]}x{image_size[1]} "
+            "(width x height); they must match")
 
 
 def _describe(valid_values: np.ndarray) -> str:
@@ -94,11 +108,9 @@ def _describe(valid_values: np.ndarray) -> str:
 
 
 def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path, dataset_name: str):
-    if image.shape[:2] != label.shape[:2]:
-        raise DatasetError(
-            f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]} (width x height); they must match: {prepare_hint(dataset_name)}"
-        )
+    problem = size_problem((label.shape[1], label.shape[0]), (image.shape[1], image.shape[0]), image_path)
+    if problem is not None:
+        raise DatasetError(f"label {label_path} {problem}: {prepare_hint(dataset_name)}")
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

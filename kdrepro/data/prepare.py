@@ -32,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 from kdrepro.data import ade20k, cityscapes, synthetic
-from kdrepro.data.io import atomic_directory
+from kdrepro.data.io import atomic_directory, size_problem
+from kdrepro.data.io import label_problem as content_problem
 from kdrepro.data.labels import CITYSCAPES_VALID_IDS, valid_train_ids
-from kdrepro.errors import ConfigError, DatasetError
+from kdrepro.errors import PREPARE_COMMAND, ConfigError, DatasetError
 from kdrepro.io import write_json_atomic
 
 CITYSCAPES_PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -102,7 +103,7 @@ def _prepare_cityscapes(root: Path, name: str, packages: Sequence[str], download
         raise DatasetError(
             f"{_count(damaged, 'labelIds file')} damaged: {_first(damaged)}; restore them from gtFine_trainvaltest.zip "
             f"(unzip -o gtFine_trainvaltest.zip <file> -d {root}), or move {root} away and run "
-            f"`kdrepro prepare dataset={name}` to download it again"
+            f"`{_command(name)}` to download it again"
         )
     return root
 
@@ -135,7 +136,7 @@ def _prepare_ade20k(root: Path, name: str, url: str, md5: str, download: Downloa
         raise DatasetError(
             f"{_count(damaged, 'ADE20K annotation')} damaged: {_first(damaged)}; restore them from "
             f"ADEChallengeData2016.zip (unzip -o ADEChallengeData2016.zip 'ADEChallengeData2016/annotations/*'), or "
-            f"move {root} away and run `kdrepro prepare dataset={name}` to download it again"
+            f"move {root} away and run `{_command(name)}` to download it again"
         )
     return root
 
@@ -146,32 +147,35 @@ def _prepare_ade20k(root: Path, name: str, url: str, md5: str, download: Downloa
 CHECKED = ".kdrepro_checked_labels.json"
 
 
-def label_problem(path: Path, valid_values: np.ndarray, image: Path) -> str | None:
-    """What is wrong with a label file (undecodable, not single-channel, values outside ``valid_values``, a size
-    other than its image's), or ``None``."""
+def label_problem(path: Path, valid_values: np.ndarray, image: Path, dataset_name: str = "dataset's") -> str | None:
+    """What is wrong with a label file and its image, as training would find it (the checks of
+    :mod:`kdrepro.data.io`, shared with the loader): undecodable, not single-channel, values outside
+    ``valid_values``, an image that is missing or cannot be opened, a size other than its image's; or ``None``."""
     try:
         with Image.open(path) as label:
             label.load()
             mode, size, values = label.mode, label.size, np.array(label)
     except (OSError, SyntaxError, ValueError) as error:
         return f"cannot be decoded ({error})"
-    if mode not in ("L", "P"):
-        return f"has mode {mode}, not a single-channel 8-bit label"
-    bad = sorted({int(v) for v in np.unique(values[~valid_values[values]])})
-    if bad:
-        return f"contains values {bad[:8]} outside the dataset's set"
+    problem = content_problem(mode, values, valid_values, dataset_name)
+    if problem is not None:
+        return problem
     try:
         with Image.open(image) as picture:
+            picture.load()  # decoded as the loader will (checked once, then again only when the file changes)
             image_size = picture.size
-    except (OSError, SyntaxError, ValueError):
-        return None  # the image's own problem; the loader names it
-    if image_size != size:
-        return f"is {size[0]}x{size[1]} but its image {image.name} is {image_size[0]}x{image_size[1]}"
-    return None
+    except FileNotFoundError:
+        return f"has no image {image}"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"has an image {image} that cannot be decoded ({error})"
+    return size_problem(size, image_size, image)
 
 
 def _signature(path: Path) -> list[int]:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return [-1, -1]
     return [stat.st_size, stat.st_mtime_ns]
 
 
@@ -185,17 +189,18 @@ class _Checked:
         except (OSError, ValueError):
             self.entries = {}
 
-    def problem(self, label: Path, valid_values: np.ndarray, image: Path) -> str | None:
+    def problem(self, label: Path, valid_values: np.ndarray, image: Path, dataset_name: str) -> str | None:
         key = label.relative_to(self.root).as_posix()
-        if self.entries.get(key) == _signature(label):
+        signature = [*_signature(label), *_signature(image)]  # a replaced image is checked again too
+        if self.entries.get(key) == signature:
             return None
-        problem = label_problem(label, valid_values, image)
+        problem = label_problem(label, valid_values, image, dataset_name)
         if problem is None:
-            self.entries[key] = _signature(label)
+            self.entries[key] = signature
         return problem
 
-    def written(self, label: Path) -> None:
-        self.entries[label.relative_to(self.root).as_posix()] = _signature(label)
+    def written(self, label: Path, image: Path) -> None:
+        self.entries[label.relative_to(self.root).as_posix()] = [*_signature(label), *_signature(image)]
 
     def save(self) -> None:
         write_json_atomic(self.path, self.entries)
@@ -208,14 +213,14 @@ def _cityscapes_labels(root: Path, name: str, num_classes: int) -> list[str]:
     train_ids = valid_train_ids(num_classes)
     for source in cityscapes.label_id_files(root, name):
         image = cityscapes.image_of(root, source)
-        problem = checked.problem(source, CITYSCAPES_VALID_IDS, image)
+        problem = checked.problem(source, CITYSCAPES_VALID_IDS, image, name)
         if problem is not None:
             damaged.append(f"{source} {problem}")
             continue
         target = cityscapes.train_id_path(source)
-        if not target.is_file() or checked.problem(target, train_ids, image) is not None:
+        if not target.is_file() or checked.problem(target, train_ids, image, name) is not None:
             cityscapes.write_train_id_label(source, target, name)
-            checked.written(target)
+            checked.written(target, image)
     checked.save()
     return damaged
 
@@ -226,11 +231,15 @@ def _ade20k_labels(root: Path) -> list[str]:
     for split in ade20k.SPLIT_FOLDERS.values():
         for label in sorted((root / "annotations" / split).glob("*.png")):
             image = root / "images" / split / f"{label.stem}.jpg"
-            problem = checked.problem(label, ade20k.RAW_VALID_VALUES, image)
+            problem = checked.problem(label, ade20k.RAW_VALID_VALUES, image, "ade20k")
             if problem is not None:
                 damaged.append(f"{label} {problem}")
     checked.save()
     return damaged
+
+
+def _command(name: str) -> str:
+    return PREPARE_COMMAND.get() or f"kdrepro prepare dataset={name}"
 
 
 def _count(items: list[str], what: str) -> str:

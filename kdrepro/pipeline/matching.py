@@ -36,6 +36,11 @@ PHASES = ("data", "teacher", "student", "distill", "backward", "optimizer", "met
 Entry = Mapping[str, Any]
 
 
+#: The key, in ``calibration.json`` and ``budget.json``, of the setting a calibration measured
+#: (:mod:`kdrepro.train.calibration_check`).
+SETTING_KEY = "measured_setting"
+
+
 def whole_iterations(seconds: float, seconds_per_iteration: float) -> int:
     """``floor(seconds / seconds_per_iteration)``, robust to float round-off (100 × 0.4 / 0.4 is 100, not 99)."""
     return math.floor(seconds / seconds_per_iteration + 1e-9)
@@ -157,6 +162,8 @@ def write_calibration(output: Path, table: dict[str, Any], default: Any = None) 
     files["budget"]["world_size"] = table.get("world_size", 1)
     if table.get("device_type"):  # compute-matched runs on another GPU or CPU model are refused (train/budget.py)
         files["budget"]["device_type"] = table["device_type"]
+    if SETTING_KEY in table:  # what the costs were measured on, checked by every compute-matched run
+        files["budget"][SETTING_KEY] = table[SETTING_KEY]
     files.update(table["methods"])
     for stale in folder.glob("*.json"):
         if stale.stem not in files:

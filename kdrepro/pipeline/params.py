@@ -34,6 +34,9 @@ from kdrepro.config import CONF_DIR, options, roles
 from kdrepro.errors import ConfigError
 
 PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins", "verdict"}
+#: The pipeline's statistics (a t-interval per method, seed-paired differences) and its verdict need two seeds; one
+#: seed would train every stage and then have nothing to judge with, so ``validate`` refuses it up front.
+MIN_SEEDS = 2
 RENAMED = {
     "seed": "seed became seeds: a list such as [0, 1, 2] (every training run is repeated per seed)",
 }
@@ -44,6 +47,12 @@ def _check_seeds(path: Path, seeds: Any) -> None:
         raise ConfigError(f"{path}: seeds must be a non-empty list such as [0, 1, 2], got {seeds!r}")
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds must be distinct whole numbers >= 0, got {seeds!r}")
+    if len(seeds) < MIN_SEEDS:
+        raise ConfigError(
+            f"{path}: seeds {seeds!r} is one seed, but the pipeline's statistics and verdict compare methods by "
+            f"seed-paired intervals, which need at least {MIN_SEEDS}; list two or more, e.g. seeds: [0, 1] (one "
+            "run by hand: kdrepro train seed=<s>)"
+        )
 
 
 def _check_extended(path: Path, extended: Any, methods: list[str]) -> None:

@@ -68,6 +68,28 @@ def _positive(value: Any, name: str, fix: str) -> float:
     return number
 
 
+def _check_times(path: Path, method_name: str, entry: dict[str, Any], budget_seconds: float) -> None:
+    """A calibration's times for one method must be times: one line naming the bad value (as `kdrepro plan`)."""
+    _measured(entry.get("seconds_per_iteration"), f"{method_name}'s seconds_per_iteration", path)
+    _measured(budget_seconds, "the matched budget_seconds", path)
+    pretrain = entry.get("pretrain_seconds") or 0.0
+    if not isinstance(pretrain, (int, float)) or not math.isfinite(pretrain) or pretrain < 0:
+        raise ConfigError(f"calibration {path}: {method_name}'s pretrain_seconds is {pretrain!r}, not a time; the file "
+                          "was edited or damaged: re-run `kdrepro calibrate`")
+
+
+def _measured(value: Any, name: str, path: Path) -> float:
+    """A measured time of a calibration: positive and finite, else a one-line error (as `kdrepro plan` gives)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"calibration {path}: {name} is {value!r}, not a positive time; the file was edited or "
+                          "damaged: re-run `kdrepro calibrate`")
+    return seconds
+
+
 def resolve_budget(budget_cfg: Any, method_name: str, device: Any = None) -> Budget:
     """Turn a ``budget`` config into a :class:`Budget` for ``method_name``; with the run's ``device`` given, a
     calibration measured on another device type is refused (see :func:`calibrated_budget`)."""
@@ -151,6 +173,7 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, wor
             f"calibration {path} has no entry for method {method_name!r} (it has: {', '.join(known)}); "
             f"add it to calibrate.methods and re-run `kdrepro calibrate`"
         )
+    _check_times(path, method_name, entry, budget_seconds)
     iterations = iterations_within(multiplier * budget_seconds, entry)
     source = f"{multiplier:g} x {budget_seconds:.1f} s matched budget"
     if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so

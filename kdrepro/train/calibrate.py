@@ -91,6 +91,8 @@ from kdrepro.train.calibrate_ranks import (
     resident_bytes,
     slowest_rank_history,
 )
+from kdrepro.train.calibration_check import SETTING_KEY, measured_setting
+from kdrepro.train.effects import cost_view
 from kdrepro.train.progress import Progress
 from kdrepro.train.timing import synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher
@@ -185,11 +187,13 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         entry = _rescaled(measured[name], scale, anchor) if scale is not None else measured[name]
         methods[name] = {**entry, "fingerprint": fingerprints[name]}
     matched = matched_iterations(methods, int(base_cfg.reference_iterations), settings.get("reference_method"))
+    uses_teacher = any(method_uses_teacher(c.method) for c in configs.values())
+    setting = measured_setting(base_cfg, device.type, context.world_size, uses_teacher)
     table = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": str(base_cfg.dataset.name),
         "student": str(base_cfg.student.name),
-        "teacher": str(base_cfg.teacher.name) if any(method_uses_teacher(c.method) for c in configs.values()) else None,
+        "teacher": str(base_cfg.teacher.name) if uses_teacher else None,
         "batch_size": int(base_cfg.loader.batch_size),
         "crop_size": list(base_cfg.dataset.crop_size),
         "precision": str(base_cfg.get("precision", "fp32")),
@@ -208,6 +212,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "disturbed": disturbed(methods, max_spread),
         "methods": methods,
         "matched": matched,
+        SETTING_KEY: setting,
     }
     if context.is_main:
         for name, spread in table["disturbed"].items():
@@ -404,29 +409,19 @@ class CalibrationDisturbed(ConfigError):
     """A calibration that stayed disturbed by other load after its re-measurements (no budget derived from it)."""
 
 
-#: Config keys that do not change what an iteration costs (paths, schedule lengths, logging, the command's own
-#: settings); everything else in a method's composed config is part of its fingerprint.
-_COST_NEUTRAL_KEYS = (
-    "out_dir", "teacher_checkpoint", "runs_dir", "results_dir", "calibrate", "evaluate", "import_teacher", "budget",
-    "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
-    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs", "verdict", "speed", "progress",
-)
 #: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/pipeline/deps.py, which dvc.yaml's
 #: deps follow too), so a change to any code a training step runs re-measures the methods.
 code_digest_stage = "calibrate"
 
 
 def fingerprint(cfg: DictConfig, device: torch.device, world_size: int = 1) -> str:
-    """A digest of what sets a method's cost per iteration: its composed config (minus cost-neutral keys), the
-    calibration protocol, the hardware, torch build and number of processes, and every kdrepro source file the
-    calibration can run."""
+    """A digest of what sets a method's cost per iteration: the cost part of its composed config
+    (:func:`kdrepro.train.effects.cost_view`: not the seeds, schedule, paths or logging), with the calibration
+    protocol, the hardware, torch build and number of processes, and every kdrepro source file the calibration can
+    run."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    for key in _COST_NEUTRAL_KEYS:
-        config.pop(key, None)
-    config["dataset"] = {k: v for k, v in config.get("dataset", {}).items() if k not in ("root", "generate")}
-    protocol = {key: cfg.calibrate.get(key) for key in ("warmup", "rounds", "iterations_per_round")}
-    digest = hashlib.sha256(json.dumps([config, protocol, _hardware(device, world_size)], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps([cost_view(config), _hardware(device, world_size)], sort_keys=True, default=str).encode())
     digest.update(_code_digest())
     digest.update(_plugin_digest(str(cfg.method.name), tuple(str(f) for f in cfg.get("plugins") or ())))
     return digest.hexdigest()[:16]

@@ -19,6 +19,8 @@ import contextlib
 import logging
 import signal
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,11 @@ from kdrepro.distributed import (
     check_global_batch,
     setup_device,
 )
-from kdrepro.errors import ConfigError, Interrupted
+from kdrepro.errors import ConfigError, Interrupted, MethodCodeError
 from kdrepro.evaluate import evaluate
 from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
+from kdrepro.train.calibration_check import check_calibration
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
 from kdrepro.train.hardware import apply_speed
 from kdrepro.train.progress import Progress
@@ -54,9 +57,11 @@ from kdrepro.train.run_folder import (
 )
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher
+from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, check_method, method_uses_teacher
 
 log = logging.getLogger("kdrepro.train")
+#: Where ``kdrepro train`` writes the full traceback of a method's code that raised (the error line names it).
+ERROR_LOG = "error.log"
 
 
 @dataclass
@@ -110,10 +115,12 @@ def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
     """
     check_options(cfg)
     cfg = apply_speed(cfg)  # precision / channels_last / threads `auto`: the pipeline's decision
+    check_method(cfg)  # a rejected option must not archive or restore anything first
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()
         dist, device = setup_device(str(cfg.device))
+        check_calibration(cfg, device.type, dist.world_size, method_uses_teacher(cfg.method))
         lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
         inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
         finished = claim(out_dir, cfg, inputs, lock) if dist.is_main else None
@@ -121,9 +128,27 @@ def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
             if finished is not None:
                 log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
             return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
-        with storage_errors(out_dir / "checkpoint.pt"):
+        with storage_errors(out_dir / "checkpoint.pt"), _traceback_logged(out_dir, dist.is_main):
             run = _start(cfg, out_dir, dist, device, signals, inputs, budget)
             return _train_and_evaluate(run)
+
+
+@contextlib.contextmanager
+def _traceback_logged(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """A method's code that raised: its full traceback goes to ``<out_dir>/error.log`` and the one-line error
+    says so."""
+    try:
+        yield
+    except MethodCodeError as error:
+        if not is_main or error.__cause__ is None:
+            raise
+        log_path = out_dir / ERROR_LOG
+        text = "".join(traceback.format_exception(error.__cause__))
+        try:
+            log_path.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}\n{text}")
+        except OSError:  # the log is a courtesy: never hide the error behind a failed write
+            raise error from error.__cause__
+        raise MethodCodeError(f"{error}; the full traceback is in {log_path}") from error.__cause__
 
 
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,

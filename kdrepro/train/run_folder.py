@@ -27,14 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.errors import ConfigError, RunLockedError
 from kdrepro.io import ensure_dir, sha256_file, storage_errors, write_json_atomic, write_text_atomic
+from kdrepro.train.effects import result_view
 
 log = logging.getLogger("kdrepro.train")
 
-#: Config keys that do not change what a run computes (may differ when resuming or re-running).
-RUNTIME_KEYS = (
-    "out_dir", "device", "threads", "checkpoint_every_seconds", "log_every", "on_nonfinite", "on_config_change",
-    "allow_changed_inputs", "speed", "progress",
-)
 LOCK_NAME = ".kdrepro.lock"
 INPUTS_NAME = "inputs.json"
 #: ``<out_dir>`` + this + a UTC time: where ``on_config_change=archive`` moves a superseded run.
@@ -97,12 +93,21 @@ class RunLock:
         try:
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
                 os.unlink(self.path)
+        except OSError as error:  # e.g. the folder was made read-only: the error that ended the run is the news
+            log.warning("could not remove the lock file %s (%s); harmless: the next run takes it over", self.path,
+                        error.strerror or error)
         finally:
             os.close(self._fd)
             self._fd = None
         if self._created:  # a folder this process made and left empty (e.g. a refused config) goes again
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
+
+    def relock(self) -> None:
+        """Another folder was moved to this lock's place: lock it afresh (a new lock file in it)."""
+        self._created = False
+        self.release()
+        self.acquire()
 
     def move(self, out_dir: Path) -> None:
         """The locked folder was renamed to ``out_dir``: drop its lock file there and lock nothing."""
@@ -111,15 +116,10 @@ class RunLock:
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of a config that defines a run's result."""
+    """The part of a config that defines a run's result (:func:`kdrepro.train.effects.result_view`)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    for key in RUNTIME_KEYS:
-        container.pop(key, None)
-    container.get("loader", {}).pop("num_workers", None)
-    container.pop("calibrate", None)
-    container.pop("verdict", None)  # read by `kdrepro results` only
-    return container
+    return result_view(container)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -173,6 +173,8 @@ def claim(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], loc
         raise ConfigError(f"on_config_change={mode!r}: use on_config_change=error or on_config_change=archive")
     problem = _mismatch(out_dir, cfg, inputs)
     if problem is None:
+        if _holds_nothing(out_dir):
+            _restore_superseded(out_dir, cfg, inputs, lock)
         metrics = out_dir / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.exists() else None
     if mode == "error":
@@ -194,6 +196,24 @@ def claim(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], loc
     lock.acquire()
     metrics = out_dir / "metrics.json"
     return json.loads(metrics.read_text()) if earlier is not None and metrics.exists() else None
+
+
+def _holds_nothing(out_dir: Path) -> bool:
+    """``out_dir`` holds no file but this process's lock file."""
+    return all(entry.name == LOCK_NAME for entry in out_dir.iterdir()) if out_dir.is_dir() else True
+
+
+def _restore_superseded(out_dir: Path, cfg: DictConfig, inputs: dict[str, dict[str, str]], lock: RunLock) -> None:
+    """An empty ``out_dir`` whose config matches a run moved aside earlier (e.g. a parameter set back, after a
+    stage that archived it failed): that run comes back instead of a new one starting."""
+    earlier = _matching_superseded(out_dir, cfg, inputs)
+    if earlier is None:
+        return
+    lock.path.unlink(missing_ok=True)  # the lock is held on the open file; the folder must be empty to be replaced
+    with storage_errors(out_dir):
+        os.replace(earlier, out_dir)
+    log.warning("%s was empty: restored the earlier run of this config from %s", out_dir, earlier)
+    lock.relock()
 
 
 def _superseded_name(out_dir: Path) -> Path:

@@ -9,8 +9,10 @@ Calibration times exactly this code, so the measured cost is the cost of the rea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from kdrepro import distill
 from kdrepro.config import import_plugins
 from kdrepro.distributed import DistributedContext, average_gradients, shard, wrap_student
-from kdrepro.errors import ConfigError, KdreproError
+from kdrepro.errors import ConfigError, KdreproError, MethodCodeError
 from kdrepro.models import SegOutput, build_segmentor, resize_logits
 from kdrepro.models.loading import load_model
 from kdrepro.train.budget import poly_lr
@@ -70,6 +72,38 @@ def clone_output(output: SegOutput) -> SegOutput:
 
 def method_uses_teacher(method_cfg: Any) -> bool:
     return bool(method_cfg.get("terms"))
+
+
+def check_method(cfg: DictConfig) -> None:
+    """Build the method's distiller on the ``meta`` device (no memory, no weights read): a bad option is its
+    one-line :class:`ConfigError` before anything in a run folder is touched."""
+    import_plugins([Path(str(folder)) for folder in cfg.get("plugins") or ()])
+    num_classes = int(cfg.dataset.num_classes)
+    with torch.device("meta"):
+        student = build_segmentor({**_model_cfg(cfg.student), "pretrained": None}, num_classes)
+        teacher = build_segmentor({**_model_cfg(cfg.teacher), "pretrained": None}, num_classes) if method_uses_teacher(cfg.method) else student
+        with method_code(str(cfg.method.name), "building it", cfg):
+            distill.build(OmegaConf.to_container(cfg.method, resolve=True), student.channels, teacher.channels)
+
+
+@contextlib.contextmanager
+def method_code(method: str, doing: str, cfg: DictConfig) -> Iterator[None]:
+    """Turn an exception of a method's own code (not a :class:`KdreproError`) into a one-line
+    :class:`MethodCodeError` naming the method and the file and line in its folder (a plugin folder, or
+    ``kdrepro/distill``); the original stays its cause (``kdrepro -v``, ``<out_dir>/error.log``)."""
+    try:
+        yield
+    except KdreproError:
+        raise
+    except Exception as error:
+        folders = [Path(distill.__file__).parent, *(Path(str(f)) for f in cfg.get("plugins") or ())]
+        raise MethodCodeError.wrap(error, method, doing, folders) from error
+
+
+def _model_cfg(model: Any) -> dict[str, Any]:
+    container = OmegaConf.to_container(model, resolve=True)
+    assert isinstance(container, dict)
+    return container
 
 
 def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
@@ -128,9 +162,10 @@ class Trainer:
             self.teacher.to(memory_format=self.memory_format)
         teacher_channels = self.teacher.channels if self.teacher is not None else self.student.channels
         import_plugins([Path(str(folder)) for folder in cfg.get("plugins") or ()])  # your own methods register
-        self.distiller = distill.build(
-            OmegaConf.to_container(cfg.method, resolve=True), self.student.channels, teacher_channels
-        ).to(device)
+        with method_code(str(cfg.method.name), "building it", cfg):
+            self.distiller = distill.build(
+                OmegaConf.to_container(cfg.method, resolve=True), self.student.channels, teacher_channels
+            ).to(device)
         self.distiller.train()
         if self.context.enabled and cfg.get("sync_bn"):
             self.distiller = nn.SyncBatchNorm.convert_sync_batchnorm(self.distiller)
@@ -200,7 +235,7 @@ class Trainer:
             losses = self.task_losses(student_output, labels)
         with timer.phase("distill"):
             if teacher_output is not None:
-                with autocast_context(self.device, self.precision):
+                with autocast_context(self.device, self.precision), self.method_code("its forward"):
                     kd_terms = self.distiller(student_output.float(), teacher_output, labels)
                 losses.update({name: value.float() for name, value in kd_terms.items()})
             total = torch.stack(list(losses.values())).sum()
@@ -209,12 +244,14 @@ class Trainer:
             total.backward()
             average_gradients(self.distiller.student_parameters(), self.context)
         with timer.phase("optimizer"):
-            self.distiller.before_optimizer_step()
+            with self.method_code("its before_optimizer_step"):
+                self.distiller.before_optimizer_step()
             self.optimizer.step()
         logs: dict[str, Any] = {}
         if teacher_output is not None:
             with timer.phase("method_step"):
-                logs = self.distiller.extra_step(student_output.detach().float(), teacher_output, progress=progress)
+                with self.method_code("its extra_step"):
+                    logs = self.distiller.extra_step(student_output.detach().float(), teacher_output, progress=progress)
         return StepResult(losses, total, logs)
 
     def timed_step(self, batches, progress: float, step_index: int = 0) -> tuple[StepResult, float]:
@@ -248,7 +285,12 @@ class Trainer:
     def pretrain_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         teacher_output = self.teacher_forward(images)
         assert teacher_output is not None
-        return self.distiller.pretrain_step(teacher_output, labels)
+        with self.method_code("its pretrain_step"):
+            return self.distiller.pretrain_step(teacher_output, labels)
+
+    def method_code(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """Exceptions of the method's own code become one :class:`MethodCodeError` line (file, line, method)."""
+        return method_code(str(self.cfg.method.name), doing, self.cfg)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -176,3 +176,29 @@ def test_synthetic_label_ids_are_regenerated_and_root_is_not_private(tmp_path):
     prepare_dataset(cfg)  # generates the set again: the same bytes, deterministic
     assert bad.read_bytes() == original
     load_all(cfg)
+
+
+def test_an_image_of_another_size_fails_training_then_prepare_regenerates_the_synthetic_set(tmp_path):
+    overrides = [f"dataset.root={tmp_path / 'synthetic'}", "dataset.generate.num_train=2", "dataset.generate.num_val=1",
+                 "dataset.generate.height=32", "dataset.generate.width=64"]
+    cfg = load_config(overrides).dataset
+    root = prepare_dataset(cfg)
+    image = next(root.glob("leftImg8bit/train/*/*_leftImg8bit.png"))
+    original = image.read_bytes()
+    Image.new("RGB", (48, 24)).save(image)  # a user drops in a picture of another size
+    with pytest.raises(DatasetError, match=r"but image .* is 48x24 \(width x height\); they must match"):
+        load_all(cfg)
+    prepare_dataset(cfg)  # what the error says to run: it must not call this ready
+    assert image.read_bytes() == original
+    load_all(cfg)
+
+
+def test_an_image_of_another_size_in_a_real_tree_is_named_by_prepare(tmp_path):
+    root = cityscapes_tree(tmp_path / "cityscapes")
+    cfg = cityscapes_cfg(root)
+    prepare_dataset(cfg, download=no_download)
+    image = root / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png"
+    Image.new("RGB", (48, 24)).save(image)
+    with pytest.raises(DatasetError, match=rf"labelIds.png is 64x32 but image {re.escape(str(image))} is 48x24") as error:
+        prepare_dataset(cfg, download=no_download)
+    assert "\n" not in str(error.value)

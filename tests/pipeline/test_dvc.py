@@ -19,6 +19,8 @@ from kdrepro.config import options
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+#: Stage name prefixes of the stages that train runs.
+TRAINING = ("student@", "iter_matched@", "compute_matched@", "student_extended@", "extended@", "extended_best@")
 
 
 def _copy_repository(destination: Path) -> Path:
@@ -171,7 +173,8 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     config.write_text(original)
     assert changed.returncode == 0, (changed.stdout + changed.stderr)[-4000:]
     reran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert {"iter_matched@cwd", "compute_matched@cwd"} <= reran, reran
+    # exactly that method's training stages (extended_best@2 extends cwd, the selected specific method)
+    assert {name for name in reran if name.startswith(TRAINING)} == {"iter_matched@cwd", "compute_matched@cwd", "extended_best@2"}, reran
     untouched = {"pretrain", "teacher", "student@iter_matched", "student@compute_matched", "iter_matched@kd",
                  "compute_matched@kd", "extended@kd-2", "iter_matched@mymethod"}
     assert not reran & untouched, reran
@@ -242,6 +245,7 @@ def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(pipeline_co
         ("profile: synthetic\nmethods: [kd]\nextended: {multipliers: ['2']}\n", "methods must include ['fitnet']"),
         ("profile: synthetic\nseed: 3\n", "seed became seeds"),
         ("profile: synthetic\nseeds: [0, 0]\n", "seeds must be distinct"),
+        ("profile: synthetic\nseeds: [0]\n", "is one seed, but the pipeline's statistics and verdict"),
         ("profile: synthetic\nplugins: nowhere\n", "plugins folder nowhere does not exist"),
         ("profile: synthetic\ncalibrate: {max_spread: -1}\n", "calibrate.max_spread must be a positive number"),
         ("profile: synthetic\ncalibrate: {max_spread: lots}\n", "calibrate.max_spread must be a positive number"),
@@ -269,3 +273,114 @@ def test_params_file_maps_to_hydra_overrides(tmp_path):
     assert cfg.calibrate.warmup == 1  # null keeps the profile's value
     path.write_text("profile: smoke\n")
     assert load_config(params_overrides(path)).reference_iterations == 4  # the smoke profile's schedule
+
+
+# -- what a change reruns -----------------------------------------------------------------------------------------------
+# For each config key: the stages `dvc status` marks stale (the wiring of dvc.yaml), and what the stale stages then do
+# when they run (kdrepro/train/effects.py: a `retrain` key moves a finished run aside and trains it again, a
+# `recalibrate` key re-measures the costs, anything else leaves every finished output as it was).
+
+
+def _stale(repo: Path) -> set[str]:
+    status = _dvc(repo, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    return {name.split(":")[-1] for name in json.loads(status.stdout or "{}")}
+
+
+def _cards(repo: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((repo / "runs" / "smoke" / "calibration").glob("*.json"))}
+
+
+def _kd_run(repo: Path) -> Path:
+    return repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0"
+
+
+def _repro(repo: Path, *stages: str) -> None:
+    done = _dvc(repo, "repro", "-s", *stages)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+@pytest.fixture
+def clean_pipeline(pipeline_copy) -> Path:
+    """The smoke pipeline of test_whole_pipeline_on_the_smoke_profile, brought up to date (the tests before may have
+    left it stale), with calibrations that never count as disturbed (max_spread null: the smoke profile's choice)."""
+    repo = pipeline_copy
+    assert (repo / "runs" / "smoke" / "calibration.json").exists(), "run test_whole_pipeline_on_the_smoke_profile first"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    _write_params(repo, seeds=[0, 1], calibrate={**params["calibrate"], "max_spread": None})
+    done = _dvc(repo, "repro")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert _stale(repo) == set()
+    return repo
+
+
+def test_seeds_and_extended_budgets_make_only_their_stages_stale(clean_pipeline):
+    repo = clean_pipeline
+    methods = {"none", "kd", "fitnet", "cwd", "mymethod"}
+    assert _stale(repo) == set()
+    _write_params(repo, seeds=[0, 1, 2])
+    stale = _stale(repo)
+    assert {name for name in stale if name.startswith(TRAINING)} == {
+        name for name in _stages(repo) if name.startswith(TRAINING)}, stale  # each trains the new seed only
+    assert not stale & {"data", "pretrain", "teacher", "calibrate"}, stale
+    # whatever makes calibration run meanwhile, the seeds do not re-measure a method (they are no part of a cost)
+    cards = _cards(repo)
+    _repro(repo, "-f", "calibrate")
+    assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == sorted(methods)
+    assert _cards(repo) == cards
+    _write_params(repo, seeds=[0, 1])
+    base = _stale(repo)  # the calibration table's time stamp changed: the cost page is stale, nothing else
+    assert not {name for name in base if name.startswith(TRAINING)} and "calibrate" not in base, base
+
+    # another extended budget adds its own four stages and touches no finished one (the README's promise about one
+    # method's config: test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method)
+    _write_params(repo, extended={"multipliers": ["2", "3"]})
+    stale = _stale(repo) - base
+    assert {"student_extended@3", "extended@kd-3", "extended@fitnet-3", "extended_best@3"} <= stale
+    assert not {name for name in stale if name.startswith(TRAINING)} - {
+        "student_extended@3", "extended@kd-3", "extended@fitnet-3", "extended_best@3"}, stale
+    assert "calibrate" not in stale
+    _write_params(repo, extended={"multipliers": ["2"]})
+    assert _stale(repo) == base
+
+
+def _stages(repo: Path) -> set[str]:
+    listed = _dvc(repo, "stage", "list", "--name-only")
+    assert listed.returncode == 0, listed.stderr
+    return {line.split(":")[-1].strip() for line in listed.stdout.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    "key, old, new",
+    [("eval_points", "eval_points: 1", "eval_points: 2"),
+     ("checkpoint_every_seconds", "threads: 2", "threads: 2\ncheckpoint_every_seconds: 60"),
+     ("threads", "threads: 2", "threads: 1")],  # re-measures every cost: last, it leaves the compute-matched stale
+)
+def test_a_profile_key_retrains_or_recalibrates_exactly_as_classified(clean_pipeline, key, old, new):
+    from kdrepro.train.effects import RECALIBRATE, RETRAIN, effect
+
+    repo = clean_pipeline
+    profile = repo / "kdrepro" / "conf" / "profile" / "smoke.yaml"
+    original = profile.read_text()
+    assert old in original
+    cards, finished = _cards(repo), (_kd_run(repo) / "metrics.json").read_bytes()
+    aside = set(_kd_run(repo).parent.glob("seed0.superseded-*"))  # left by an earlier case
+    profile.write_text(original.replace(old, new))
+    try:
+        _repro(repo, "calibrate", "iter_matched@kd")
+        table = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
+        retrained = sorted(set(_kd_run(repo).parent.glob("seed0.superseded-*")) - aside)
+        if RECALIBRATE in effect(key):
+            assert table["reused"] == [] and _cards(repo) != cards, table["reused"]
+        else:
+            assert len(table["reused"]) == 5 and _cards(repo) == cards, table["reused"]
+        if RETRAIN in effect(key):  # moved aside (never lost) and trained again
+            assert len(retrained) == 1 and (retrained[0] / "metrics.json").read_bytes() == finished
+            assert (_kd_run(repo) / "metrics.json").read_bytes() != finished
+        else:
+            assert not retrained and (_kd_run(repo) / "metrics.json").read_bytes() == finished
+    finally:
+        profile.write_text(original)
+    _repro(repo, "calibrate", "iter_matched@kd")  # set back: a retrained run's earlier version comes back
+    assert (_kd_run(repo) / "metrics.json").read_bytes() == finished
+    assert len(set(_kd_run(repo).parent.glob("seed0.superseded-*")) - aside) == (RETRAIN in effect(key))

@@ -97,3 +97,50 @@ def test_disturbed_entries_are_flagged_and_not_reused():
 
 def test_budget_describe():
     assert "100 iterations" in Budget("iterations", iterations=100).describe()
+
+
+@pytest.mark.parametrize("seconds", [-0.2, 0.0, "fast", None, float("nan")])
+def test_a_calibration_with_impossible_seconds_is_refused(tmp_path, seconds):
+    path = _calibration(tmp_path, {"kd": {"seconds_per_iteration": seconds}})
+    with pytest.raises(ConfigError, match=r"kd's seconds_per_iteration is .*, not a positive time; .* re-run `kdrepro calibrate`") as info:
+        resolve_budget(OmegaConf.create({"kind": "calibrated", "calibration": str(path)}), "kd")
+    assert "\n" not in str(info.value)
+
+
+def _run_config(calibration, **changes):
+    from kdrepro.config import load_config
+
+    overrides = ["profile=smoke", "method=kd", "budget=calibrated", f"budget.calibration={calibration}"]
+    return load_config([*overrides, *(f"{key}={value}" for key, value in changes.items())])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loader.batch_size": 8}, "batch_size 2 (this run: 8)"),
+        ({"dataset.crop_size": "[64,128]"}, "crop_size [32, 64] (this run: [64, 128])"),
+        ({"student.base_width": 16}, "student pspnet_r18 (base width 8) (this run: pspnet_r18 (base width 16))"),
+        ({"teacher.base_width": 16}, "teacher pspnet_r101 (base width 8) (this run: pspnet_r101 (base width 16))"),
+        ({"precision": "bf16"}, "precision fp32 (this run: bf16)"),
+        ({"profile": "synthetic"}, "crop_size [32, 64] (this run: [64, 128])"),
+    ],
+)
+def test_a_calibration_of_another_setting_is_refused_unless_allowed(tmp_path, change, message):
+    from kdrepro.train.calibration_check import SETTING_KEY, check_calibration, measured_setting
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    measured = _run_config(folder, precision="fp32")
+    setting = measured_setting(measured, "cpu", 1, uses_teacher=True)
+    (folder / "budget.json").write_text(json.dumps({"budget_seconds": 1.0, SETTING_KEY: setting}))
+    check_calibration(measured, "cpu", 1, True)  # the setting it measured: fine
+    run = _run_config(folder, **{"precision": "fp32", **change})
+    with pytest.raises(ConfigError, match="budget.allow_calibration_mismatch=true") as info:
+        check_calibration(run, "cpu", 1, True)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"device cpu \(this run: cuda\)"):
+        check_calibration(measured, "cuda", 1, True)
+    allowed = _run_config(folder, **{"precision": "fp32", **change, "budget.allow_calibration_mismatch": "true"})
+    check_calibration(allowed, "cpu", 1, True)
+    (folder / "budget.json").write_text(json.dumps({"budget_seconds": 1.0}))  # from before the record: not checked
+    check_calibration(run, "cpu", 1, True)

@@ -42,6 +42,12 @@ def test_calibrate_interleaves_and_matches_budgets(tiny_teacher, tmp_path):
     # a calibrated run trains exactly its matched iteration count
     run = train(load_config([*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={output}", f"out_dir={tmp_path / 'run'}"]))
     assert run["iterations"] == matched["iterations"]["none"]
+    # the setting it measured is recorded, and a run of another batch size is refused in one line, before training
+    assert table["measured_setting"]["batch_size"] == 2 and table["measured_setting"]["crop_size"] == [32, 64]
+    other = [*tiny_teacher, "method=none", "budget=calibrated", f"budget.calibration={output}", "loader.batch_size=4"]
+    with pytest.raises(ConfigError, match=r"measured with batch_size 2 \(this run: 4\)") as error:
+        train(load_config([*other, f"out_dir={tmp_path / 'other'}"]))
+    assert "\n" not in str(error.value) and not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow

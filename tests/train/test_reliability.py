@@ -260,3 +260,104 @@ def test_real_read_only_file_system_is_one_line(tiny_dataset, small_tmpfs, capsy
     assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write {out}: {small_tmpfs} is on a read-only file system; write elsewhere", err
+
+
+def test_a_rejected_method_option_touches_nothing(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *tiny_teacher, "method=cwd", "budget.iterations=1", f"out_dir={out}", "on_config_change=archive"]
+    assert main(args) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*args, "method.terms.cwd.temperature=-4"]) == 2
+    assert capsys.readouterr().err.strip() == "error: cwd option temperature must be positive, got -4; fix it in the method config"
+    assert snapshot(out) == before and not list(tmp_path.glob("run.superseded-*"))
+
+
+def test_folder_made_read_only_mid_run_is_one_permission_line(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """As `chmod a-w <out_dir>` during training does for a non-root user: the checkpoint write and the lock file's
+    removal both fail; the message is the write's, in one line (the lock file left behind is taken over later)."""
+    from kdrepro import io
+
+    out = tmp_path / "run"
+    write_chunk, unlink = io._write_chunk, os.unlink
+
+    def denied_chunk(handle, data):
+        if handle.name.endswith("checkpoint.pt.tmp"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return write_chunk(handle, data)
+
+    def denied_unlink(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "_write_chunk", denied_chunk)
+    monkeypatch.setattr(os, "unlink", denied_unlink)
+    assert main(["train", *tiny_dataset, *COMMON, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert error_line(err) == f"error: permission denied writing {out / 'checkpoint.pt'}; make {out} writable or write elsewhere"
+
+
+BROKEN_FORWARD = '''import torch
+from kdrepro.distill import Distiller, register
+
+
+@register("broken")
+class Broken(Distiller):
+    def __init__(self, student_channels, teacher_channels, weight=1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, student, teacher, target):
+        scale = student.logits.shape[1] / 0
+        return {"broken": self.weight * scale * student.logits.mean()}
+'''
+
+
+def _plugin(folder: Path, source: str) -> list[str]:
+    (folder / "method").mkdir(parents=True)
+    (folder / "broken.py").write_text(source)
+    (folder / "method" / "broken.yaml").write_text("family: canonical\nterms:\n  broken:\n    weight: 1.0\n")
+    return [f"plugins=[{folder}]", "method=broken"]
+
+
+def test_plugin_with_a_syntax_error_is_one_line_naming_file_line_and_method(tiny_teacher, tmp_path, capsys):
+    plugin = _plugin(tmp_path / "mine", BROKEN_FORWARD.replace("def forward(self, student, teacher, target):", "def forward(self, student teacher):"))
+    assert main(["train", *tiny_teacher, *plugin, f"out_dir={tmp_path / 'run'}"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: method broken: importing plugin {tmp_path / 'mine' / 'broken.py'} raised SyntaxError: ")
+    assert f"at {tmp_path / 'mine' / 'broken.py'}:11;" in line and "-v" in line
+    assert main(["-v", "train", *tiny_teacher, *plugin, f"out_dir={tmp_path / 'run'}"]) == 2
+    verbose = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in verbose and verbose.rstrip().splitlines()[-1] == line
+
+
+def test_plugin_whose_forward_raises_is_one_line_with_the_traceback_in_the_run_folder(tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    plugin = _plugin(tmp_path / "mine", BROKEN_FORWARD)
+    process = start(["train", *tiny_teacher, *plugin, "budget.iterations=2", f"out_dir={out}"])
+    code, err = finish(process)
+    line = error_line(err)  # no traceback, no shutdown noise after it
+    source = tmp_path / "mine" / "broken.py"
+    assert code == 2 and line == (
+        f"error: method broken: its forward raised ZeroDivisionError: division by zero at {source}:12 (in forward); "
+        f"fix that code, or rerun with -v for the traceback; the full traceback is in {out / 'error.log'}"
+    ), line
+    log = (out / "error.log").read_text()
+    assert "Traceback (most recent call last)" in log and f'File "{source}", line 12, in forward' in log
+
+
+def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):
+    root = tmp_path / "my_smoke"
+    args = ["train", "profile=smoke", f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    advice = f"run `kdrepro prepare profile=smoke dataset.root={root}`"
+    assert advice in error_line(capsys.readouterr().err)
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: smoke\nseeds: [0, 1]\n")
+    assert main(["train", "--params", str(params), f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert f"run `kdrepro prepare --params {params} dataset.root={root}`" in error_line(capsys.readouterr().err)
+    assert main(["prepare", "profile=smoke", f"dataset.root={root}"]) == 0  # the advice prepares exactly that folder
+    from kdrepro.data import build_dataset
+
+    assert len(build_dataset(load_config(["profile=smoke", f"dataset.root={root}"]).dataset, "train", True)) == 8

@@ -94,3 +94,28 @@ def test_setting_a_parameter_back_restores_the_earlier_run(tmp_path):
     assert OmegaConf.load(out / "config.yaml").seed == 0
     (superseded,) = tmp_path.glob("run.superseded-*")
     assert OmegaConf.load(superseded / "config.yaml").seed == 1
+
+
+def test_an_empty_out_dir_takes_back_its_superseded_run(tmp_path):
+    (tmp_path / "teacher.pt").write_bytes(b"teacher")
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text("{}")
+    cfg = config(tmp_path, calibration)
+    out = Path(cfg.out_dir)
+    inputs = input_hashes(input_files(cfg, True))
+    with RunLock(out):
+        record_start(out, cfg, inputs)
+        (out / "metrics.json").write_text('{"miou": 0.5}')
+    os.replace(out, tmp_path / "run.superseded-20260101T000000Z")  # archived by a stage that then failed
+    for mode in ("error", "archive"):  # the move-back is no config change: either mode takes it
+        cfg.on_config_change = mode
+        with RunLock(out) as lock:
+            assert claim(out, cfg, inputs, lock) == {"miou": 0.5}
+            assert (out / ".kdrepro.lock").read_text().strip() == str(os.getpid())
+        assert not list(tmp_path.glob("run.superseded-*")) and (out / "metrics.json").exists()
+        os.replace(out, tmp_path / "run.superseded-20260101T000000Z")
+    other = cfg.copy()
+    other.seed = 7  # no superseded run of this config: a fresh start, the other run stays aside
+    with RunLock(out) as lock:
+        assert claim(out, other, inputs, lock) is None
+    assert list(tmp_path.glob("run.superseded-*"))
