@@ -38,10 +38,11 @@ from interleaved import median_interval, paired
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrepro.config import load_config
+from kdrepro.distributed import resolve_device
 from kdrepro.models import build_segmentor
 from kdrepro.train.calibrate import AtenFlopCounter
 from kdrepro.train.timing import synchronize
-from kdrepro.train.trainer import Trainer, resolve_device
+from kdrepro.train.trainer import Trainer
 
 #: dense bf16 tensor-core peaks (FLOP/s) by device-name fragment
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "4090": 165.2e12}

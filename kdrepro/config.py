@@ -6,9 +6,11 @@ notebooks can call, and so that Hydra does not change the working directory or w
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -34,6 +36,23 @@ def options(group: str, plugins: Sequence[str | Path] = ()) -> list[str]:
     configs (``<folder>/<group>/<name>.yaml``) searched after the packaged ones."""
     folders = [CONF_DIR / group, *(Path(folder) / group for folder in plugins)]
     return sorted({path.stem for folder in folders for path in folder.glob("*.yaml")})
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The roles methods play in the paper's protocol (``conf/roles.yaml``)."""
+
+    control: str  # the student alone
+    logit_kd: str  # canonical logit KD
+    canonical: tuple[str, ...]  # canonical KD methods, always extended
+
+
+@functools.cache
+def roles() -> Roles:
+    """The method roles declared in ``conf/roles.yaml``."""
+    declared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "roles.yaml"))
+    assert isinstance(declared, dict)
+    return Roles(str(declared["control"]), str(declared["logit_kd"]), tuple(str(m) for m in declared["canonical"]))
 
 
 def plugin_folders(overrides: Sequence[str]) -> list[Path]:

@@ -57,6 +57,22 @@ def init_from_environment(device_name: str) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` setting as a torch device (``auto``: CUDA when available); a one-line error for CUDA without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def setup_device(name: str) -> tuple[DistributedContext, torch.device]:
+    """The process group ``torchrun`` describes (none for one process) and this rank's device for the ``device``
+    setting: the one place a command sets up where it runs."""
+    context = init_from_environment(name)
+    return context, rank_device(resolve_device(name), context)
+
+
 def shard(batch: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     """This rank's contiguous slice of a global batch."""
     if not context.enabled:

@@ -9,11 +9,11 @@ import torch
 from omegaconf import DictConfig
 
 from kdrepro.data import build_dataset, class_names
+from kdrepro.distributed import resolve_device
 from kdrepro.errors import ConfigError
 from kdrepro.evaluate import evaluate
 from kdrepro.io import write_json_atomic
 from kdrepro.models.loading import load_model
-from kdrepro.train.trainer import resolve_device
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:

@@ -131,6 +131,16 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     write_bytes_atomic(path, buffer.getbuffer())
 
 
+def checkpoint_dict(
+    weights: dict[str, Any], num_classes: int, model_cfg: dict[str, Any], finished: bool, **extra: Any
+) -> dict[str, Any]:
+    """What every kdrepro checkpoint holds, built in this one place: the format version, the model's ``weights``,
+    what rebuilds the model (``num_classes``, ``model_cfg``: see :func:`kdrepro.models.loading.load_model`), whether
+    it is ``finished``, and ``extra`` entries of its writer (optimiser and method state, RNGs, step, clock, ...)."""
+    return {"format": FORMAT_VERSION, "model": weights, **extra, "num_classes": int(num_classes), "model_cfg": model_cfg,
+            "finished": bool(finished)}  # fmt: skip
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

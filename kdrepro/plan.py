@@ -2,7 +2,8 @@
 
 Every training stage is an iteration budget, so its cost is ``iterations × seconds/iteration`` (+ the method's
 pre-training stage, e.g. MasKD's tokens), with seconds/iteration from ``kdrepro calibrate`` (the median of the
-interleaved rounds, at the world size it was measured with):
+interleaved rounds, at the world size it was measured with) and the compute-matched counts from
+:mod:`kdrepro.pipeline.matching`:
 
 * once per pipeline: the backbones' pre-training where the profile trains them (the embedded profiles' stand-in for
   ImageNet; copying ImageNet weights is free), the teacher (imported: free; trained: ``teacher_iterations`` × an
@@ -27,37 +28,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from kdrepro.config import CONF_DIR
+from kdrepro.analysis.methods import CANONICAL, STUDENT_ALONE, method_info
 from kdrepro.errors import ConfigError
-from kdrepro.train.budget import whole_iterations
+from kdrepro.pipeline.matching import budget_seconds, iterations_within, read_table, reference_method
 
 #: The paper's (and mmsegmentation's) schedules: the iteration-matched protocol trains every method this long.
 PAPER_ITERATIONS = {"cityscapes": 80_000, "ade20k": 160_000}
-EXTENDED_METHODS = ("none", "kd", "fitnet")  # plus the best segmentation-specific method
 HOUR = 3600.0
-
-
-def read_calibration(path: Path) -> dict[str, Any]:
-    """The calibration table written by ``kdrepro calibrate`` (one line error if missing or malformed)."""
-    if not path.is_file():
-        raise ConfigError(f"calibration {path} does not exist; run `kdrepro calibrate` (or the calibrate stage) first, or set plan.calibration")
-    try:
-        table = json.loads(path.read_text())
-        methods = table["methods"]
-        if not all(float(entry["seconds_per_iteration"]) > 0 for entry in methods.values()):
-            raise ValueError("a seconds_per_iteration is not positive")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"calibration {path} is malformed ({error}); re-run `kdrepro calibrate`") from error
-    return table
-
-
-def method_family(name: str, plugins: list[str]) -> str | None:
-    """``family`` of a method config (canonical | segmentation_specific | student), None if it has none."""
-    for folder in [CONF_DIR, *(Path(p) for p in plugins)]:
-        path = folder / "method" / f"{name}.yaml"
-        if path.is_file():
-            return (yaml.safe_load(path.read_text()) or {}).get("family")
-    return None
 
 
 def _run(stage: str, method: str, iterations: int, entry: dict[str, Any], per: str, note: str = "") -> dict[str, Any]:
@@ -68,25 +45,17 @@ def _run(stage: str, method: str, iterations: int, entry: dict[str, Any], per: s
             "seconds": iterations * seconds_per_iteration + pretrain, "note": note}  # fmt: skip
 
 
-def matched_budget(methods: dict[str, dict[str, Any]], reference_iterations: int, reference: str) -> float:
-    """Budget seconds of the compute-matched protocol (as :func:`kdrepro.train.calibrate.matched_iterations`)."""
-    entry = methods[reference]
-    return reference_iterations * float(entry["seconds_per_iteration"]) + float(entry.get("pretrain_seconds") or 0.0)
-
-
 def matched_runs(stage: str, names: list[str], methods: dict, budget: float, per: str = "seed") -> list[dict[str, Any]]:
     """One run per method at ``budget`` seconds: ``(budget − pre-training) / seconds per iteration`` iterations."""
     rows = []
     for name in names:
-        entry = methods[name]
-        iterations = max(whole_iterations(budget - float(entry.get("pretrain_seconds") or 0.0), float(entry["seconds_per_iteration"])), 0)
-        rows.append(_run(stage, name, iterations, entry, per))
+        rows.append(_run(stage, name, max(iterations_within(budget, methods[name]), 0), methods[name], per))
     return rows
 
 
 def best_specific(kd_methods: list[str], methods: dict, plugins: list[str]) -> tuple[str | None, str]:
     """The segmentation-specific method to price the extended slot with (the most expensive per iteration)."""
-    specific = [name for name in kd_methods if method_family(name, plugins) == "segmentation_specific"]
+    specific = [name for name in kd_methods if method_info(name, plugins).get("family") == "segmentation_specific"]
     if not specific:
         return None, "no segmentation-specific method in methods: the extended runs are priced without one"
     name = max(specific, key=lambda m: float(methods[m]["seconds_per_iteration"]))
@@ -153,7 +122,7 @@ def calibration_run(cfg: DictConfig, names: list[str], methods: dict) -> dict[st
 def protocol_costs(names: list[str], methods: dict, reference_iterations: int, reference: str) -> dict[str, float]:
     """Seconds per seed of training every method (the student alone included) under each protocol."""
     iteration = sum(_run("", n, reference_iterations, methods[n], "seed")["seconds"] for n in names)
-    budget = matched_budget(methods, reference_iterations, reference)
+    budget = budget_seconds(methods[reference], reference_iterations)
     compute = sum(row["seconds"] for row in matched_runs("", names, methods, budget))
     return {"reference_iterations": reference_iterations, "iteration_matched_seconds": iteration,
             "compute_matched_seconds": compute, "budget_seconds": budget}  # fmt: skip
@@ -168,9 +137,9 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
         raise ConfigError(f"the calibration has no entry for {missing}; add them to methods and re-run `kdrepro calibrate`")
     kd_methods = [name for name in names if name != "none"]
     plugins = list(cfg.get("plugins") or [])
-    reference = cfg.calibrate.get("reference_method") or max(names, key=lambda n: float(methods[n]["seconds_per_iteration"]))
+    reference = reference_method({name: methods[name] for name in names}, cfg.calibrate.get("reference_method") or None)
     reference_iterations = int(cfg.reference_iterations)
-    budget = matched_budget(methods, reference_iterations, reference)
+    budget = budget_seconds(methods[reference], reference_iterations)
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg.seed])]
     world_size = int(table.get("world_size", 1))
     teacher, teacher_note = teacher_run(cfg, methods)
@@ -178,7 +147,7 @@ def build_plan(cfg: DictConfig, table: dict[str, Any], multipliers: list[float])
     rows = [*pretrain_runs(cfg, methods), teacher, calibration_run(cfg, names, methods)]
     rows += [_run("iter_matched", n, reference_iterations, methods[n], "seed") for n in names]
     rows += matched_runs("compute_matched", names, methods, budget)
-    extended_names = [n for n in (*EXTENDED_METHODS, best) if n is not None and n in methods]
+    extended_names = [n for n in (STUDENT_ALONE, *CANONICAL, best) if n is not None and n in methods]
     for multiplier in multipliers:
         rows += matched_runs(f"extended ×{multiplier:g}", extended_names, methods, multiplier * budget)
     if best is not None:
@@ -251,7 +220,8 @@ def extended_multipliers(cfg: DictConfig) -> list[float]:
 def write_plan(cfg: DictConfig) -> tuple[dict[str, Any], str, Path]:
     """Build the plan of ``cfg`` (a ``plan`` config), write ``plan.json`` and ``plan.md``; return both and the path."""
     calibration = Path(str(cfg.plan.calibration or Path("runs") / str(cfg.profile_name) / "calibration.json"))
-    plan = build_plan(cfg, read_calibration(calibration), extended_multipliers(cfg))
+    table = read_table(calibration, "run `kdrepro calibrate` (or the calibrate stage) first, or set plan.calibration")
+    plan = build_plan(cfg, table, extended_multipliers(cfg))
     plan["calibration"] = str(calibration)
     text = markdown(plan)
     output = Path(str(cfg.plan.output or calibration.parent / "plan.json"))

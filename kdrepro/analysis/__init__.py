@@ -1,2 +1,2 @@
-"""The analysis of finished runs: tidy tables (results), statistics over seeds (stats) and the paper's claims judged
-(verdict)."""
+"""The analysis of finished runs: tidy tables (results), statistics over seeds (stats), the paper's claims judged
+(verdict), where the results sit (regime), and what is known about each method (methods: metadata and roles)."""

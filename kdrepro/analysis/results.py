@@ -29,30 +29,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdrepro.analysis.stats import STUDENT_ALONE, summarize
+from kdrepro.analysis.regime import classes_learned, deciding_classes, regime, teacher_miou_pct
+from kdrepro.analysis.stats import summarize
 from kdrepro.analysis.verdict import best_specific, judge
-from kdrepro.config import CONF_DIR
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
-
-PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
-
-
-def method_info(name: str, start: str | Path = ".") -> dict[str, Any]:
-    """family, display_name and reproduces of a method config: the packaged one, else the one in the ``plugins``
-    folder of the nearest ``params.yaml`` at or above ``start`` ({} when there is none)."""
-    candidates = [CONF_DIR / "method" / f"{name}.yaml"]
-    for folder in (Path(start).resolve(), *Path(start).resolve().parents):
-        params = folder / "params.yaml"
-        if params.is_file():
-            plugins = (yaml.safe_load(params.read_text()) or {}).get("plugins")
-            if isinstance(plugins, str):
-                candidates.append(folder / plugins / "method" / f"{name}.yaml")
-            break
-    for path in candidates:
-        if path.is_file():
-            config = yaml.safe_load(path.read_text()) or {}
-            return {key: config.get(key) for key in ("family", "display_name", "reproduces") if config.get(key)}
-    return {}
+from kdrepro.pipeline.matching import read_table
 
 
 def _method_meta(run_dir: Path) -> dict[str, Any]:
@@ -141,7 +122,7 @@ def collect_per_class(runs_dir: str | Path) -> pd.DataFrame:
 
 def load_calibration(path: str | Path) -> pd.DataFrame:
     """One row per calibrated method: seconds/iteration, spread, phase medians, FLOPs, memory, matched iterations."""
-    table = json.loads(Path(path).read_text())
+    table = read_table(Path(path), "run `kdrepro calibrate` first")
     matched = table["matched"]
     rows = []
     for name, entry in table["methods"].items():
@@ -188,79 +169,6 @@ def specific_methods(runs: pd.DataFrame) -> list[str]:
     if runs.empty or "family" not in runs:
         return []
     return sorted(runs.loc[runs.family == "segmentation_specific", "method"].unique())
-
-
-def teacher_miou_pct(runs: pd.DataFrame) -> float | None:
-    teacher = runs.loc[runs.protocol == "teacher", "miou"] if not runs.empty else pd.Series(dtype=float)
-    return float(100.0 * teacher.iloc[0]) if len(teacher) and math.isfinite(teacher.iloc[0]) else None
-
-
-def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict[str, Any]:
-    """Where this run sits: seeds, schedule, teacher gap, and the student alone's progress at the schedule compared
-    with its longest control run (the extended student alone), so every report can say schedule vs convergence."""
-    teacher = teacher_miou_pct(runs)
-    student_rows = stats[(stats.protocol == "iter_matched") & (stats.method == STUDENT_ALONE)]
-    student = float(student_rows.miou_mean.iloc[0]) if len(student_rows) else math.nan
-    iterations = float(student_rows.iterations_mean.iloc[0]) if len(student_rows) else math.nan
-    seeds = sorted(int(s) for s in runs.loc[runs.protocol != "teacher", "seed"].dropna().unique()) if not runs.empty else []
-    longer = stats[(stats.protocol == "extended") & (stats.method == STUDENT_ALONE)].sort_values("iterations_mean")
-    fraction, longer_iterations, longest_gap, longest_iterations = None, None, None, None
-    if len(longer) and math.isfinite(student):
-        target = longer.iloc[(longer.iterations_mean - 4 * iterations).abs().argsort().iloc[0]]
-        fraction, longer_iterations = student / float(target.miou_mean), float(target.iterations_mean)
-        if teacher is not None and math.isfinite(float(longer.miou_mean.iloc[-1])):
-            longest_gap, longest_iterations = teacher - float(longer.miou_mean.iloc[-1]), float(longer.iterations_mean.iloc[-1])
-    teacher_runs = runs[runs.protocol == "teacher"]
-    schedule = "no student-alone run yet"
-    if fraction is not None:
-        stage = "past early training" if fraction >= 0.8 else "early training (below 80 % of its longer-run mIoU)"
-        schedule = (f"schedule regime: at the reference schedule ({iterations:.0f} iterations) the student alone reaches "
-                    f"{100 * fraction:.0f} % of its mIoU after {longer_iterations:.0f} iterations — {stage}, not "
-                    "converged")  # fmt: skip
-        if longest_gap is not None:  # how much of the teacher's lead is capacity, not training length
-            schedule += (f"; after {longest_iterations:.0f} iterations the student alone is {longest_gap:.1f} points below "
-                         "the teacher")  # fmt: skip
-    return {
-        "profile": profile,
-        "seeds": seeds,
-        "reference_iterations": None if not math.isfinite(iterations) else int(round(iterations)),
-        "teacher_miou": teacher,
-        "teacher_iterations": int(teacher_runs.iterations.iloc[0]) if len(teacher_runs) and teacher_runs.iterations.notna().iloc[0] else None,
-        "student_miou": None if not math.isfinite(student) else student,
-        "teacher_gap": None if teacher is None or not math.isfinite(student) else teacher - student,
-        "student_fraction_of_longer": fraction,
-        "student_longer_iterations": longer_iterations,
-        "teacher_gap_at_longest_control": longest_gap,
-        "longest_control_iterations": longest_iterations,
-        "schedule": schedule,
-        "percent_of_teacher_basis": PERCENT_OF_TEACHER_BASIS,
-    }
-
-
-def classes_learned(per_class: pd.DataFrame, protocol: str = "iter_matched", method: str = STUDENT_ALONE) -> dict[str, Any]:
-    """Of the classes present in validation, how many a method's runs learn (mean IoU over seeds > 0)."""
-    rows = per_class[(per_class.protocol == protocol) & (per_class.method == method) & (per_class.multiplier == 1.0)]
-    means = rows.groupby("class_name", sort=False).iou.mean().dropna()  # NaN: absent from validation and never predicted
-    learned = means[means > 0]
-    return {"present": int(len(means)), "learned": int(len(learned)),
-            "not_learned": [name for name in means.index if name not in learned.index]}  # fmt: skip
-
-
-def deciding_classes(per_class: pd.DataFrame, protocol: str, a: str, b: str) -> dict[str, Any]:
-    """Does one class decide ``a`` vs ``b``? The mIoU difference (mean over seeds and classes) and the classes whose
-    removal alone flips its sign; also the class with the largest share of the absolute per-class differences."""
-    rows = per_class[(per_class.protocol == protocol) & (per_class.multiplier == 1.0) & per_class.method.isin([a, b])]
-    table = rows.pivot_table(index="class_name", columns="method", values="iou", aggfunc="mean", sort=False)
-    if a not in table or b not in table:
-        return {"difference": None, "deciding": [], "largest": None, "largest_share": None}
-    diff = (table[a] - table[b]).dropna()
-    if diff.empty:
-        return {"difference": None, "deciding": [], "largest": None, "largest_share": None}
-    total = float(diff.mean())
-    deciding = [name for name in diff.index if len(diff) > 1 and total != 0 and
-                (float(diff.drop(name).mean()) > 0) != (total > 0)]  # fmt: skip
-    share = diff.abs() / diff.abs().sum() if diff.abs().sum() > 0 else diff.abs()
-    return {"difference": total, "deciding": deciding, "largest": str(share.idxmax()), "largest_share": float(share.max())}
 
 
 def extended_selection(runs: pd.DataFrame) -> dict[str, Any]:

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from kdrepro.analysis.methods import LOGIT_KD, STUDENT_ALONE
+
 CONFIDENCE = 0.95
-STUDENT_ALONE = "none"
-LOGIT_KD = "kd"
 GROUP = ["protocol", "method", "multiplier"]
 
 

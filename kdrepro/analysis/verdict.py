@@ -26,9 +26,9 @@ from typing import Any
 
 import pandas as pd
 
-from kdrepro.analysis.stats import LOGIT_KD, STUDENT_ALONE, paired_difference, pairwise, t_interval
+from kdrepro.analysis.methods import CANONICAL, LOGIT_KD, STUDENT_ALONE
+from kdrepro.analysis.stats import paired_difference, pairwise, t_interval
 
-CANONICAL = ("kd", "fitnet")
 APPROACH_PERCENT = 90.0  # the paper's weaker case: 92 % of the teacher on ADE20K
 CLAIMS = {
     "a": "Rankings change between iteration-matched and compute-matched training.",

@@ -2,8 +2,8 @@
 
 One definition for two consumers: ``dvc.yaml``'s ``deps`` (a test checks that every stage lists all of it and
 nothing that its command cannot read) and the cost fingerprint of ``kdrepro calibrate`` (a method is re-measured when
-any code its training step can run changes). ``python -m kdrepro.pipeline.deps <stage>`` prints a stage's deps in the compact
-form ``dvc.yaml`` uses: a folder when the command can read every module in it, single files otherwise;
+any code its training step can run changes). ``python -m kdrepro.pipeline.deps <stage or command>`` prints a stage's deps in the
+compact form ``dvc.yaml`` uses: a folder when the command can read every module in it, single files otherwise;
 ``python -m kdrepro.pipeline.deps --update`` rewrites the code deps of ``dvc.yaml`` after an import changed.
 
 The closure is static: every ``import kdrepro...`` / ``from kdrepro... import`` anywhere in a module (also inside
@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,28 +24,52 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parent
 
-#: The modules each stage's command starts from (``kdrepro <command>`` -> its handler in kdrepro/cli.py). Every
+#: The modules each ``kdrepro <command>`` that a dvc.yaml stage runs starts from (its handler in kdrepro/cli.py). Every
 #: command also runs the CLI, the params glue and the config loader. The CLI dispatches lazily: its function-level
 #: imports belong to one command's handler each, which ``ENTRIES`` names, so only its module-level imports are followed.
+#: Which stage runs which command is read from dvc.yaml itself (:func:`stage_commands`).
 COMMON = ("kdrepro.cli", "kdrepro.pipeline.params", "kdrepro.config", "kdrepro.errors")
 DISPATCHERS = ("kdrepro.cli",)
 ENTRIES: dict[str, tuple[str, ...]] = {
-    "data": ("kdrepro.data",),
+    "prepare": ("kdrepro.data",),
     "pretrain": ("kdrepro.train.pretrain",),
     "teacher": ("kdrepro.train.teacher",),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
     "calibrate": ("kdrepro.train.calibrate",),
     "select": ("kdrepro.analysis.commands",),
     "results": ("kdrepro.analysis.commands",),
-    "report": ("kdrepro.report",),
-    "index": ("kdrepro.report.index",),
+    "report-index": ("kdrepro.report.index",),
 }
+#: A stage whose command runs ``notebooks/<item>.ipynb`` (the report pages) depends on the code its notebooks import.
+NOTEBOOK_COMMAND = re.compile(r"\bnotebooks/\$\{item\}\.ipynb\b")
 
 
-#: dvc.yaml stage -> the command it runs (the report stages run notebooks: :func:`notebook_code_files`)
-STAGE_KIND = {"data": "data", "pretrain": "pretrain", "teacher": "teacher", "calibrate": "calibrate", "student": "train",
-              "iter_matched": "train", "compute_matched": "train", "student_extended": "train", "extended": "train",
-              "extended_best": "train", "select": "select", "results": "results", "index": "index"}  # fmt: skip
+@functools.cache
+def stage_commands(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, str]:
+    """dvc.yaml stage -> the ``kdrepro <command>`` of :data:`ENTRIES` its ``cmd`` runs (stages that run none, such as
+    the report pages, are left out)."""
+    import yaml
+
+    commands = {}
+    for name, stage in (yaml.safe_load(Path(dvc_yaml).read_text()).get("stages") or {}).items():
+        match = re.search(r"(?:^|\s)kdrepro ([\w-]+)", " ".join(str(stage.get("do", stage).get("cmd", "")).split()))
+        if match and match.group(1) in ENTRIES:
+            commands[name] = match.group(1)
+    return commands
+
+
+def stage_code_files(dvc_yaml: Path, stage: str) -> tuple[Path, ...] | None:
+    """Every kdrepro source file a dvc.yaml stage can run: its command's :func:`code_files`, or the union of its
+    notebooks' :func:`notebook_code_files`; None for a stage that runs no kdrepro code."""
+    import yaml
+
+    if stage in stage_commands(dvc_yaml):
+        return code_files(stage_commands(dvc_yaml)[stage])
+    body = yaml.safe_load(Path(dvc_yaml).read_text())["stages"].get(stage) or {}
+    if not NOTEBOOK_COMMAND.search(str(body.get("do", body).get("cmd", ""))) or not isinstance(body.get("foreach"), list):
+        return None
+    notebooks = ROOT / "notebooks"
+    return tuple(sorted({f for item in body["foreach"] for f in notebook_code_files(notebooks / f"{item}.ipynb")}))
 
 
 def _module_path(name: str) -> Path | None:
@@ -205,23 +230,22 @@ def code_digest(stage: str) -> bytes:
 
 
 def update_dvc_yaml(path: Path) -> bool:
-    """Rewrite the code deps (``- kdrepro/...`` lines outside ``kdrepro/conf``) of every stage of :data:`STAGE_KIND`
-    in ``path`` to :func:`compact` of the stage's :func:`code_files`, in place of the first such line (later ones are
-    dropped); True when the file changed."""
-    import re
-
+    """Rewrite the code deps (``- kdrepro/...`` lines outside ``kdrepro/conf``) of every stage of ``path`` that runs
+    kdrepro code (:func:`stage_code_files`) to their :func:`compact` form, in place of the first such line (later
+    ones are dropped); True when the file changed."""
     original = path.read_text()
     out: list[str] = []
-    stage, written = None, False
+    stage, written, files = None, False, None
     code_line = re.compile(r"^(\s+)- kdrepro/(?!conf/)")
     for line in original.splitlines(keepends=True):
         header = re.match(r"^  (\w+):", line)
         if header:
             stage, written = header.group(1), False
+            files = stage_code_files(path, stage)
         match = code_line.match(line)
-        if match and stage in STAGE_KIND:
+        if match and files is not None:
             if not written:
-                out += [f"{match.group(1)}- {dep}\n" for dep in compact(code_files(STAGE_KIND[stage]))]
+                out += [f"{match.group(1)}- {dep}\n" for dep in compact(files)]
                 written = True
             continue
         out.append(line)
@@ -236,7 +260,9 @@ if __name__ == "__main__":
         target = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "dvc.yaml"
         print(f"{target}: {'updated' if update_dvc_yaml(target) else 'already up to date'}")
     else:
-        for stage in sys.argv[1:] or sorted(ENTRIES):
+        dvc_yaml = ROOT / "dvc.yaml"
+        for stage in sys.argv[1:] or sorted(stage_commands(dvc_yaml)):
+            files = code_files(stage) if stage in ENTRIES else stage_code_files(dvc_yaml, stage)
             print(f"{stage}:")
-            for dep in compact(code_files(stage)):
+            for dep in compact(files or ()):
                 print(f"  - {dep}")

@@ -26,13 +26,10 @@ from typing import Any
 
 import yaml
 
-from kdrepro.config import options
+from kdrepro.config import options, roles
 from kdrepro.errors import ConfigError
 
 PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins"}
-#: The extended runs are fixed by the protocol: the student alone (the control), logit KD, feature KD, and the best
-#: segmentation-specific method of the compute-matched table (chosen by the `select` stage).
-EXTENDED_CANONICAL = ("kd", "fitnet")
 RENAMED = {
     "seed": "seed became seeds: a list such as [0, 1, 2] (every training run is repeated per seed)",
 }
@@ -56,7 +53,7 @@ def _check_extended(path: Path, extended: Any, methods: list[str]) -> None:
     unknown = set(extended) - {"multipliers"}
     if unknown:
         raise ConfigError(f"{path}: extended has unknown key(s) {sorted(unknown)}; it takes multipliers only")
-    missing = [name for name in EXTENDED_CANONICAL if name not in methods]
+    missing = [name for name in roles().canonical if name not in methods]  # the extended runs (conf/roles.yaml)
     if missing:
         raise ConfigError(f"{path}: methods must include {missing}: the extended runs and the verdict compare against them")
     for multiplier in extended.get("multipliers") or []:

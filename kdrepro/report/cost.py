@@ -17,19 +17,16 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from kdrepro.analysis.methods import LOGIT_KD, STUDENT_ALONE
+from kdrepro.pipeline.matching import PHASES
 from kdrepro.report.style import (
     FAMILY_MARKERS,
     FIGURE_WIDTH,
-    LOGIT_KD,
-    STUDENT_ALONE,
     family_label,
     figure_note,
     method_colours,
 )
 
-#: The phases of one training iteration, as ``kdrepro.train.timing.PHASES`` (copied: importing it would import
-#: torch into every report kernel; a test checks they agree).
-PHASES = ("data", "teacher", "student", "distill", "backward", "optimizer", "method_step")
 MIB = 2**20
 
 

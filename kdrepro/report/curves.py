@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from kdrepro.analysis.methods import STUDENT_ALONE
 from kdrepro.report.style import (
     FAMILY_LINES,
     FIGURE_WIDTH,
     PROTOCOL_LABELS,
-    STUDENT_ALONE,
     family_label,
     figure_note,
     method_colours,

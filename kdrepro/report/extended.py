@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from kdrepro.analysis.methods import STUDENT_ALONE, base_method
 from kdrepro.report.cost import place_labels
-from kdrepro.report.published import PUBLISHED, SOURCES, base_method
+from kdrepro.report.published import PUBLISHED, SOURCES
 from kdrepro.report.style import (
     FAMILY_LINES,
     FAMILY_MARKERS,
     FIGURE_WIDTH,
-    STUDENT_ALONE,
     TEACHER_COLOUR,
     family_label,
     figure_note,

@@ -19,6 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from kdrepro.analysis.methods import STUDENT_ALONE
 from kdrepro.report.pages import render_template
 from kdrepro.report.published import published_entry
 from kdrepro.report.style import (
@@ -26,7 +27,6 @@ from kdrepro.report.style import (
     FAMILY_LINES,
     FAMILY_MARKERS,
     FIGURE_WIDTH,
-    STUDENT_ALONE,
     family_label,
     figure_note,
     interval,

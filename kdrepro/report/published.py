@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from kdrepro.analysis.methods import base_method
+
 DATASETS = ("cityscapes", "ade20k")
 
 
@@ -93,14 +95,6 @@ def published_results(dataset: str | None = None) -> pd.DataFrame:
         frame = frame[frame.dataset == dataset]
     frame["source_url"] = frame.source.map(lambda key: SOURCES[key].url)
     return frame.reset_index(drop=True)
-
-
-def base_method(config_name: str) -> str:
-    """The method a config variant reproduces: ``cwd_published`` / ``cwd_mmrazor`` -> ``cwd``, ``kd_t4`` -> ``kd``."""
-    for suffix in ("_published", "_mmrazor", "_t4"):
-        if config_name.endswith(suffix):
-            return config_name[: -len(suffix)]
-    return config_name
 
 
 def published_entry(method: str, dataset: str = "cityscapes") -> dict[str, object] | None:

@@ -21,10 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrepro.analysis.methods import LOGIT_KD, STUDENT_ALONE
 from kdrepro.data import build_dataset, class_names, palette
 from kdrepro.errors import ConfigError
 from kdrepro.models.output import resize_logits
-from kdrepro.report.style import FIGURE_WIDTH, LOGIT_KD, STUDENT_ALONE, figure_note
+from kdrepro.report.style import FIGURE_WIDTH, figure_note
 
 IGNORE_COLOUR = (0, 0, 0)
 CORRECT_COLOUR = (225, 225, 225)

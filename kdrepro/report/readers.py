@@ -20,8 +20,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from kdrepro.analysis.methods import LOGIT_KD, STUDENT_ALONE, method_info
 from kdrepro.errors import ConfigError
-from kdrepro.report.style import LOGIT_KD, STUDENT_ALONE
+from kdrepro.pipeline.matching import read_header
 
 RESULTS_HINT = "run `make repro` (or `dvc repro results`) first"
 
@@ -140,12 +141,7 @@ def read_calibration(results_dir: Path) -> pd.DataFrame:
 
 def read_calibration_header(runs_dir: Path) -> dict[str, Any]:
     """The header of ``runs_dir/calibration.json`` (hardware, matched budget, reference method); {} if absent."""
-    path = Path(runs_dir) / "calibration.json"
-    if not path.is_file():
-        return {}
-    header = json.loads(path.read_text())
-    header.pop("methods", None)
-    return header
+    return read_header(Path(runs_dir) / "calibration.json")
 
 
 def read_verdict(results_dir: Path) -> dict[str, Any]:
@@ -161,7 +157,7 @@ def read_extended_selection(results_dir: Path) -> dict[str, Any]:
 
 def method_metadata(methods: list[str], table: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per method: family, display name and citation (``reproduces``), from the method configs through
-    :func:`kdrepro.analysis.results.method_info`, else from the ``family``/``display_name`` columns of ``table``."""
+    :func:`kdrepro.analysis.methods.method_info`, else from the ``family``/``display_name`` columns of ``table``."""
     rows = []
     for method in dict.fromkeys(methods):
         info = _method_info(method)
@@ -179,20 +175,10 @@ def method_metadata(methods: list[str], table: pd.DataFrame | None = None) -> pd
 
 
 def _method_info(method: str) -> dict[str, Any]:
-    """:func:`kdrepro.analysis.results.method_info` when it exists, else the keys of the method's config file."""
+    """:func:`kdrepro.analysis.methods.method_info` (the packaged or plugin method config); the teacher is its own."""
     if method == "teacher":
         return {"family": "teacher", "display_name": "Teacher"}
-    from kdrepro.analysis import results
-
-    lookup = getattr(results, "method_info", None)
-    if lookup is not None:
-        try:
-            return dict(lookup(method) or {})
-        except (ConfigError, KeyError, FileNotFoundError):
-            return {}
-    path = Path(__file__).resolve().parents[1] / "conf" / "method" / f"{method}.yaml"
-    config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return {key: config.get(key) for key in ("family", "display_name", "reproduces") if config.get(key)}
+    return method_info(method)
 
 
 def method_maps(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str], dict[str, str]]:

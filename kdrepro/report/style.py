@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-STUDENT_ALONE = "none"
-LOGIT_KD = "kd"
+from kdrepro.analysis.methods import STUDENT_ALONE, method_names
+
 FAMILIES = ("student", "canonical", "segmentation_specific", "teacher")
 FAMILY_LABELS = {
     "student": "student alone",
@@ -56,16 +55,11 @@ def method_colours(methods: Iterable[str]) -> dict[str, str]:
     method the palette entry of its position among all method configs (``kdrepro/conf/method``)."""
     methods = list(dict.fromkeys(methods))
     palette = OKABE_ITO + TOL_MUTED
-    universe = sorted(set(_method_configs()) | {m for m in methods if m not in (STUDENT_ALONE, "teacher")})
+    universe = sorted(set(method_names()) | {m for m in methods if m not in (STUDENT_ALONE, "teacher")})
     colours = {method: palette[index % len(palette)] for index, method in enumerate(universe)}
     colours[STUDENT_ALONE] = STUDENT_COLOUR
     colours["teacher"] = TEACHER_COLOUR
     return {method: colours[method] for method in methods}
-
-
-def _method_configs() -> list[str]:
-    folder = Path(__file__).resolve().parents[1] / "conf" / "method"
-    return [path.stem for path in folder.glob("*.yaml") if path.stem != STUDENT_ALONE]
 
 
 def family_label(family: str) -> str:

@@ -5,14 +5,13 @@ Three kinds (``conf/budget/``):
 * ``iterations`` -- a fixed number of optimiser steps; progress = step / iterations.
 * ``seconds`` -- a literal wall-clock budget; only training steps count (not evaluation, checkpointing or data-loader
   start-up); progress = train seconds / budget seconds. The clock is saved in checkpoints, so it survives resume.
-* ``calibrated`` -- compute-matched: ``iterations = (multiplier × matched budget seconds − pre-training seconds) /
-  this method's median seconds per iteration``, read from the JSON written by ``kdrepro calibrate``. The run is then
-  an iteration budget, so it is reproducible, while its wall-clock cost matches the other methods'.
+* ``calibrated`` -- compute-matched: the iterations of this method that fit in ``multiplier ×`` the matched budget
+  (:mod:`kdrepro.pipeline.matching`), read from the files written by ``kdrepro calibrate``. The run is then an
+  iteration budget, so it is reproducible, while its wall-clock cost matches the other methods'.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdrepro.errors import ConfigError
+from kdrepro.pipeline.matching import iterations_within, read_method
 
 log = logging.getLogger("kdrepro.budget")
 
@@ -54,11 +54,6 @@ def poly_lr(base_lr: float, progress: float, power: float = 0.9, min_lr: float =
     """mmsegmentation ``PolyLR``: ``(base − min) · (1 − progress)^power + min``."""
     progress = min(max(progress, 0.0), 1.0)
     return (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
-
-
-def whole_iterations(seconds: float, seconds_per_iteration: float) -> int:
-    """``floor(seconds / seconds_per_iteration)``, robust to float round-off (100 × 0.4 / 0.4 is 100, not 99)."""
-    return math.floor(seconds / seconds_per_iteration + 1e-9)
 
 
 def _positive(value: Any, name: str, fix: str) -> float:
@@ -101,37 +96,19 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, wor
 
     With ``world_size`` given, a calibration measured with another number of processes is refused (DDP's
     communication is part of every iteration's cost); tables from before the world size was recorded count as 1."""
-    if not path.exists():
-        raise ConfigError(f"calibration {path} does not exist; run `kdrepro calibrate` first or set budget.calibration")
-    try:
-        if path.is_dir():
-            budget_file = json.loads((path / "budget.json").read_text())
-            budget_seconds, measured_world = float(budget_file["budget_seconds"]), int(budget_file.get("world_size", 1))
-            entry_path = path / f"{method_name}.json"
-            methods = {method_name: json.loads(entry_path.read_text())} if entry_path.is_file() else {}
-            known = sorted(p.stem for p in path.glob("*.json") if p.stem != "budget")
-        else:
-            table = json.loads(path.read_text())
-            methods = table["methods"]
-            budget_seconds = float(table["matched"]["budget_seconds"])
-            measured_world = int(table.get("world_size", 1))
-            known = sorted(methods)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"calibration {path} is malformed or incomplete ({error}); re-run `kdrepro calibrate`") from error
+    budget_seconds, measured_world, entry, known = read_method(path, method_name)
     if world_size is not None and measured_world != world_size:
         launcher = f"torchrun --nproc_per_node={world_size} -m kdrepro" if world_size > 1 else "kdrepro"
         raise ConfigError(
             f"calibration {path} was measured with {measured_world} process(es) but this run has {world_size}; "
             f"re-calibrate with `{launcher} calibrate ...` or set budget.allow_world_size_mismatch=true"
         )
-    if method_name not in methods:
+    if entry is None:
         raise ConfigError(
             f"calibration {path} has no entry for method {method_name!r} (it has: {', '.join(known)}); "
             f"add it to calibrate.methods and re-run `kdrepro calibrate`"
         )
-    entry = methods[method_name]
-    available = multiplier * budget_seconds - float(entry.get("pretrain_seconds", 0.0))
-    iterations = whole_iterations(available, float(entry["seconds_per_iteration"]))
+    iterations = iterations_within(multiplier * budget_seconds, entry)
     source = f"{multiplier:g} x {budget_seconds:.1f} s matched budget"
     if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so
         log.warning("the matched budget of %.1f s x %g buys no whole iteration of %r (%.2f s each): training 1",

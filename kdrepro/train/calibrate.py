@@ -6,15 +6,11 @@ Protocol: every method is built (one shared frozen teacher), warmed up, then tim
 method alike, and the median over all timed iterations is robust to stragglers. A method's pre-training stage (e.g.
 MasKD's mask tokens) is timed too and charged once, as ``pretrain_seconds``.
 
-The matched budget is ``reference_iterations × seconds_per_iteration(reference) + pretrain_seconds(reference)``, the
-reference being the slowest method by default, so no method trains below the standard schedule; each method then
-gets ``(budget − its pretrain_seconds) / its seconds_per_iteration`` iterations. FLOP-matched iteration counts (from
-``torch.utils.flop_counter`` on one full training step) are written beside them as an alternative.
-
-Outputs: ``calibrate.output`` (``calibration.json``, the whole table, read by the reports) and, beside it, a folder
-of the same stem holding ``budget.json`` (reference method, iterations, budget seconds) and ``<method>.json`` (that
-method's entry). A training stage reads only ``budget.json`` and its own method's file, so DVC reruns only what a
-change touches.
+The matched budget and every method's iteration count follow :mod:`kdrepro.pipeline.matching` (the reference choice
+-- the slowest method by default, so no method trains below the standard schedule --, the formula, and the files:
+``calibrate.output`` = ``calibration.json`` and the per-method folder beside it that DVC stages depend on).
+FLOP-matched iteration counts (from ``torch.utils.flop_counter`` on one full training step) are written beside them
+as an alternative.
 
 **Incremental re-calibration** (``calibrate.incremental``, default on): every entry carries a fingerprint of what
 sets its cost (the method's config, models, data shapes, precision, device, threads, protocol, kdrepro's model /
@@ -80,13 +76,11 @@ from kdrepro.distributed import (
     DistributedContext,
     barrier,
     check_global_batch,
-    init_from_environment,
-    rank_device,
+    setup_device,
     shard,
 )
 from kdrepro.errors import ConfigError
-from kdrepro.io import write_text_atomic
-from kdrepro.train.budget import whole_iterations
+from kdrepro.pipeline.matching import PHASES, matched_iterations, read_previous, write_calibration
 from kdrepro.train.calibrate_ranks import (
     device_memory_bytes,
     from_rank_zero,
@@ -95,8 +89,8 @@ from kdrepro.train.calibrate_ranks import (
     resident_bytes,
     slowest_rank_history,
 )
-from kdrepro.train.timing import PHASES, synchronize
-from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher, resolve_device
+from kdrepro.train.timing import synchronize
+from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher
 
 log = logging.getLogger("kdrepro.calibrate")
 
@@ -105,36 +99,6 @@ def rotated_order(names: Sequence[str], round_index: int) -> list[str]:
     """Round ``r`` starts with method ``r mod n`` (A B C, B C A, C A B, ...)."""
     shift = round_index % len(names)
     return list(names[shift:]) + list(names[:shift])
-
-
-def matched_iterations(
-    methods: dict[str, dict[str, Any]], reference_iterations: int, reference_method: str | None = None
-) -> dict[str, Any]:
-    """Budget seconds and each method's iteration count from measured seconds/iteration (see module docstring)."""
-    if reference_iterations <= 0:
-        raise ConfigError(f"reference_iterations must be positive, got {reference_iterations}")
-    if reference_method is None:
-        reference_method = max(methods, key=lambda name: methods[name]["seconds_per_iteration"])
-    if reference_method not in methods:
-        raise ConfigError(f"calibrate.reference_method {reference_method!r} is not among the calibrated methods {sorted(methods)}")
-    reference = methods[reference_method]
-    budget = reference_iterations * reference["seconds_per_iteration"] + reference.get("pretrain_seconds", 0.0)
-    iterations = {
-        name: max(whole_iterations(budget - entry.get("pretrain_seconds", 0.0), entry["seconds_per_iteration"]), 0)
-        for name, entry in methods.items()
-    }
-    result: dict[str, Any] = {
-        "reference_method": reference_method,
-        "reference_iterations": reference_iterations,
-        "budget_seconds": budget,
-        "iterations": iterations,
-    }
-    if all(entry.get("flops_per_iteration") for entry in methods.values()):
-        reference_flops = reference_iterations * reference["flops_per_iteration"]
-        result["flop_matched_iterations"] = {
-            name: whole_iterations(reference_flops, entry["flops_per_iteration"]) for name, entry in methods.items()
-        }
-    return result
 
 
 class AtenFlopCounter(TorchDispatchMode):
@@ -185,14 +149,13 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     names = list(settings.methods)
     if base_cfg.get("threads"):
         torch.set_num_threads(int(base_cfg.threads))
-    context = init_from_environment(str(base_cfg.device))
-    device = rank_device(resolve_device(str(base_cfg.device)), context)
+    context, device = setup_device(str(base_cfg.device))
     check_global_batch(int(base_cfg.loader.batch_size), context)
     torch.manual_seed(int(base_cfg.seed))
     configs = {name: method_cfg(name) for name in names}
     fingerprints = {name: fingerprint(cfg, device, context.world_size) for name, cfg in configs.items()}
     output = Path(str(settings.output))
-    previous = _previous_methods(output) if settings.get("incremental", True) else {}
+    previous = read_previous(output) if settings.get("incremental", True) else {}
     previous = from_rank_zero(previous, context)  # every rank measures the same methods, in the same order
     max_spread = settings.get("max_spread")
     kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"), max_spread)
@@ -242,8 +205,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
                 "measured, so the matched budgets may be off; run the calibration again on an idle machine (`dvc "
                 "repro -f -s calibrate`, or `kdrepro calibrate`): it re-measures disturbed entries instead of reusing "
                 "them", name, 100 * spread, 100 * max_spread)
-        write_text_atomic(output, json.dumps(table, indent=2, default=_json_default) + "\n")
-        _write_per_method(output.with_suffix(""), methods, matched, context.world_size)
+        write_calibration(output, table, default=_json_default)
     barrier(context)  # no rank returns before the files exist
     return table
 
@@ -487,15 +449,6 @@ def _code_digest() -> bytes:
     return code_digest(code_digest_stage)
 
 
-def _previous_methods(output: Path) -> dict[str, dict[str, Any]]:
-    """Entries of an earlier calibration table at ``output`` ({} if there is none or it cannot be read)."""
-    try:
-        methods = json.loads(output.read_text())["methods"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {name: entry for name, entry in methods.items() if isinstance(entry, dict) and "fingerprint" in entry}
-
-
 def disturbed(methods: dict[str, dict[str, Any]], max_spread: float | None) -> dict[str, float]:
     """Methods whose timed iterations spread by more than ``max_spread`` (IQR / median): measured while something
     else loaded the machine. ``{name: spread}``; empty when ``max_spread`` is null."""
@@ -530,23 +483,6 @@ def _rescaled(entry: dict[str, Any], scale: float, anchor: str) -> dict[str, Any
     out["phase_median_seconds"] = {phase: seconds * scale for phase, seconds in entry["phase_median_seconds"].items()}
     out["rescaled"] = {"anchor": anchor, "scale": scale}
     return out
-
-
-def _write_per_method(folder: Path, methods: dict[str, dict[str, Any]], matched: dict[str, Any], world_size: int = 1) -> None:
-    """``budget.json`` (with the world size it was measured at) and one ``<method>.json`` per method (stale files
-    of dropped methods removed); a file whose content is unchanged keeps its bytes, so DVC sees no change in it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"budget": {key: matched[key] for key in ("reference_method", "reference_iterations", "budget_seconds")}}
-    files["budget"]["world_size"] = world_size
-    files.update(methods)
-    for stale in folder.glob("*.json"):
-        if stale.stem not in files:
-            stale.unlink()
-    for name, data in files.items():
-        path = folder / f"{name}.json"
-        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
-        if not path.is_file() or path.read_text() != text:
-            write_text_atomic(path, text)
 
 
 def _time_pretrain(trainer: Trainer, batches, samples: int) -> float:

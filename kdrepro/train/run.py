@@ -35,11 +35,11 @@ from kdrepro.distributed import (
     barrier,
     broadcast_float,
     check_global_batch,
-    init_from_environment,
+    setup_device,
 )
 from kdrepro.errors import ConfigError, Interrupted
 from kdrepro.evaluate import evaluate
-from kdrepro.io import FORMAT_VERSION, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
+from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
 from kdrepro.train.run_folder import (
@@ -53,7 +53,7 @@ from kdrepro.train.run_folder import (
 )
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
-from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher, resolve_device
+from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, method_uses_teacher
 
 log = logging.getLogger("kdrepro.train")
 
@@ -101,8 +101,9 @@ def check_options(cfg: DictConfig) -> None:
                     cfg.method.name, cfg.teacher_checkpoint)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the training run described by ``cfg``; returns its final metrics.
+    ``budget`` is ``cfg.budget`` already resolved (resolved here, when the run starts training, if not given).
 
     Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
@@ -110,10 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()
-        dist = init_from_environment(str(cfg.device))
-        device = resolve_device(str(cfg.device))
-        if dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
+        dist, device = setup_device(str(cfg.device))
         lock = stack.enter_context(RunLock(out_dir, enabled=dist.is_main))
         inputs = input_hashes(input_files(cfg, method_uses_teacher(cfg.method))) if dist.is_main else {}
         finished = claim(out_dir, cfg, inputs, lock) if dist.is_main else None
@@ -122,14 +120,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.info("%s already holds this finished run (%s); nothing to do", out_dir, _outcome(finished))
             return finished or {"method": str(cfg.method.name), "miou": None, "rank": dist.rank}
         with storage_errors(out_dir / "checkpoint.pt"):
-            run = _start(cfg, out_dir, dist, device, signals, inputs)
+            run = _start(cfg, out_dir, dist, device, signals, inputs, budget)
             return _train_and_evaluate(run)
 
 
 def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: torch.device, signals: Signals,
-           inputs: dict) -> Run:
+           inputs: dict, budget: Budget | None = None) -> Run:
     """Build the run and restore its checkpoint, if any (signals raise at once meanwhile)."""
-    budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     check_global_batch(int(cfg.loader.batch_size), dist)
@@ -365,20 +363,18 @@ def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict
     """What ``checkpoint.pt`` holds: weights, optimiser and method state, RNGs, step, clock and timing history."""
     history = trainer.timer.history
     keys = list(history[0]) if history else [*PHASES, "total"]
-    return {
-        "format": FORMAT_VERSION,
-        **trainer.state_dict(),
-        "step": state.step,
-        "train_seconds": state.train_seconds,
-        "pretrained": state.pretrained,
-        "finished": False,
-        "rng": rng_state(),
-        "timing_keys": keys,
-        "timing": torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
-        "num_classes": trainer.num_classes,
-        "model_cfg": OmegaConf.to_container(cfg.student, resolve=True),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
+    trained = trainer.state_dict()
+    return checkpoint_dict(
+        trained.pop("model"), trainer.num_classes, OmegaConf.to_container(cfg.student, resolve=True), finished=False,
+        **trained,
+        step=state.step,
+        train_seconds=state.train_seconds,
+        pretrained=state.pretrained,
+        rng=rng_state(),
+        timing_keys=keys,
+        timing=torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
 
 
 def _save(run: Run) -> None:

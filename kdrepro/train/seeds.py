@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.layout import seed_dir
-from kdrepro.train.budget import resolve_budget
+from kdrepro.train.budget import Budget, resolve_budget
 
 
 def seed_list(cfg: DictConfig) -> list[int] | None:
@@ -40,15 +40,16 @@ def seed_list(cfg: DictConfig) -> list[int] | None:
     return values
 
 
-def with_eval_points(cfg: DictConfig) -> DictConfig:
-    """Turn ``eval_points`` into ``eval_every`` for this run's iteration budget (a copy of ``cfg``)."""
+def with_eval_points(cfg: DictConfig, budget: Budget | None = None) -> DictConfig:
+    """Turn ``eval_points`` into ``eval_every`` for this run's iteration budget (``budget``, resolved from ``cfg``
+    when not given; a copy of ``cfg``)."""
     points = int(cfg.get("eval_points") or 0)
     if points < 0:
         raise ConfigError(f"eval_points must be >= 0, got {points}")
     cfg = cfg.copy()
     if points == 0:
         return cfg
-    budget = resolve_budget(cfg.budget, str(cfg.method.name))
+    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
     if budget.iterations is None:
         raise ConfigError("eval_points needs an iteration budget (budget=iterations or budget=calibrated); use eval_every")
     with open_dict(cfg):
@@ -57,11 +58,11 @@ def with_eval_points(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def per_seed_configs(cfg: DictConfig) -> list[DictConfig]:
+def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[DictConfig]:
     """One config per seed: ``seed=s``, ``out_dir=<out_dir>/seed<s>`` (or ``[cfg]`` when ``seeds`` is not set)."""
     seeds = seed_list(cfg)
     if seeds is None:
-        return [with_eval_points(cfg)]
+        return [with_eval_points(cfg, budget)]
     configs = []
     for seed in seeds:
         run_cfg = cfg.copy()
@@ -69,12 +70,16 @@ def per_seed_configs(cfg: DictConfig) -> list[DictConfig]:
             run_cfg.seed = seed
             run_cfg.seeds = None
             run_cfg.out_dir = str(seed_dir(cfg.out_dir, seed))
-        configs.append(with_eval_points(run_cfg))
+        configs.append(with_eval_points(run_cfg, budget))
     return configs
 
 
 def train_seeds(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Train (or resume, or skip when finished) every seed's run of ``cfg``; their final metrics, in seed order."""
+    """Train (or resume, or skip when finished) every seed's run of ``cfg``; their final metrics, in seed order.
+
+    The budget (the same for every seed) is resolved once, here when ``eval_points`` needs it to place the
+    evaluations, else by the first run that trains, and passed down."""
     from kdrepro.train.run import train
 
-    return [train(run_cfg) for run_cfg in per_seed_configs(cfg)]
+    budget = resolve_budget(cfg.budget, str(cfg.method.name)) if int(cfg.get("eval_points") or 0) > 0 else None
+    return [train(run_cfg, budget) for run_cfg in per_seed_configs(cfg, budget)]

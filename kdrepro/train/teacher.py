@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from kdrepro.config import load_config
-from kdrepro.io import FORMAT_VERSION, save_checkpoint
+from kdrepro.io import checkpoint_dict, save_checkpoint
 from kdrepro.models import build_segmentor
 from kdrepro.models.weights import import_mmseg_checkpoint
 from kdrepro.train.seeds import train_seeds
@@ -45,7 +45,6 @@ def import_teacher(cfg: Any, mmseg_path: Path) -> Path:
     model = build_segmentor(model_cfg, int(cfg.dataset.num_classes))
     import_mmseg_checkpoint(mmseg_path, model)
     output = Path(str(cfg.import_teacher.output))
-    state = {"format": FORMAT_VERSION, "model": model.state_dict(), "num_classes": int(cfg.dataset.num_classes),
-             "model_cfg": model_cfg, "finished": True, "source": str(mmseg_path)}
+    state = checkpoint_dict(model.state_dict(), int(cfg.dataset.num_classes), model_cfg, finished=True, source=str(mmseg_path))
     save_checkpoint(state, output)
     return output

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = ("data", "teacher", "student", "distill", "backward", "optimizer", "method_step")
+from kdrepro.pipeline.matching import PHASES
 
 
 def process_seconds() -> float:

@@ -40,14 +40,6 @@ class NonFiniteLossError(KdreproError):
         self.terms = list(terms or [])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()

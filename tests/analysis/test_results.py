@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from kdrepro.analysis.results import classes_learned, deciding_classes, extended_selection
+from kdrepro.analysis.regime import classes_learned, deciding_classes
+from kdrepro.analysis.results import extended_selection
 
 
 def _per_class(rows):
@@ -49,20 +50,8 @@ def test_extended_selection_takes_the_best_specific_mean():
     assert selection["means"] == {"cwd": 20.0, "dist": 25.0}
 
 
-def test_method_info_reads_packaged_and_plugin_configs(tmp_path):
-    from kdrepro.analysis.results import method_info
-
-    assert method_info("cwd")["family"] == "segmentation_specific"
-    (tmp_path / "mine" / "method").mkdir(parents=True)
-    (tmp_path / "mine" / "method" / "mymethod.yaml").write_text('family: canonical\ndisplay_name: "Mine"\n')
-    (tmp_path / "params.yaml").write_text("plugins: mine\n")
-    (tmp_path / "notebooks").mkdir()
-    assert method_info("mymethod", tmp_path / "notebooks") == {"family": "canonical", "display_name": "Mine"}
-    assert method_info("nothing", tmp_path) == {}
-
-
 def test_regime_states_the_schedule_fraction_and_the_teacher_gap_at_the_longest_control():
-    from kdrepro.analysis.results import regime
+    from kdrepro.analysis.regime import regime
     from kdrepro.analysis.stats import summarize
 
     rows = [("teacher", "teacher", 1.0, 0, 0.52, 1000, 100.0)]

@@ -34,3 +34,17 @@ def test_wrong_class_count_is_one_line(tiny_teacher, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "predicts 7 classes but dataset 'synthetic' has 19; pick the matching dataset" in err
     assert "\n" not in err and not (tmp_path / "eval.json").exists()
+
+
+def test_checkpoint_dict_is_what_load_model_rebuilds(tmp_path):
+    """Every writer (training, teacher import) builds its checkpoint with io.checkpoint_dict; load_model reads it."""
+    from kdrepro.io import FORMAT_VERSION, checkpoint_dict, save_checkpoint
+    from kdrepro.models import build_segmentor
+
+    model_cfg = {"name": "pspnet_r18", "arch": "pspnet", "depth": 18, "base_width": 8, "pretrained": None}
+    model = build_segmentor(model_cfg, 7)
+    state = checkpoint_dict(model.state_dict(), 7, model_cfg, finished=True, source="here")
+    assert (state["format"], state["num_classes"], state["finished"], state["source"]) == (FORMAT_VERSION, 7, True, "here")
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    rebuilt = load_model(tmp_path / "checkpoint.pt", 7, "synthetic")
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in rebuilt.state_dict().items())

@@ -11,17 +11,17 @@ import yaml
 from kdrepro.config import options
 from kdrepro.pipeline.deps import (
     ROOT,
-    STAGE_KIND,
     code_files,
     compact,
     config_files,
     notebook_code_files,
+    stage_commands,
     update_dvc_yaml,
 )
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-KIND = STAGE_KIND
+KIND = stage_commands()
 
 
 def _stage_bodies(name: str) -> list[tuple[dict, dict[str, str]]]:
@@ -143,3 +143,20 @@ def test_analysis_code_is_not_a_dependency_of_training_or_calibration():
     for stage in ("pretrain", "teacher", "train", "calibrate"):
         assert not analysis & set(code_files(stage)), stage
     assert analysis - {Path("kdrepro/plan.py")} <= set(code_files("results"))
+
+
+def test_stage_commands_are_read_from_dvc_yaml(tmp_path):
+    """Adding a stage is one place less: which command a stage runs comes from its cmd, not a hand-kept table."""
+    assert KIND["data"] == "prepare" and KIND["index"] == "report-index" and KIND["extended"] == "train"
+    assert "report" not in KIND and set(DVC_YAML["stages"]) - set(KIND) == {"report"}
+    target = tmp_path / "dvc.yaml"
+    target.write_text("stages:\n  mine:\n    cmd: kdrepro train --params params.yaml method=kd\n    deps:\n"
+                      "      - kdrepro/cli.py\n")
+    assert stage_commands(target) == {"mine": "train"}
+    assert update_dvc_yaml(target) and "      - kdrepro/train/run.py\n" in target.read_text()
+
+
+def test_data_stage_does_not_depend_on_models_or_training():
+    """Editing a model head must not rerun `prepare` (it did while io.py imported the models)."""
+    files = set(code_files("prepare"))
+    assert not [f for f in files if f.parts[1] in ("models", "train", "distill")]

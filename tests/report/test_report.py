@@ -15,10 +15,11 @@ import pytest  # noqa: E402
 import report_fixtures as fixtures  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
+from kdrepro.analysis.methods import base_method  # noqa: E402
 from kdrepro.cli import main  # noqa: E402
 from kdrepro.errors import ConfigError  # noqa: E402
 from kdrepro.report import cost, curves, extended, index, matched, pages, readers, style  # noqa: E402
-from kdrepro.report.published import PUBLISHED, SOURCES, base_method, published_entry, published_results  # noqa: E402
+from kdrepro.report.published import PUBLISHED, SOURCES, published_entry, published_results  # noqa: E402
 from kdrepro.report.qualitative import colorize, error_map, image_miou  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from kdrepro.errors import ConfigError
 from kdrepro.train.budget import Budget, poly_lr, resolve_budget
-from kdrepro.train.calibrate import _reusable, disturbed, matched_iterations, rotated_order
+from kdrepro.train.calibrate import _reusable, disturbed, rotated_order
 
 
 def test_poly_lr_endpoints_and_midpoint():
@@ -72,19 +72,6 @@ def test_calibrated_budget_errors(tmp_path):
     cfg.calibration = str(_calibration(tmp_path, {"kd": {"seconds_per_iteration": 0.3}}))
     with pytest.raises(ConfigError, match="no entry for method 'cwd'"):
         resolve_budget(cfg, "cwd")
-
-
-def test_matched_iterations_reference_is_slowest():
-    methods = {
-        "none": {"seconds_per_iteration": 0.1},
-        "kd": {"seconds_per_iteration": 0.2},
-        "cirkd": {"seconds_per_iteration": 0.4, "pretrain_seconds": 0.0},
-    }
-    matched = matched_iterations(methods, reference_iterations=100)
-    assert matched["reference_method"] == "cirkd"
-    assert matched["budget_seconds"] == pytest.approx(40.0)
-    assert matched["iterations"] == {"none": 400, "kd": 200, "cirkd": 100}
-    assert matched_iterations(methods, 100, "kd")["iterations"]["cirkd"] == 50
 
 
 def test_rotated_order_gives_each_method_each_position():
