@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 METHODS = ("kd", "fitnet", "cirkd", "afdcd", "skd")
 #: makes ``fake_trees`` (beside this file) importable in a step's ``python -c``
@@ -42,14 +43,15 @@ def _kdrepro(*args: str) -> list[str]:
 
 def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, iterations: int = 1,
                   calibrate_methods: tuple[str, ...] | None = None, extra: tuple[str, ...] = (),
-                  evaluate_again: bool = True) -> list[Step]:  # fmt: skip
+                  evaluate_again: bool = True, progress_seconds: float = 30.0) -> list[Step]:  # fmt: skip
     """The stages of one profile as commands (batch 2, the profile's crop, model widths and memory banks)."""
     from kdrepro.pipeline.layout import run_path
 
     data, runs = work / "data" / profile, work / "runs" / profile
     backbone = runs / "pretrain" / "student" / "backbone.pth"  # the student's ImageNet weights, imported below
     common = [f"profile={profile}", f"dataset.root={data}", "loader.batch_size=2", "loader.num_workers=0", "threads=2",
-              "log_every=1", f"student.pretrained={backbone}", "teacher.pretrained=null", *extra]  # fmt: skip
+              "log_every=1", f"progress.every_seconds={progress_seconds}", f"student.pretrained={backbone}",
+              "teacher.pretrained=null", *extra]  # fmt: skip
     teacher = runs / "teacher" / "checkpoint.pt"
     writer = "write_cityscapes_tree" if profile == "cityscapes" else "write_ade20k_tree"
     classes = 19 if profile == "cityscapes" else 150
@@ -92,14 +94,17 @@ def profile_steps(profile: str, work: Path, methods: tuple[str, ...] = METHODS, 
     return steps
 
 
-def run_step(step: Step, log: Path) -> dict:
-    """Run one step; record seconds, peak RSS (bytes) and the exit status. Raises on failure (log tail attached)."""
+def run_step(step: Step, log: Path, progress_seconds: float = 30.0) -> dict:
+    """Run one step; record seconds, peak RSS (bytes) and the exit status. Raises on failure (log tail attached).
+
+    Every ``progress_seconds`` while it runs, print the step's latest progress line from its log (stage, method,
+    seed, step / total, it/s, ETA, loss: kdrepro writes one at that interval when its stderr is a file)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     with open(log, "w") as handle:
         start = time.perf_counter()
         process = subprocess.Popen(step.argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        status, usage = _wait(process.pid, log, start, progress_seconds)
         seconds = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     step.result = {"profile": step.profile, "step": step.name, "seconds": round(seconds, 1),
@@ -109,6 +114,26 @@ def run_step(step: Step, log: Path) -> dict:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{step.profile}: {step.name} failed with status {process.returncode}:\n{tail}")
     return step.result
+
+
+def _wait(pid: int, log: Path, start: float, progress_seconds: float) -> tuple[int, Any]:
+    """``os.wait4`` of ``pid``, printing the latest progress line of ``log`` every ``progress_seconds``."""
+    last_print = start
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        time.sleep(min(0.5, progress_seconds))
+        now = time.perf_counter()
+        if now - last_print >= progress_seconds:
+            print(f"    {now - start:.0f} s: {latest_progress(log) or 'no progress line yet'}", flush=True)
+            last_print = now
+
+
+def latest_progress(log: Path) -> str | None:
+    """The last ``... Iter [k/n] ...`` line kdrepro wrote to ``log`` (its logger prefix removed)."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if " Iter [" in line]
+    return lines[-1].split("kdrepro.progress: ", 1)[-1] if lines else None
 
 
 def table(results: list[dict]) -> str:
@@ -126,15 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", nargs="*", default=["none", *METHODS], help="methods to calibrate (none: skip)")
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/full_size_work"))
+    parser.add_argument("--progress-seconds", type=float, default=30.0, help="progress line interval (default 30 s)")
     arguments = parser.parse_args(argv)
     results: list[dict] = []
     output = arguments.work / "full_size.json"
     for profile in arguments.profiles:
         steps = profile_steps(profile, arguments.work, tuple(arguments.methods), arguments.iterations,
-                              tuple(arguments.calibrate) or None)  # fmt: skip
+                              tuple(arguments.calibrate) or None, progress_seconds=arguments.progress_seconds)  # fmt: skip
         for index, step in enumerate(steps):
-            print(f"[{profile}] {step.name} ...", flush=True)
-            results.append(run_step(step, arguments.work / "logs" / f"{profile}_{index:02d}.log"))
+            print(f"[{profile} {index + 1}/{len(steps)}] {step.name} ...", flush=True)
+            log = arguments.work / "logs" / f"{profile}_{index:02d}.log"
+            results.append(run_step(step, log, arguments.progress_seconds))
             print(f"    {results[-1]['seconds']:.1f} s, peak RSS {results[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
             output.write_text(json.dumps(results, indent=2))
     print(table(results))

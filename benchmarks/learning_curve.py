@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from kdrepro.config import load_config
+from kdrepro.config import load_config, trained_alone
 from kdrepro.data import prepare_dataset
 from kdrepro.train.pretrain import pretrain
 from kdrepro.train.seeds import train_seeds
@@ -42,7 +42,7 @@ def main() -> None:
     prepare_dataset(cfg.dataset)
     pretrain_dir = Path(str(cfg.student.pretrained)).parent.parent if cfg.student.get("pretrained") else None
     if pretrain_dir is not None and not Path(str(cfg.student.pretrained)).is_file():
-        pretrain(load_config([*base, f"out_dir={pretrain_dir}"]), [*base, f"out_dir={pretrain_dir}"])
+        pretrain(load_config([*base, f"out_dir={pretrain_dir}"]))
     reference = int(cfg.reference_iterations)
     rows = []
     for lr in args.lr or [float(cfg.optim.lr)]:
@@ -50,9 +50,8 @@ def main() -> None:
             iterations = max(1, round(reference * factor))
             folder = args.work / args.profile / f"lr{lr:g}" / f"it{iterations}"
             start = time.perf_counter()
-            overrides = [*base, "method=none", "budget=iterations", f"budget.iterations={iterations}", f"optim.lr={lr}",
-                         f"seeds=[{','.join(map(str, args.seeds))}]", f"out_dir={folder}", "eval_points=0"]  # fmt: skip
-            results = train_seeds(load_config(overrides))
+            changes = {"optim.lr": lr, "seeds": list(args.seeds), "out_dir": str(folder), "eval_points": 0}
+            results = train_seeds(trained_alone(cfg, cfg.student, iterations, int(cfg.seed), changes))
             mious = [100 * r["miou"] for r in results if r.get("miou") is not None]
             rows.append({"lr": lr, "factor": factor, "iterations": iterations, "miou_mean": statistics.mean(mious),
                          "miou_sd": statistics.stdev(mious) if len(mious) > 1 else None, "seeds": args.seeds,

@@ -35,6 +35,7 @@ from interleaved import Interval, median_interval, paired
 from kdrepro.config import load_config
 from kdrepro.io import save_checkpoint
 from kdrepro.models import build_segmentor
+from kdrepro.train.hardware import apply_speed
 from kdrepro.train.run import RunState, checkpoint_state, log_step, open_live
 from kdrepro.train.trainer import Trainer, autocast_context
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: the synthetic profile, method=kd)")
     args = parser.parse_args(argv)
-    cfg = load_config(["method=kd", "student.pretrained=null", "teacher.pretrained=null", *args.overrides])
+    cfg = apply_speed(load_config(["method=kd", "student.pretrained=null", "teacher.pretrained=null", *args.overrides]))
     torch.set_num_threads(int(cfg.threads or torch.get_num_threads()))
     teacher = build_segmentor(cfg.teacher, int(cfg.dataset.num_classes)).eval()
     trainer = Trainer(cfg, torch.device("cpu"), teacher=teacher)

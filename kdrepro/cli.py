@@ -20,6 +20,7 @@ from kdrepro.errors import KdreproError, raise_on_signals
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
     "prepare": ("download / generate / validate a dataset", "kdrepro prepare dataset=synthetic"),
+    "hardware": ("choose precision / channels_last / threads `auto` on this machine", "kdrepro hardware --params params.yaml"),
     "train": ("train one run under a budget (resumable)", "kdrepro train method=kd teacher_checkpoint=runs/teacher/checkpoint.pt"),
     "calibrate": ("measure each method's cost per iteration and match budgets", "kdrepro calibrate calibrate.methods=[none,kd,cwd]"),
     "evaluate": ("evaluate a checkpoint on the validation set", "kdrepro evaluate evaluate.checkpoint=runs/kd/checkpoint.pt"),
@@ -121,6 +122,15 @@ def _prepare(overrides: list[str], positional: list[str]) -> None:
     print(f"dataset {cfg.dataset.name} ready at {root}")
 
 
+def _hardware(overrides: list[str], positional: list[str]) -> None:
+    from kdrepro.config import load_config
+    from kdrepro.train.hardware import write_decision
+    from kdrepro.train.speed_choice import speed_sentence
+
+    decision, path = write_decision(load_config(overrides))
+    print(f"{speed_sentence(decision)}\nwritten to {path}")
+
+
 def _train(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.pipeline.params import method_from
@@ -145,11 +155,12 @@ def _calibrate(overrides: list[str], positional: list[str]) -> None:
     passive_openmp()  # before torch loads (kdrepro.train.calibrate's clock)
     from kdrepro.config import load_config
     from kdrepro.train.calibrate import calibrate
+    from kdrepro.train.hardware import apply_speed
     from kdrepro.train.signals import watch_parent
 
     watch_parent()  # under dvc repro: a killed dvc ends the calibration too
-    base = load_config(overrides)
-    table = calibrate(base, lambda name: load_config([*overrides, f"method={name}"]))
+    base = apply_speed(load_config(overrides))  # `auto` speed settings: the pipeline's decision, for every method
+    table = calibrate(base, lambda name: apply_speed(load_config([*overrides, f"method={name}"])))
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports; every rank holds the same table
         return
     matched = table["matched"]
@@ -191,7 +202,7 @@ def _pretrain(overrides: list[str], positional: list[str]) -> None:
     from kdrepro.config import load_config
     from kdrepro.train.pretrain import pretrain
 
-    print(json.dumps(pretrain(load_config(overrides), overrides)))
+    print(json.dumps(pretrain(load_config(overrides))))
 
 
 def _teacher(overrides: list[str], positional: list[str]) -> None:
@@ -244,6 +255,7 @@ HANDLERS: dict[str, Callable[[list[str], list[str]], None]] = {
     "plan": _plan,
     "info": _info,
     "prepare": _prepare,
+    "hardware": _hardware,
     "train": _train,
     "calibrate": _calibrate,
     "evaluate": _evaluate,

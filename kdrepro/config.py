@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -121,6 +122,27 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
                 )
             cfg.method.name = choice
     return cfg
+
+
+def trained_alone(
+    cfg: DictConfig, model: DictConfig, iterations: int, seed: int, changes: dict[str, Any] | None = None
+) -> DictConfig:
+    """A derived run, as a config: ``model`` trained alone (the control method, no teacher) for ``iterations``
+    iterations with seed ``seed`` -- ``cfg`` with the student replaced by a copy of ``model``, the method by the
+    control's config, the budget by an iteration count, and ``changes`` (dotted keys) applied on top. The teacher,
+    the backbones' pre-training and the learning-curve benchmark are such runs."""
+    run = cfg.copy()
+    control = roles().control
+    with open_dict(run):
+        run.student = OmegaConf.create(OmegaConf.to_container(model))
+        run.method = OmegaConf.load(CONF_DIR / "method" / f"{control}.yaml")
+        run.method.name = control
+        run.budget = OmegaConf.load(CONF_DIR / "budget" / "iterations.yaml")
+        run.budget.iterations = int(iterations)
+        run.seeds, run.seed = None, int(seed)
+        for key, value in (changes or {}).items():
+            OmegaConf.update(run, key, value, merge=True)
+    return run
 
 
 def check_calibrate(settings: DictConfig) -> None:

@@ -11,6 +11,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,14 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     autocast_dtype: torch.dtype | None = None,
+    reporter: Any = None,
 ) -> tuple[SegMetrics, Tensor]:
     """Evaluate ``model`` on ``(image, label)`` batches; returns the metrics and the confusion matrix.
 
     Labels may be larger than images (images resized to the test scale, labels at original size): logits are resized
-    to the label size before the arg-max, as in mmsegmentation.
+    to the label size before the arg-max, as in mmsegmentation. Progress: ``reporter.update()`` after every batch
+    when a reporter is given (the training loop's :class:`kdrepro.train.progress.Progress`: a bar on a terminal, a
+    line at a steady interval in a log), else a tqdm bar when ``progress`` (default: stderr is a terminal).
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"unknown evaluation mode {mode!r}; use whole or slide")
@@ -110,7 +114,9 @@ def evaluate(
     device = torch.device(device)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     show = sys.stderr.isatty() if progress is None else progress
-    for image, label in tqdm(batches, desc="evaluate", disable=not show, leave=False):
+    shown = reporter or tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc="evaluate",
+                             disable=not show, leave=False)  # fmt: skip
+    for image, label in batches:
         image, label = image.to(device), label.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             if mode == "whole":
@@ -119,6 +125,8 @@ def evaluate(
                 logits = slide_logits(model, image, num_classes, slide_crop, slide_stride)
         prediction = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
         matrix += confusion_matrix(prediction, label, num_classes, ignore_index)
+        shown.update()
+    shown.close()
     model.train(was_training)
     return metrics_from_confusion(matrix), matrix
 

@@ -8,8 +8,10 @@
 * **Safe reading** (:func:`read_torch_file`, :func:`load_checkpoint`): ``.pt``/``.pth`` files are unpickled by a
   restricted unpickler that builds tensors, storages, plain containers and NumPy arrays/scalars only. Objects of
   OpenMMLab classes (mmengine's ``HistoryBuffer`` in a runner checkpoint's ``message_hub``, ...) become inert
-  :class:`Opaque` placeholders; any other global (``os.system``, ``builtins.eval``, ...) refuses the file. Nothing
-  in a file is ever executed, whether kdrepro wrote it or not.
+  :class:`Opaque` placeholders, and so do their attributes (``statistics_methods = {'min': HistoryBuffer.min}``
+  pickles as ``getattr(HistoryBuffer, 'min')``: an attribute of a placeholder class only); any other global
+  (``os.system``, ``builtins.eval``, ``getattr`` of anything else, ...) refuses the file, with the line that
+  re-saves its weights alone. Nothing in a file is ever executed, whether kdrepro wrote it or not.
 """
 
 from __future__ import annotations
@@ -201,16 +203,37 @@ def _allowed_globals() -> dict[str, Any]:
     return {**_weights_only_unpickler._get_allowed_globals(), **_numpy_globals()}
 
 
+def _placeholder(module: str, qualname: str) -> type:
+    """An inert :class:`Opaque` subclass standing for ``module.qualname``."""
+    return types.new_class(qualname.rpartition(".")[2], (Opaque,),
+                           exec_body=lambda ns: ns.update({"__module__": module, "__qualname__": qualname}))
+
+
+def _placeholder_attribute(owner: Any, name: Any) -> type:
+    """``getattr`` as a pickle of protocol < 4 spells a nested name (``HistoryBuffer.min``), for placeholder classes
+    only: the attribute is another placeholder; nothing of the real class is looked up."""
+    if not (isinstance(owner, type) and issubclass(owner, Opaque)) or not isinstance(name, str):
+        raise pickle.UnpicklingError(f"it would call builtins.getattr on {owner!r}, which kdrepro never unpickles")
+    return _placeholder(owner.__module__, f"{owner.__qualname__}.{name}")
+
+
+GETATTR = "builtins.getattr"
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals tensors, containers and NumPy data need; OpenMMLab classes become placeholders."""
+    """Resolves only the globals tensors, containers and NumPy data need; OpenMMLab classes (and their attributes)
+    become placeholders."""
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
         allowed = _ALLOWED.get(key)
         if allowed is not None:
             return allowed
+        key = key.replace("__builtin__.", "builtins.", 1) if module == "__builtin__" else key  # protocol-2 spelling
+        if key == GETATTR:
+            return _placeholder_attribute
         if module.split(".")[0] in OPAQUE_ROOTS:
-            return types.new_class(name, (Opaque,), exec_body=lambda ns: ns.update({"__module__": module}))
+            return _placeholder(module, name)
         raise pickle.UnpicklingError(f"it would call {key}, which kdrepro never unpickles")
 
 
@@ -250,10 +273,16 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=RESTRICTED_PICKLE)
     except pickle.UnpicklingError as error:
         if "kdrepro never unpickles" in str(error):
-            raise WeightsError(f"{path} is refused: {error}; only load weights from sources you trust") from error
+            raise WeightsError(f"{path} is refused: {error}; if you trust its source, {resave_hint(path)}") from error
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({_short(error)}); re-create it") from error
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({_short(error)}); re-create it") from error
+
+
+def resave_hint(path: Path) -> str:
+    """The one command that re-saves a trusted checkpoint's weights alone (a plain tensor dict kdrepro reads)."""
+    return ("re-save its weights alone and use that file: python -c \"import torch; c = torch.load('" + str(path)
+            + "', weights_only=False); torch.save(c.get('state_dict', c), 'weights.pth')\"")
 
 
 def _short(error: BaseException) -> str:

@@ -33,7 +33,7 @@ def tiny_overrides(root: Path) -> list[str]:
         "memory_bank_scale=0.01",
         "checkpoint_every_seconds=0",
         "log_every=1",
-        "precision=fp32",  # the embedded profile trains in bf16; unit tests compare numbers (bf16 has its own test)
+        "precision=fp32",  # the embedded profile chooses per machine (auto); unit tests compare numbers in fp32
         "channels_last=false",
         "optim.lr=0.01",
         "student.pretrained=null",  # the profile's pre-trained backbones are a pipeline stage's output

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from kdrepro.config import load_config
 from kdrepro.distributed import DistributedContext, shard
+from kdrepro.errors import ConfigError
 from kdrepro.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -90,3 +91,15 @@ def test_torchrun_trains_with_rank_zero_writing_the_run(tiny_teacher, tmp_path):
     bad = subprocess.run([*command[:-2], "loader.batch_size=2", f"out_dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "must split into at least 2 images" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_setup_device_is_the_one_place_a_command_learns_where_it_runs(monkeypatch):
+    from kdrepro.distributed import setup_device
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    context, device = setup_device("cpu")
+    assert not context.enabled and device == torch.device("cpu")
+    assert setup_device("auto")[1].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available; use device=cpu or device=auto"):
+            setup_device("cuda")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from kdrepro.analysis.results import collect_runs, extended_selection, write_json, write_results
 from kdrepro.config import load_config
 from kdrepro.errors import ConfigError
@@ -16,7 +18,8 @@ def results(overrides: list[str]) -> list[Path]:
     runs_dir, results_dir = Path(str(cfg.runs_dir)), Path(str(cfg.results_dir))
     if not runs_dir.is_dir():
         raise ConfigError(f"runs_dir {runs_dir} does not exist; run the training stages first (dvc repro)")
-    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None)
+    settings = OmegaConf.to_container(cfg.verdict, resolve=True) if cfg.get("verdict") is not None else None
+    return write_results(runs_dir, results_dir, str(cfg.get("profile_name") or "") or None, settings)
 
 
 def select(overrides: list[str]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ writes, under ``results/<profile>/``:
 ``stats.csv``               one row per (protocol, method, multiplier): mean, sd, 95 % t-interval over seeds, and
                             seed-paired differences vs the student alone and vs logit KD (percent points;
                             :mod:`kdrepro.analysis.stats`)
-``verdict.json``            the regime (teacher gap, where the schedule sits) and the verdict per claim
-                            (:mod:`kdrepro.analysis.verdict`); also a DVC metric
+``verdict.json``            the regime (teacher gap, where the schedule sits, positive control, capacity gap), the
+                            compute check (every compute-matched run's seconds against its budget) and the verdict
+                            per claim (:mod:`kdrepro.analysis.verdict`); also a DVC metric
 ``curves.csv``              the dvclive logs of every run (one row per logged step and metric)
 ``calibration.csv``         one row per calibrated method (seconds/iteration and its spread, phases, FLOPs, memory)
 ``summary.json``            mean mIoU per protocol and method (``dvc metrics show``)
@@ -31,9 +32,10 @@ import yaml
 
 from kdrepro.analysis.regime import classes_learned, deciding_classes, regime, teacher_miou_pct
 from kdrepro.analysis.stats import summarize
-from kdrepro.analysis.verdict import best_specific, judge
+from kdrepro.analysis.verdict import best_specific, judge, preconditions
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
 from kdrepro.pipeline.matching import read_table
+from kdrepro.train.speed_choice import runs_speed_choice
 
 
 def _method_meta(run_dir: Path) -> dict[str, Any]:
@@ -220,8 +222,31 @@ def write_plot_tables(stats: pd.DataFrame, curves: pd.DataFrame, folder: Path) -
     return written
 
 
-def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None) -> list[Path]:
-    """Every table of the module docstring under ``results_dir``."""
+def read_calibration_json(runs_dir: Path) -> dict[str, Any] | None:
+    """``<runs_dir>/calibration.json`` as written by ``kdrepro calibrate`` (None when there is none)."""
+    path = runs_dir / "calibration.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict_record(runs: pd.DataFrame, stats: pd.DataFrame, per_class: pd.DataFrame, profile: str | None,
+                   calibration: dict[str, Any] | None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``verdict.json``: the regime (with the positive control and the capacity gap), the compute check, and every
+    claim's verdict under those preconditions."""
+    if runs.empty or stats.empty:
+        return {"regime": {"profile": profile}, "claims": []}
+    teacher = teacher_miou_pct(runs)
+    conditions = preconditions(runs, teacher, calibration, settings)
+    record = {"regime": regime(runs, stats, profile), "compute_check": conditions["compute_check"],
+              "claims": judge(runs, specific_methods(runs), teacher, conditions)}  # fmt: skip
+    record["regime"].update(classes_learned_by_student=classes_learned(per_class),
+                            positive_control=conditions["positive_control"], capacity_gap=conditions["capacity_gap"])
+    record["can_judge"] = not conditions["withheld"]
+    return record
+
+
+def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None,
+                  settings: dict[str, Any] | None = None) -> list[Path]:
+    """Every table of the module docstring under ``results_dir`` (``settings``: the ``verdict:`` config)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(runs_dir)
     runs.to_csv(results_dir / "runs.csv", index=False)
@@ -232,10 +257,8 @@ def write_results(runs_dir: Path, results_dir: Path, profile: str | None = None)
     stats.to_csv(results_dir / "stats.csv", index=False)
     curves = load_curves(runs_dir)
     curves.to_csv(results_dir / "curves.csv", index=False)
-    verdict = {"regime": regime(runs, stats, profile) if not stats.empty else {"profile": profile},
-               "claims": judge(runs, specific_methods(runs), teacher) if not runs.empty else []}  # fmt: skip
-    if not stats.empty:
-        verdict["regime"]["classes_learned_by_student"] = classes_learned(per_class)
+    verdict = verdict_record(runs, stats, per_class, profile, read_calibration_json(runs_dir), settings)
+    verdict["regime"]["speed"] = runs_speed_choice(json.loads(path.read_text()).get("speed") for path in _metrics_files(runs_dir))
     for claim in verdict["claims"]:
         figures = claim["figures"]
         if claim["id"] == "b" and figures.get("canonical") and figures.get("best_specific"):

@@ -17,6 +17,20 @@ highest mean, chosen after the fact (so it is favoured by selection, which makes
     multiplier: supported when canonical KD is significantly above the student alone trained with the same budget
     and its mean reaches ``APPROACH_PERCENT`` of the teacher; contradicted when the student alone is significantly
     above it or the upper end of its interval stays below that share of the teacher; otherwise inconclusive.
+
+Before any claim, three preconditions (:func:`preconditions`); a claim they leave without ground is
+*cannot judge*, whatever its numbers say (the verdict the numbers would give stays in ``verdict_if_judged``):
+
+* **Positive control** (:func:`positive_control`): iteration-matched, each control method (roles: logit KD ``kd``
+  and CWD ``cwd`` by default, one of each family) is significantly above the student alone: the paired 95 %
+  interval excludes 0 and the mean gain is at least ``min_gain`` (+1 point). A run in which the field's
+  best-established effect is absent (or not run) cannot judge any claim.
+* **Compute check** (:func:`compute_check`): every compute-matched and extended run trained within ±15 % of its
+  budget (the multiplier × the calibrated budget, in training seconds), and no method's calibration timing was
+  disturbed (IQR / median of its timed iterations above ``disturbed_spread``, 0.5, also where the profile's
+  ``calibrate.max_spread`` is null). Otherwise the compute-matched claims (a), (b) and (c) cannot be judged.
+* **Capacity gap** (:func:`capacity_gap`): the teacher minus the student alone at the longest student-alone control
+  of the run; recorded against its criterion (3 points), stated in every regime line, not a condition of the verdict.
 """
 
 from __future__ import annotations
@@ -29,6 +43,13 @@ import pandas as pd
 from kdrepro.analysis.methods import CANONICAL, LOGIT_KD, STUDENT_ALONE
 from kdrepro.analysis.stats import paired_difference, pairwise, t_interval
 
+CANNOT_JUDGE = "cannot judge"
+VERDICTS = ("supported", "contradicted", "inconclusive", CANNOT_JUDGE)
+#: The roles and limits of the preconditions (``verdict:`` of ``kdrepro/conf/train.yaml``; params.yaml may set them).
+DEFAULT_SETTINGS: dict[str, Any] = {"positive_control": ["kd", "cwd"], "min_gain": 1.0, "capacity_gap": 3.0,
+                                    "budget_tolerance": 0.15, "disturbed_spread": 0.5}  # fmt: skip
+#: Claims that rest on compute matching (the calibrated budget).
+COMPUTE_CLAIMS = ("a", "b", "c")
 APPROACH_PERCENT = 90.0  # the paper's weaker case: 92 % of the teacher on ADE20K
 CLAIMS = {
     "a": "Rankings change between iteration-matched and compute-matched training.",
@@ -71,7 +92,8 @@ def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
                 lost.append(method)
     figures = {"significant_orders_iter_matched": len(order_iter), "significant_orders_compute_matched": len(order_comp),
                "flips": [f"{a}>{b} iteration-matched, {b}>{a} compute-matched" for a, b in flips],
-               "specific_advantage_lost": lost}  # fmt: skip
+               "flip_pairs": [[a, b] for a, b in flips], "specific_advantage_lost": lost,
+               "seeds": int(runs[runs.protocol.isin(["iter_matched", "compute_matched"])].seed.nunique())}  # fmt: skip
     if flips or lost:
         parts = []
         if flips:
@@ -143,7 +165,8 @@ def claim_extended(runs: pd.DataFrame, teacher_miou_pct: float | None) -> dict[s
     share = 100.0 * mine / teacher_miou_pct
     share_mean, _, _, share_high, _ = t_interval(share)
     figures = {"method": canonical, "multiplier": multiplier, "delta_student": diff["mean"], "ci_low": diff["ci_low"],
-               "ci_high": diff["ci_high"], "percent_of_teacher": share_mean, "teacher_miou": teacher_miou_pct}  # fmt: skip
+               "ci_high": diff["ci_high"], "percent_of_teacher": share_mean, "teacher_miou": teacher_miou_pct,
+               "seeds": diff["n"]}  # fmt: skip
     text = (f"{canonical} at {multiplier:g}x: {share_mean:.1f} % of the teacher ({teacher_miou_pct:.1f} mIoU), "
             f"{_fmt(diff)} points vs the student alone at {multiplier:g}x")  # fmt: skip
     upper = share_high if math.isfinite(share_high) else share_mean
@@ -158,8 +181,159 @@ def claim_extended(runs: pd.DataFrame, teacher_miou_pct: float | None) -> dict[s
     return _claim("c", "inconclusive", f"{text}: {reason}.", **figures)
 
 
-def judge(runs: pd.DataFrame, specific: list[str], teacher_miou_pct: float | None) -> list[dict[str, Any]]:
-    """Every claim's verdict, in order (a), (b), (c). ``runs``: the student runs, mIoU as a fraction."""
+def judge(runs: pd.DataFrame, specific: list[str], teacher_miou_pct: float | None,
+          conditions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every claim's verdict, in order (a), (b), (c). ``runs``: the student runs, mIoU as a fraction;
+    ``conditions``: :func:`preconditions` (a claim they leave without ground is *cannot judge*)."""
     students = runs[runs.protocol != "teacher"]
-    return [claim_rankings(students, specific), claim_matched_compute(students, specific),
-            claim_extended(students, teacher_miou_pct)]  # fmt: skip
+    claims = [claim_rankings(students, specific), claim_matched_compute(students, specific),
+              claim_extended(students, teacher_miou_pct)]  # fmt: skip
+    return [withhold(claim, conditions) for claim in claims] if conditions else claims
+
+
+# ------------------------------------------------------------------------------------------------ preconditions
+def settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`DEFAULT_SETTINGS` updated with the non-null entries of ``given``."""
+    merged = dict(DEFAULT_SETTINGS)
+    merged.update({key: value for key, value in (given or {}).items() if value is not None})
+    merged["positive_control"] = [str(name) for name in merged["positive_control"]]
+    return merged
+
+
+def positive_control(runs: pd.DataFrame, methods: list[str] | tuple[str, ...] = ("kd", "cwd"),
+                     min_gain: float = 1.0) -> dict[str, Any]:
+    """Is each control method, iteration-matched, significantly above the student alone by at least ``min_gain``
+    points (paired 95 % interval excluding 0)? ``state``: passed | failed | not run."""
+    student = _series(runs, "iter_matched", STUDENT_ALONE)
+    per_method: dict[str, Any] = {}
+    for method in methods:
+        mine = _series(runs, "iter_matched", method)
+        if mine.empty or student.empty:
+            per_method[method] = {"state": "not run", "n": 0}
+            continue
+        diff = paired_difference(mine, student)
+        passed = bool(diff["significant"] and diff["mean"] >= min_gain)
+        per_method[method] = {"gain": diff["mean"], "ci_low": diff["ci_low"], "ci_high": diff["ci_high"],
+                              "n": diff["n"], "state": "passed" if passed else "failed"}  # fmt: skip
+    states = {entry["state"] for entry in per_method.values()}
+    state = "not run" if "not run" in states or not per_method else ("failed" if "failed" in states else "passed")
+    return {"methods": list(methods), "min_gain": min_gain, "protocol": "iter_matched", "per_method": per_method,
+            "state": state, "passed": state == "passed",
+            "criterion": f"iteration-matched, each of {', '.join(methods)} significantly above the student alone "
+                         f"(paired 95 % interval excludes 0) by at least {min_gain:+g} point"}  # fmt: skip
+
+
+def capacity_gap(runs: pd.DataFrame, teacher_miou_pct: float | None, criterion: float = 3.0) -> dict[str, Any]:
+    """The teacher minus the student alone at the longest student-alone control of the run (the largest extended
+    multiplier, else the reference schedule), against ``criterion`` points."""
+    students = runs[(runs.method == STUDENT_ALONE) & runs.protocol.isin(["extended", "iter_matched"])]
+    if students.empty or teacher_miou_pct is None:
+        return {"gap": None, "criterion": criterion, "met": None, "at_iterations": None, "protocol": None}
+    longest = students.assign(order=students.protocol.map({"iter_matched": 0, "extended": 1}))
+    top = longest.sort_values(["order", "multiplier"]).iloc[-1]
+    part = longest[(longest.protocol == top.protocol) & (longest.multiplier == top.multiplier)]
+    mean = t_interval(100.0 * pd.to_numeric(part["miou"]))[0]
+    gap = teacher_miou_pct - mean if math.isfinite(mean) else None
+    iterations = pd.to_numeric(part["iterations"]).mean() if "iterations" in part else math.nan
+    return {"gap": gap, "criterion": criterion, "met": None if gap is None else bool(gap >= criterion),
+            "at_iterations": None if not math.isfinite(iterations) else int(round(float(iterations))),
+            "protocol": str(top.protocol), "multiplier": float(top.multiplier), "student_miou": mean,
+            "teacher_miou": teacher_miou_pct}  # fmt: skip
+
+
+def _disturbed(calibration: dict[str, Any], limit: float) -> dict[str, float]:
+    """Methods whose calibration timing spread above ``limit`` (or that the calibration itself lists as disturbed)."""
+    listed = {str(k): float(v) for k, v in (calibration.get("disturbed") or {}).items()}
+    for name, entry in (calibration.get("methods") or {}).items():
+        spread = entry.get("relative_spread") if isinstance(entry, dict) else None
+        if spread is not None and math.isfinite(float(spread)) and float(spread) > limit:
+            listed[str(name)] = float(spread)
+    return dict(sorted(listed.items()))
+
+
+def compute_check(runs: pd.DataFrame, calibration: dict[str, Any] | None, tolerance: float = 0.15,
+                  disturbed_spread: float = 0.5) -> dict[str, Any]:
+    """Did compute matching hold? Per compute-matched and extended run: realised training seconds against its
+    budget (multiplier × the calibrated budget) and iterations against FLOP-matched iterations; the runs outside
+    ±``tolerance`` of their budget; the methods whose calibration timing was disturbed."""
+    if not calibration or not (calibration.get("matched") or {}).get("budget_seconds"):
+        return {"state": "not checked", "passed": None, "reason": "no calibration with a matched budget", "runs": [],
+                "off_budget": [], "disturbed": {}, "tolerance": tolerance}  # fmt: skip
+    matched = calibration["matched"]
+    budget = float(matched["budget_seconds"])
+    flops = matched.get("flop_matched_iterations") or {}
+    rows = []
+    for row in runs[runs.protocol.isin(["compute_matched", "extended"])].itertuples():
+        multiplier = float(row.multiplier) if row.protocol == "extended" else 1.0
+        seconds = float(row.train_seconds) if pd.notna(row.train_seconds) else math.nan
+        ratio = seconds / (multiplier * budget) if math.isfinite(seconds) else math.nan
+        flop = flops.get(str(row.method))
+        rows.append({"run": getattr(row, "run", None), "protocol": row.protocol, "method": row.method,
+                     "multiplier": multiplier, "seed": row.seed, "train_seconds": seconds,
+                     "budget_seconds": multiplier * budget, "ratio": ratio,
+                     "within": bool(math.isfinite(ratio) and abs(ratio - 1.0) <= tolerance),
+                     "iterations": row.iterations,
+                     "flop_matched_iterations": None if flop is None else multiplier * float(flop)})  # fmt: skip
+    off = [row for row in rows if not row["within"]]
+    disturbed = _disturbed(calibration, disturbed_spread)
+    passed = not off and not disturbed
+    return {"state": "passed" if passed else "failed", "passed": passed, "tolerance": tolerance,
+            "budget_seconds": budget, "disturbed_spread": disturbed_spread, "disturbed": disturbed,
+            "runs": rows, "off_budget": [row["run"] for row in off]}  # fmt: skip
+
+
+def preconditions(runs: pd.DataFrame, teacher_miou_pct: float | None, calibration: dict[str, Any] | None,
+                  given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The positive control, the compute check and the capacity gap of a run, with the reasons (plain words) that
+    leave claims unjudgeable: ``{"positive_control", "compute_check", "capacity_gap", "withheld": {claim: reason}}``."""
+    chosen = settings(given)
+    control = positive_control(runs, chosen["positive_control"], float(chosen["min_gain"]))
+    check = compute_check(runs, calibration, float(chosen["budget_tolerance"]), float(chosen["disturbed_spread"]))
+    withheld: dict[str, str] = {}
+    if not control["passed"]:
+        withheld.update(dict.fromkeys(CLAIMS, control_failure(control)))
+    elif check["passed"] is False:
+        withheld.update(dict.fromkeys(COMPUTE_CLAIMS, compute_failure(check)))
+    return {"settings": chosen, "positive_control": control, "compute_check": check,
+            "capacity_gap": capacity_gap(runs, teacher_miou_pct, float(chosen["capacity_gap"])), "withheld": withheld}
+
+
+def control_failure(control: dict[str, Any]) -> str:
+    """Why a failed (or missing) positive control leaves the claims unjudgeable, in one sentence."""
+    missing = [m for m, e in control["per_method"].items() if e["state"] == "not run"]
+    if missing:
+        return (f"the positive control was not run ({', '.join(missing)} iteration-matched, or the student alone, is "
+                "missing), so this run cannot show that distillation works at all")
+    failed = [f"{m} {_gain(e)}" for m, e in control["per_method"].items() if e["state"] == "failed"]
+    return (f"the positive control failed: {'; '.join(failed)} against the student alone, iteration-matched (needed: "
+            f"interval above 0 and a gain of at least {control['min_gain']:+g} point), so distillation does not "
+            "measurably work in this run and it cannot tell methods apart")
+
+
+def compute_failure(check: dict[str, Any]) -> str:
+    """Why a failed compute check leaves the compute-matched claims unjudgeable, in one sentence."""
+    parts = []
+    if check["off_budget"]:
+        ratios = [row["ratio"] for row in check["runs"] if not row["within"] and math.isfinite(row["ratio"])]
+        span = f" (from {100 * min(ratios):.0f} % to {100 * max(ratios):.0f} % of their budget)" if ratios else ""
+        parts.append(f"{len(check['off_budget'])} of {len(check['runs'])} compute-matched or extended runs trained "
+                     f"outside ±{100 * check['tolerance']:.0f} % of their budget{span}")
+    if check["disturbed"]:
+        listed = ", ".join(f"{name} ({100 * spread:.0f} %)" for name, spread in check["disturbed"].items())
+        parts.append(f"the calibration timing of {listed} was disturbed by other load (IQR / median above "
+                     f"{100 * check['disturbed_spread']:.0f} %)")
+    return "compute matching did not hold: " + " and ".join(parts) + "; re-run the calibration on an idle machine"
+
+
+def _gain(entry: dict[str, Any]) -> str:
+    if entry.get("gain") is None or not math.isfinite(entry["gain"]):
+        return "no gain measured"
+    return _fmt({"mean": entry["gain"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"], "n": entry["n"]})
+
+
+def withhold(claim: dict[str, Any], conditions: dict[str, Any]) -> dict[str, Any]:
+    """``claim`` marked *cannot judge* when a precondition leaves it without ground (its own verdict kept)."""
+    reason = (conditions.get("withheld") or {}).get(claim["id"])
+    if not reason:
+        return claim
+    return {**claim, "verdict": CANNOT_JUDGE, "verdict_if_judged": claim["verdict"], "withheld_because": reason}

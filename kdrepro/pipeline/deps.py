@@ -32,10 +32,11 @@ COMMON = ("kdrepro.cli", "kdrepro.pipeline.params", "kdrepro.config", "kdrepro.e
 DISPATCHERS = ("kdrepro.cli",)
 ENTRIES: dict[str, tuple[str, ...]] = {
     "prepare": ("kdrepro.data",),
+    "hardware": ("kdrepro.train.hardware",),
     "pretrain": ("kdrepro.train.pretrain",),
     "teacher": ("kdrepro.train.teacher",),
     "train": ("kdrepro.train.seeds", "kdrepro.train.run"),
-    "calibrate": ("kdrepro.train.calibrate",),
+    "calibrate": ("kdrepro.train.calibrate", "kdrepro.train.hardware"),
     "select": ("kdrepro.analysis.commands",),
     "results": ("kdrepro.analysis.commands",),
     "report-index": ("kdrepro.report.index",),

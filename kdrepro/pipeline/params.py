@@ -12,8 +12,12 @@ params.yaml               Hydra override
 ``methods``               ``calibrate.methods=[none,a,b,...]`` (the student alone is always calibrated)
 ``calibrate.<key>``       ``calibrate.<key>=<value>``
 ``plugins``               ``plugins=[folder]``: the folder of your own methods, outside the package
+``verdict.<key>``         ``verdict.<key>=<value>`` (the results stage: the positive control's methods, ...)
 ``extended``              read by dvc.yaml only (the multipliers of the extended runs)
 ========================  ===========================================================================
+
+Every command also gets ``speed.file=runs/<profile>/hardware.json``: the decision of the ``hardware`` stage (the
+pipeline's first), which settles a profile's ``auto`` precision, channels_last and threads once for every stage.
 
 Unknown profiles or method names are rejected here, before any stage runs.
 """
@@ -26,10 +30,10 @@ from typing import Any
 
 import yaml
 
-from kdrepro.config import options, roles
+from kdrepro.config import CONF_DIR, options, roles
 from kdrepro.errors import ConfigError
 
-PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins"}
+PARAM_KEYS = {"profile", "seeds", "reference_iterations", "methods", "calibrate", "extended", "plugins", "verdict"}
 RENAMED = {
     "seed": "seed became seeds: a list such as [0, 1, 2] (every training run is repeated per seed)",
 }
@@ -114,13 +118,32 @@ def read_params(path: Path) -> dict[str, Any]:
         )
     if "extended" in params:
         _check_extended(path, params["extended"] or {}, methods)
+    if "verdict" in params:
+        _check_verdict(path, params["verdict"] or {}, methods)
     return params
+
+
+def _check_verdict(path: Path, verdict: Any, methods: list[str]) -> None:
+    if not isinstance(verdict, dict):
+        raise ConfigError(f"{path}: verdict must be a mapping such as {{positive_control: [kd, cwd]}}")
+    known = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["verdict"]
+    unknown = set(verdict) - set(known)
+    if unknown:
+        raise ConfigError(f"{path}: verdict has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    controls = verdict.get("positive_control")
+    if controls is not None and (not isinstance(controls, list) or not controls):
+        raise ConfigError(f"{path}: verdict.positive_control must be a list of methods such as [kd, cwd]")
+    missing = [name for name in controls or [] if name not in methods]
+    if missing:
+        raise ConfigError(f"{path}: verdict.positive_control names {missing}, which methods does not run; add them "
+                          "to methods or choose other control methods")
 
 
 def params_overrides(path: Path) -> list[str]:
     """Hydra overrides from a params file (see the module docstring)."""
     params = read_params(path)
-    overrides = [f"profile={params.get('profile', 'synthetic')}"]
+    profile = params.get("profile", "synthetic")
+    overrides = [f"profile={profile}", f"speed.file=runs/{profile}/hardware.json"]  # the `hardware` stage's decision
     if params.get("seeds"):
         overrides.append(f"seeds=[{','.join(str(int(s)) for s in params['seeds'])}]")
     if params.get("reference_iterations") is not None:
@@ -132,6 +155,10 @@ def params_overrides(path: Path) -> list[str]:
             overrides.append(f"calibrate.{key}={value}")
     if params.get("plugins"):
         overrides.append(f"plugins=[{params['plugins']}]")
+    for key, value in (params.get("verdict") or {}).items():
+        if value is not None:
+            text = f"[{','.join(str(v) for v in value)}]" if isinstance(value, list) else value
+            overrides.append(f"verdict.{key}={text}")
     return overrides
 
 

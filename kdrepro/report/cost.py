@@ -26,13 +26,17 @@ from kdrepro.report.style import (
     figure_note,
     method_colours,
 )
+from kdrepro.report.verdict_text import budget_by_method
 
 MIB = 2**20
 
 
-def cost_table(calibration: pd.DataFrame, names: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per method (cheapest first): ms/iteration with its interquartile range, × student alone, × logit KD,
-    GFLOPs, peak MiB, pre-training seconds and the iterations each budget buys."""
+def cost_table(calibration: pd.DataFrame, names: dict[str, str] | None = None,
+               check: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per method (cheapest first, as in the cost figure): ms/iteration with its interquartile range,
+    × student alone, × logit KD, GFLOPs, peak MiB, pre-training seconds, the iterations the budget buys against the
+    FLOP-matched ones, and (``check``: the compute check of ``verdict.json``) the compute-matched seeds and their
+    realised training seconds against the budget, "⚠" where a seed left ±15 %."""
     names = names or {}
     frame = calibration.sort_values("seconds_per_iteration")
     table = pd.DataFrame({"method": frame.method.map(lambda m: names.get(m, m))})
@@ -47,11 +51,34 @@ def cost_table(calibration: pd.DataFrame, names: dict[str, str] | None = None) -
     table["peak memory (MiB)"] = pd.to_numeric(frame.peak_memory_bytes, errors="coerce") / MIB
     table["pre-training (s)"] = frame.pretrain_seconds
     table["compute-matched iterations"] = frame.matched_iterations
+    if "flop_matched_iterations" in frame:
+        table["FLOP-matched iterations"] = pd.to_numeric(frame.flop_matched_iterations, errors="coerce")
+    budgets = budget_by_method(check)
+    if budgets:
+        table["seeds"] = [budgets.get(m, {}).get("seeds", np.nan) for m in frame.method]
+        table["train s / budget (mean)"] = [_budget_text(budgets.get(m)) for m in frame.method]
     return table.reset_index(drop=True)
 
 
-def calibration_header(header: dict[str, Any]) -> str:
-    """Markdown: where and how the costs were measured, and the matched budget they imply."""
+def _budget_text(entry: dict[str, Any] | None) -> str:
+    if not entry or not np.isfinite(entry.get("seconds", np.nan)):
+        return "—"
+    text = f"{entry['seconds']:.1f} / {entry['budget']:.1f} s ({100 * entry['seconds'] / entry['budget']:.0f} %)"
+    return text if entry.get("within") else f"⚠ {text}, a seed at {100 * entry['worst_ratio']:.0f} %"
+
+
+def off_budget_style(styler: Any) -> Any:
+    """Red, bold cells for the rows of :func:`cost_table` whose compute-matched runs left ±15 % of their budget."""
+    column = "train s / budget (mean)"
+    if column not in styler.data:
+        return styler
+    return styler.map(lambda v: "color:#c00000;font-weight:bold" if str(v).startswith("⚠") else "", subset=[column])
+
+
+def calibration_header(header: dict[str, Any], check: dict[str, Any] | None = None) -> str:
+    """Markdown: where and how the costs were measured, and the matched budget they imply; a disturbed-timing
+    warning for the methods the calibration or the compute check of ``verdict.json`` (``check``, which applies its
+    own limit also where ``calibrate.max_spread`` is null, as in the smoke profile) finds disturbed."""
     hardware = header.get("hardware", {})
     device = hardware.get("gpu") or f"CPU ({hardware.get('cpu', '?')}, {hardware.get('threads', '?')} threads)"
     matched = header.get("matched", {})
@@ -65,7 +92,8 @@ def calibration_header(header: dict[str, Any]) -> str:
         f"{_count(protocol.get('warmup'), 'warm-up iteration')}.  \n**Matched budget** {seconds_label(budget) if budget is not None else '?'} = "
         f"{matched.get('reference_iterations', '?')} iterations of the reference method "
         f"`{matched.get('reference_method', '?')}`; every compute-matched run gets that much training time."
-        + _disturbed_note(header.get("disturbed") or {}, header.get("max_spread"))
+        + _disturbed_note({**(header.get("disturbed") or {}), **((check or {}).get("disturbed") or {})},
+                          header.get("max_spread") if header.get("max_spread") is not None else (check or {}).get("disturbed_spread"))
     )
 
 
@@ -130,6 +158,7 @@ def plot_cost(calibration: pd.DataFrame, families: dict[str, str], names: dict[s
         axes[1].axvline(1.0, color="black", lw=1)
         axes[1].set_xlim(0.5, float(relative.max()) * 1.35)
     axes[1].set(xlabel="× student alone", title="Relative cost")
+    axes[0].invert_yaxis()  # cheapest on top, as in the cost table
     fig.tight_layout(rect=(0, 0.62 / (1.6 + 0.42 * len(frame)), 1, 1))
     return figure_note(fig, profile)
 
@@ -138,8 +167,8 @@ def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], col
                  side: str = "right", min_gap: float | None = None, column: bool = False) -> list[float]:
     """Write ``texts`` beside the points ``(xs, ys)`` without overlaps: labels that would collide are spread
     vertically around their mean (order kept) and joined to their point by a thin leader line. Returns the label
-    y positions (data units). ``column``: the labels form a column right of the axes (clear of every marker and
-    error bar), each joined to its point."""
+    y positions (data units). ``column``: the labels form a column outside the axes on ``side`` (clear of every
+    marker and error bar: a label-repel layout in one dimension), each joined to its point."""
     ys = np.asarray(ys, dtype=float)
     low, high = ax.get_ylim()
     axis_points = ax.get_position().height * ax.figure.get_figheight() * 72.0
@@ -148,7 +177,8 @@ def place_labels(ax: Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], col
     offset = 12 if side == "right" else -12
     for x, y, label_y, text, colour in zip(xs, ys, placed, texts, colours, strict=True):
         if column:
-            ax.annotate(text, (x, y), xytext=(1.02, label_y), textcoords=("axes fraction", "data"), ha="left",
+            ax.annotate(text, (x, y), xytext=(1.02 if side == "right" else -0.02, label_y),
+                        textcoords=("axes fraction", "data"), ha="left" if side == "right" else "right",
                         va="center", fontsize=9, color=colour, annotation_clip=False,
                         arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "alpha": 0.7, "shrinkA": 0, "shrinkB": 4})
             continue

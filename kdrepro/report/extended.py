@@ -16,8 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kdrepro.analysis.methods import STUDENT_ALONE, base_method
-from kdrepro.report.cost import place_labels
-from kdrepro.report.published import PUBLISHED, SOURCES
+from kdrepro.report.published import DATASETS, PUBLISHED, SOURCES
 from kdrepro.report.style import (
     FAMILY_LINES,
     FAMILY_MARKERS,
@@ -68,10 +67,10 @@ def extension_choice(selection: dict[str, Any], names: dict[str, str]) -> str:
 
 
 def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, str], teacher_miou: float | None,
-                profile: str = "") -> Figure:
+                profile: str = "", teacher_iterations: int | None = None) -> Figure:
     """mIoU (mean ± 95 % CI) vs budget multiplier (log2 axis), the student alone at every budget, line style and
-    marker by family, labels at the line ends without overlaps; the teacher's level labelled at the left edge
-    (clear of the curves) and % of teacher on the right axis."""
+    marker by family, a legend below (name, family, last mean) so no label sits on an error bar; the teacher's level
+    labelled at the left edge (clear of the curves) and % of teacher on the right axis, both within [0, 100] mIoU."""
     colours = method_colours(frame.method)
     fig, ax = plt.subplots(figsize=(FIGURE_WIDTH, 5.4))
     methods = list(dict.fromkeys(frame.method))
@@ -85,49 +84,69 @@ def plot_budget(frame: pd.DataFrame, families: dict[str, str], names: dict[str, 
     ax.set_xscale("log", base=2)
     ax.set_xticks(multipliers, [f"{m:g}×" for m in multipliers])
     ax.minorticks_off()
-    ax.set_xlim(min(multipliers) / 1.5, max(multipliers) * 2.4)
+    ax.set_xlim(min(multipliers) / 1.5, max(multipliers) * 1.5)
     if teacher_miou:
         ax.axhline(teacher_miou, color=TEACHER_COLOUR, ls="-.", lw=1.3)
-        ax.text(min(multipliers) / 1.45, teacher_miou, f" teacher {teacher_miou:.1f}", va="bottom", ha="left", fontsize=9,
+        schedule = f" after {int(teacher_iterations):,} iterations" if teacher_iterations else ""
+        ax.text(min(multipliers) / 1.45, teacher_miou, f" teacher {teacher_miou:.1f}{schedule}", va="bottom", ha="left", fontsize=9,
                 color=TEACHER_COLOUR, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         secondary = ax.secondary_yaxis("right", functions=(lambda y: 100 * y / teacher_miou, lambda p: p * teacher_miou / 100))
         secondary.set_ylabel("% of teacher mIoU")
     low = float(np.nanmin(frame.miou_ci_low.fillna(frame.miou_mean)))
     high = max(float(np.nanmax(frame.miou_ci_high.fillna(frame.miou_mean))), teacher_miou or -np.inf)
-    ax.set_ylim(low - 0.08 * (high - low + 1e-6), high + 0.08 * (high - low + 1e-6))
-    ends = frame.sort_values("multiplier").groupby("method").tail(1)
-    place_labels(ax, ends.multiplier.to_numpy(), ends.miou_mean.to_numpy(),
-                 [f"{names.get(m, m)} {y:.1f}" for m, y in zip(ends.method, ends.miou_mean, strict=True)],
-                 [colours[m] for m in ends.method])
+    pad = 0.08 * (high - low + 1e-6)
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))  # mIoU lives in [0, 100], so % of teacher stays >= 0
+    ends = frame.sort_values("multiplier").groupby("method").tail(1).set_index("method")
     ax.set(xlabel="training budget (× the compute-matched wall-clock budget)", ylabel="mIoU (%), mean ± 95 % CI",
            title="Extended training, with the student alone trained at every budget")
-    handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], marker=FAMILY_MARKERS[f], label=family_label(f))
-               for f in ("student", "canonical", "segmentation_specific")]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3, frameon=False)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colours[m], ls=FAMILY_LINES.get(families.get(m, ""), "-"), lw=2,
+                          marker=FAMILY_MARKERS.get(families.get(m, ""), "o"),
+                          label=f"{names.get(m, m)} ({family_label(families.get(m, 'segmentation_specific'))}): "
+                                f"{ends.miou_mean[m]:.1f} at {ends.multiplier[m]:g}×") for m in methods]  # fmt: skip
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False, fontsize=9)
+    fig.tight_layout()  # a legend instead of labels at the line ends: nothing is drawn over an error bar
     return figure_note(fig, profile)
 
 
+DATASET_LABELS = {"cityscapes": "Cityscapes", "ade20k": "ADE20K"}
+#: How the published table names the two roles every source shares.
+ROLE_LABELS = {"teacher": "Teacher (PSPNet-R101)", "none": "Student alone (PSPNet-R18)"}
+SOURCE_ORDER = {"bpkd": 0, "mmseg": 1, "paper": 2}
+
+
+def _published_cell(results: list[Any]) -> str:
+    """Every published number of one method on one dataset, best-protocol source first: ``76.1 [bpkd]``."""
+    parts = []
+    for result in sorted(results, key=lambda r: SOURCE_ORDER.get(r.source, 3)):
+        value = f"{result.miou:.2f}" if result.miou is not None else f"{result.percent_of_teacher:g} % of the teacher"
+        parts.append(f"{value} [{result.source}]")
+    return "; ".join(parts) or "—"
+
+
 def published_table(stats: pd.DataFrame, names: dict[str, str], teacher_miou: float | None, profile: str) -> pd.DataFrame:
-    """Published rows (mIoU and % of teacher in separate columns, with dataset, schedule and source) beside this
-    run's compute-matched and best extended mean mIoU of the same method, and its % of teacher (one basis)."""
+    """One row per method (no repeats): this run's compute-matched and best extended mean mIoU and its % of teacher
+    first, then every published number of that method per dataset with its source key (mIoU, or a % of the teacher
+    where the source gives only a ratio), and the schedules."""
     ours = stats[stats.protocol.isin(["compute_matched", "extended"])].copy()
     ours["base"] = ours.method.map(base_method)
     rows = []
-    for result in PUBLISHED:
-        mine = ours[ours.base == result.method]
+    for method in dict.fromkeys(result.method for result in PUBLISHED):
+        published = [r for r in PUBLISHED if r.method == method]
+        mine = ours[ours.base == method]
         compute = mine[mine.protocol == "compute_matched"]
         extended = mine[mine.protocol == "extended"]
         best = extended.loc[extended.miou_mean.idxmax()] if len(extended) else None
         top = max([v for v in (compute.miou_mean.max() if len(compute) else np.nan, best.miou_mean if best is not None else np.nan)
                    if not pd.isna(v)], default=np.nan)
+        label = ROLE_LABELS.get(method) or names.get(method) or min(published, key=lambda r: SOURCE_ORDER.get(r.source, 3)).label
+        schedules = dict.fromkeys(f"{r.dataset}: {r.schedule}" for r in published if r.schedule)
         rows.append({
-            "published row": result.label, "dataset": result.dataset, "published mIoU (%)": result.miou,
-            "published % of teacher": result.percent_of_teacher, "schedule": result.schedule or "not stated",
-            "source": result.source,  # the key of the source list below the table
+            "method": label,
             f"this run ({profile}): compute-matched mIoU": compute.miou_mean.max() if len(compute) else np.nan,
             f"this run ({profile}): best extended mIoU": f"{best.miou_mean:.1f} ({best.multiplier:g}×)" if best is not None else "—",
             f"this run ({profile}): % of teacher": 100 * top / teacher_miou if teacher_miou and not pd.isna(top) else np.nan,
+            **{f"published {DATASET_LABELS[d]}": _published_cell([r for r in published if r.dataset == d]) for d in DATASETS},
+            "schedule": "; ".join(schedules) or "extended training (paper)",
         })
     return pd.DataFrame(rows)
 

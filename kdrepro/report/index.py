@@ -40,32 +40,60 @@ def git_commit(start: str | Path = ".") -> tuple[str | None, str | None]:
         return (sha.decode() if sha else None), branch
 
 
+DATE_FORMAT = "%Y-%m-%d %H:%M UTC"
+
+
+def utc_date(value: str | dt.datetime | None) -> str:
+    """Every date of the reports in one format (``2026-11-30 05:00 UTC``); an unreadable value is shown as it is."""
+    if value is None:
+        return "?"
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).strftime(DATE_FORMAT)
+
+
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to the repository root (``runs/smoke``), never the absolute path of the machine."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def provenance(profile: str, inputs: readers.Inputs, header: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows: profile, date, commit, folders, hardware, models, batch, matched budget."""
+    """(label, value) rows: profile, date, commit, folders (relative to the repository), the CPU or GPU and the
+    precision the runs were calibrated and trained with, models, batch, matched budget; one date format."""
     commit, branch = git_commit(inputs.root)
     facts = [
         ("profile", profile),
-        ("written", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("written", utc_date(dt.datetime.now(dt.timezone.utc))),
         ("git commit", f"{commit} ({branch})" if commit and branch else commit or "unknown (not a git repository)"),
-        ("runs", str(inputs.runs_dir)),
-        ("results", str(inputs.results_dir)),
-        ("report written on", f"{platform.node() or '?'} ({platform.machine()}, {platform.system()})"),
+        ("runs", relative(inputs.runs_dir, inputs.root)),
+        ("results", relative(inputs.results_dir, inputs.root)),
+        ("report written on", f"{platform.machine()}, {platform.system()}"),
     ]
     if not header:
         return [*facts, ("calibration", "not found: run `kdrepro calibrate` (the DVC calibrate stage) first")]
     hardware = header.get("hardware", {})
-    device = hardware.get("gpu") or f"{hardware.get('device', '?')} ({hardware.get('cpu', '?')}, {hardware.get('threads', '?')} threads)"
+    device = (f"GPU {hardware['gpu']}" if hardware.get("gpu") else
+              f"CPU {hardware.get('cpu', '?')} ({hardware.get('threads', '?')} threads)")  # fmt: skip
     matched = header.get("matched", {})
     crop = "×".join(str(v) for v in header.get("crop_size", []))
     budget = matched.get("budget_seconds")
     return [
         *facts,
-        ("hardware (calibration)", f"{device}, torch {hardware.get('torch', '?')}, {header.get('precision', 'fp32')}"),
+        ("hardware (calibration and training)", f"{device}, torch {hardware.get('torch', '?')}"),
+        ("precision", str(header.get("precision", "fp32"))),
         ("models", f"student {header.get('student', '?')} ← teacher {header.get('teacher', '?')}, dataset {header.get('dataset', '?')}"),
         ("training batch", f"{header.get('batch_size', '?')} crops of {crop} px"),
         ("matched budget", f"{seconds_label(budget) if budget is not None else '?'} = {matched.get('reference_iterations', '?')} "
                            f"iterations of {matched.get('reference_method', '?')} (reference method) on this hardware"),
-        ("calibrated", str(header.get("created", "?"))),
+        ("calibrated", utc_date(header.get("created"))),
     ]
 
 
@@ -91,10 +119,12 @@ def index_context(inputs: readers.Inputs) -> dict[str, Any]:
         context["missing"] = str(error)
         return context
     meta = readers.method_metadata(sorted(set(stats.method)), stats)
-    teacher = verdict.get("regime", {}).get("teacher_miou")
-    context["verdict"] = verdict_html(verdict)
+    regime = verdict.get("regime", {})
+    context["verdict"] = verdict_html(verdict, dict(zip(meta.method, meta.display_name, strict=True)))
     n_seeds = int(stats.n_seeds.max()) if "n_seeds" in stats and len(stats) else 0
-    context["table1"] = table1_html(table1(stats, calibration, meta, teacher), table1_caption(inputs.profile, n_seeds))
+    table = table1(stats, calibration, meta, regime.get("teacher_miou"), verdict.get("compute_check"),
+                   regime.get("teacher_iterations"))
+    context["table1"] = table1_html(table, table1_caption(inputs.profile, n_seeds, regime.get("speed")))
     return context
 
 

@@ -32,24 +32,36 @@ from kdrepro.report.style import (
     interval,
     method_colours,
 )
+from kdrepro.report.verdict_text import (
+    budget_by_method,
+    capacity_gap_sentence,
+    claim_in_words,
+    flags,
+    positive_control_sentence,
+    teacher_schedule,
+)
+from kdrepro.train.speed_choice import speed_sentence
 
 MATCHED = ("iter_matched", "compute_matched")
 BADGE_STYLES = {"supported": "background:#d9f2e6;color:#00553a;border:1px solid #009E73",
                 "contradicted": "background:#fbe3d6;color:#8a3200;border:1px solid #D55E00",
-                "inconclusive": "background:#eeeeee;color:#333;border:1px solid #888"}
-BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?"}
+                "inconclusive": "background:#eeeeee;color:#333;border:1px solid #888",
+                "cannot judge": "background:#fde0e0;color:#9b0000;border:1px solid #c00000"}
+BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?", "cannot judge": "⚠"}
 
 
 # ------------------------------------------------------------------------------------------------------- verdict
-def regime_line(verdict: dict[str, Any]) -> str:
-    """One sentence on the regime the verdict was reached in: profile, seeds, schedule, teacher gap."""
+def regime_line(verdict: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """The regime the verdict was reached in, in sentences: profile, seeds, schedule, the teacher with its schedule
+    and its gap, the positive control, the capacity gap and the classes learned."""
     regime = verdict.get("regime", {})
+    names = names if names is not None else verdict_names(verdict)
     seeds = regime.get("seeds") or []
     fraction = regime.get("student_fraction_of_4x")
     parts = [
         f"Profile {regime.get('profile', '?')}, {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}), reference "
         f"schedule {regime.get('reference_iterations', '?')} iterations.",
-        f"Teacher {_number(regime.get('teacher_miou'))} mIoU vs student alone {_number(regime.get('student_miou'))} "
+        f"Teacher {teacher_schedule(regime)} vs student alone {_number(regime.get('student_miou'))} mIoU "
         f"(gap {_number(regime.get('teacher_gap'))} points; the paper's gap is 5–5.5).",
     ]
     if regime.get("schedule"):
@@ -57,8 +69,27 @@ def regime_line(verdict: dict[str, Any]) -> str:
         parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
-    parts.append(classes_sentence(regime))
+    parts += [positive_control_sentence(regime, names), capacity_gap_sentence(regime), classes_sentence(regime)]
+    parts.append(speed_sentence(regime.get("speed")))
     return " ".join(part for part in parts if part)
+
+
+def verdict_names(verdict: dict[str, Any]) -> dict[str, str]:
+    """Display names of every method a verdict mentions (from the method configs)."""
+    from kdrepro.report.readers import method_metadata
+
+    found: set[str] = set()
+    regime = verdict.get("regime") or {}
+    found |= set((regime.get("positive_control") or {}).get("per_method") or {})
+    found |= {str(row.get("method")) for row in (verdict.get("compute_check") or {}).get("runs", [])}
+    found |= set((verdict.get("compute_check") or {}).get("disturbed") or {})
+    for claim in verdict.get("claims", []):
+        figures = claim.get("figures") or {}
+        found |= {str(figures[key]) for key in ("canonical", "best_specific", "method") if figures.get(key)}
+        found |= {str(m) for pair in figures.get("flip_pairs") or [] for m in pair}
+        found |= {str(m) for m in figures.get("specific_advantage_lost") or []}
+    meta = method_metadata(sorted(found)) if found else None
+    return dict(zip(meta.method, meta.display_name, strict=True)) if meta is not None else {}
 
 
 def regime_note(verdict: dict[str, Any]) -> str:
@@ -81,27 +112,20 @@ def _number(value: Any) -> str:
     return "?" if value is None or pd.isna(value) else f"{float(value):.1f}"
 
 
-def _figure_text(value: Any) -> str:
-    """A verdict figure as text: numbers to 2 decimals, lists joined, nested tables as ``key: value · ...``."""
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_figure_text(item) for item in value) or "none"
-    if isinstance(value, dict):
-        return " · ".join(f"{key.replace('_', ' ')}: {_figure_text(item)}" for key, item in value.items() if item is not None)
-    return str(value)
-
-
-def verdict_html(verdict: dict[str, Any]) -> str:
-    """The verdict block (``templates/verdict.html.j2``): one row per claim, verdict in words and colour."""
+def verdict_html(verdict: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """The verdict block (``templates/verdict.html.j2``): the warnings first (a failed positive control or compute
+    check, in plain words and red), the regime, then one row per claim: its verdict in words and colour, one
+    sentence of evidence with display names, and its figures as a small table."""
+    names = names if names is not None else verdict_names(verdict)
+    regime = verdict.get("regime") or {}
     claims = []
     for claim in verdict.get("claims", []):
-        figures = {name: _figure_text(value) for name, value in (claim.get("figures") or {}).items()
-                   if value not in (None, [], {}, "")}  # fmt: skip
         verdict_word = claim.get("verdict", "inconclusive")
-        claims.append({**claim, "figures": figures, "verdict": verdict_word if verdict_word in BADGE_STYLES else "inconclusive"})
-    return render_template("verdict.html.j2", regime_line=regime_line(verdict), claims=claims,
-                           badge_styles=BADGE_STYLES, badge_symbols=BADGE_SYMBOLS)
+        verdict_word = verdict_word if verdict_word in BADGE_STYLES else "inconclusive"
+        claims.append({"id": claim.get("id"), "claim": claim.get("claim", ""), "verdict": verdict_word,
+                       "slug": verdict_word.replace(" ", "-"), **claim_in_words(claim, names, regime)})  # fmt: skip
+    return render_template("verdict.html.j2", regime_line=regime_line(verdict, names), claims=claims,
+                           flags=flags(verdict, names), badge_styles=BADGE_STYLES, badge_symbols=BADGE_SYMBOLS)
 
 
 # ------------------------------------------------------------------------------------------------------- Table 1
@@ -114,11 +138,15 @@ def ordered_methods(meta: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
     return list(frame.sort_values(["order", "score", "method"]).method)
 
 
-def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None) -> pd.DataFrame:
-    """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol, the
-    paired differences vs the student alone and vs logit KD with their intervals and significance, the iterations
-    received, the relative cost per iteration and the published mIoU (Cityscapes) with source and schedule."""
+def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, teacher_miou: float | None = None,
+           check: dict[str, Any] | None = None, teacher_iterations: int | None = None) -> pd.DataFrame:
+    """Table 1 as numbers: one row per method (family order), the mean and 95 % interval of each protocol with its
+    seed count, the paired differences vs the student alone and vs logit KD with their intervals and significance,
+    the iterations received against the FLOP-matched ones, the realised training seconds against the budget
+    (``check``: the compute check of ``verdict.json``), the relative cost per iteration and the published mIoU
+    (Cityscapes) with source and schedule."""
     matched = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)]
+    budgets = budget_by_method(check)
     cost = calibration.set_index("method").seconds_per_iteration if len(calibration) else pd.Series(dtype=float)
     student_cost = cost.get(STUDENT_ALONE, np.nan)
     info = meta.set_index("method")
@@ -130,6 +158,14 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
         published = published_entry(method)
         row.update({"published_miou": published["miou"] if published else np.nan,
                     "published_source": f"{published['source']} · {published['schedule']}" if published else ""})
+        budget = budgets.get(method, {})
+        flops = budget.get("flop_iterations")
+        if flops is None and len(calibration) and "flop_matched_iterations" in calibration:
+            found = calibration.loc[calibration.method == method, "flop_matched_iterations"]
+            flops = float(found.iloc[0]) if len(found) and pd.notna(found.iloc[0]) else None
+        row.update({"compute_train_seconds": budget.get("seconds", np.nan), "compute_budget_seconds": budget.get("budget", np.nan),
+                    "compute_worst_ratio": budget.get("worst_ratio", np.nan), "compute_within_budget": budget.get("within"),
+                    "compute_flop_iterations": np.nan if flops is None else flops})  # fmt: skip
         for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
             found = matched[(matched.protocol == protocol) & (matched.method == method)]
             values = found.iloc[0] if len(found) else pd.Series(dtype=object)
@@ -142,7 +178,8 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
     if teacher_miou is not None:
         teacher = published_entry("teacher")
         table = pd.concat([table, pd.DataFrame([{
-            "method": "teacher", "family": "teacher", "display_name": "Teacher (one run)", "reproduces": "",
+            "method": "teacher", "family": "teacher", "reproduces": "",
+            "display_name": f"Teacher (one run, {teacher_iterations:,} iterations)" if teacher_iterations else "Teacher (one run)",
             "iter_miou_mean": teacher_miou, "compute_miou_mean": teacher_miou,
             "published_miou": teacher["miou"] if teacher else np.nan,
             "published_source": f"{teacher['source']} · {teacher['schedule']}" if teacher else ""}])],
@@ -177,18 +214,42 @@ def table1_display(table: pd.DataFrame) -> pd.DataFrame:
     """Table 1's cells as HTML strings, rows indexed by (family, method), columns grouped by protocol."""
     index = pd.MultiIndex.from_arrays([table.family.map(family_label), [_method_label(r) for _, r in table.iterrows()]],
                                       names=["family", "method"])
-    columns: dict[tuple[str, str], list[str]] = {
-        ("published (Cityscapes)", "mIoU"): [_published_cell(r) for _, r in table.iterrows()],
-        ("", "cost / it (× student)"): ["—" if pd.isna(c) else f"{c:.2f}×" for c in table.relative_cost.fillna(np.nan)],
-    }
+    columns: dict[tuple[str, str], list[str]] = {}
     for tag, label in (("iter", "iteration-matched"), ("compute", "compute-matched")):
         columns[(label, "mIoU ± CI")] = [_miou_cell(r, tag) for _, r in table.iterrows()]
-        columns[(label, "iterations")] = ["—" if pd.isna(v) else f"{v:,.0f}" for v in table.get(f"{tag}_iterations_mean", pd.Series(np.nan, index=table.index))]
+        columns[(label, "seeds")] = ["—" if pd.isna(v) else f"{int(v)}" for v in table.get(f"{tag}_n_seeds", pd.Series(np.nan, index=table.index))]
+        if tag == "iter":
+            columns[(label, "iterations")] = ["—" if pd.isna(v) else f"{v:,.0f}" for v in table.get("iter_iterations_mean", pd.Series(np.nan, index=table.index))]
+        else:
+            columns[(label, "iterations (FLOP-matched)")] = [_iterations_cell(r) for _, r in table.iterrows()]
+            columns[(label, "train s / budget")] = [_budget_cell(r) for _, r in table.iterrows()]
         columns[(label, "Δ student alone")] = [_difference_cell(r, f"{tag}_delta_student") for _, r in table.iterrows()]
         columns[(label, "Δ logit KD")] = [_difference_cell(r, f"{tag}_delta_kd") for _, r in table.iterrows()]
+    columns[("this hardware", "cost / it (× student)")] = ["—" if pd.isna(c) else f"{c:.2f}×" for c in table.relative_cost.fillna(np.nan)]
+    columns[("published (Cityscapes)", "mIoU")] = [_published_cell(r) for _, r in table.iterrows()]
     frame = pd.DataFrame(columns, index=index)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame
+
+
+def _iterations_cell(row: pd.Series) -> str:
+    received, flops = row.get("compute_iterations_mean", np.nan), row.get("compute_flop_iterations", np.nan)
+    if pd.isna(received):
+        return "—"
+    return f"{received:,.0f}" + ("" if pd.isna(flops) else f'<br><small title="FLOP-matched iterations">({flops:,.0f})</small>')
+
+
+def _budget_cell(row: pd.Series) -> str:
+    """Realised training seconds (mean over seeds) against the budget; red with ⚠ when a seed left ±15 %."""
+    seconds, budget = row.get("compute_train_seconds", np.nan), row.get("compute_budget_seconds", np.nan)
+    if pd.isna(seconds) or pd.isna(budget):
+        return "—"
+    text = f"{seconds:.1f} / {budget:.1f}"
+    worst = row.get("compute_worst_ratio", np.nan)
+    if row.get("compute_within_budget") is False:
+        return (f'<span class="kdrepro-off-budget" style="color:#c00000;font-weight:bold" title="a seed trained '
+                f'outside ±15 % of its budget">⚠ {text}<br><small>{100 * worst:.0f} % of budget</small></span>')
+    return f"{text}<br><small>{100 * seconds / budget:.0f} %</small>"
 
 
 def _method_label(row: pd.Series) -> str:
@@ -215,6 +276,7 @@ def _published_cell(row: pd.Series) -> str:
 def table1_html(table: pd.DataFrame, caption: str) -> str:
     """Table 1 as an HTML table with id ``table1`` (grouped rows and column groups; intervals on a second line)."""
     styler = table1_display(table).style.set_caption(caption).set_table_attributes('class="kdrepro-table"')
+    styler = styler.hide(axis="index", names=True)  # no empty "family / method" header row
     styler = styler.set_uuid("table1").set_table_styles([
         {"selector": "th", "props": "text-align:center;padding:3px 6px;font-size:92%;vertical-align:top"},
         {"selector": "th.row_heading", "props": "text-align:left"},
@@ -224,15 +286,30 @@ def table1_html(table: pd.DataFrame, caption: str) -> str:
     return f'<div id="table1" class="kdrepro-table1">{styler.to_html()}</div>'
 
 
-def table1_caption(profile: str, n_seeds: int) -> str:
+def table1_caption(profile: str, n_seeds: int, speed: dict[str, Any] | None = None) -> str:
+    """Table 1's caption; ``speed``: the runs' speed choice (the verdict's ``regime.speed``), stated at its end."""
     return (f"<b>Table 1.</b> mIoU (%) on the {html.escape(profile)} profile's validation set, mean ± half-width of the "
-            f"95 % t-interval over {n_seeds} seeds. Δ: mIoU difference paired by seed, with its 95 % interval below; "
+            f"95 % t-interval over the seeds of each row (up to {n_seeds}). Δ: mIoU difference paired by seed, with its 95 % interval below; "
             "<b>bold</b> = the interval excludes 0; <i>≈ grey</i> = inside the seed noise (no ranking). Cost per "
-            "iteration relative to the student alone on this hardware. Iteration-matched runs repeat bit for bit on "
+            "iteration relative to the student alone on this hardware. Compute-matched: iterations received with the "
+            "FLOP-matched count in brackets, and realised training seconds against the budget (mean over seeds; "
+            "<b style=\"color:#c00000\">⚠ red</b>: a seed trained outside ±15 % of its budget, so compute matching did not "
+            "hold for that row). Iteration-matched runs repeat bit for bit on "
             "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
             "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
             "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "
-            "full-size models: a scale reference, never comparable with this profile's numbers).")
+            "full-size models: a scale reference, never comparable with this profile's numbers). "
+            + html.escape(speed_note(speed)))
+
+
+def speed_note(speed: dict[str, Any] | None) -> str:
+    """The speed sentence and what it means for the numbers ('' when unknown): precision changes the numerics, and
+    the time per iteration the compute-matched budgets are made of."""
+    sentence = speed_sentence(speed)
+    if not sentence:
+        return ""
+    return (sentence + " Iteration-matched scores depend on the precision this machine chose (bf16 and fp32 runs "
+            "differ in their numerics).")
 
 
 # ------------------------------------------------------------------------------------------------------- figures
@@ -283,12 +360,18 @@ def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "")
         errors = [[ys[i] - row[("miou_ci_low", p)] for i, p in enumerate(MATCHED)], [row[("miou_ci_high", p)] - ys[i] for i, p in enumerate(MATCHED)]]
         ax.errorbar([dodges[method], 1 + dodges[method]], ys, yerr=np.nan_to_num(errors), color=colours[method], ls=FAMILY_LINES.get(family, "-"),
                     marker=FAMILY_MARKERS.get(family, "o"), ms=7, lw=1.8, capsize=3)
-    for x, side in ((0, "left"), (1, "right")):
+    low = float(np.nanmin(wide[[("miou_ci_low", p) for p in MATCHED]].to_numpy(dtype=float), initial=np.inf))
+    high = float(np.nanmax(wide[[("miou_ci_high", p) for p in MATCHED]].to_numpy(dtype=float), initial=-np.inf))
+    means = wide[[("miou_mean", p) for p in MATCHED]].to_numpy(dtype=float)
+    low, high = min(low, float(np.nanmin(means))), max(high, float(np.nanmax(means)))
+    pad = 0.06 * (high - low + 1e-6)
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))  # mIoU lives in [0, 100]
+    ax.set_xlim(-0.3, 1.3)
+    for x, side in ((0, "left"), (1, "right")):  # labels in a column outside the axes: clear of every error bar
         ys = wide[("miou_mean", MATCHED[x])].to_numpy()
         labels = [f"{info.display_name.get(m, m)} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}" for m, y in zip(wide.index, ys, strict=True)]
-        place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index], side=side)
-    ax.set_xlim(-0.9, 1.9)
-    ax.set_xticks([0, 1], ["iteration-matched", "compute-matched"])
+        place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index],
+                     side=side, column=True)
     ax.set_ylabel("mIoU (%), mean ± 95 % CI")
     ax.set_title("Each method under both protocols (line style = family)")
     handles = [plt.Line2D([], [], color="#333", ls=FAMILY_LINES[f], marker=FAMILY_MARKERS[f], label=family_label(f))

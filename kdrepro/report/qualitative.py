@@ -10,6 +10,7 @@ pixels are black in the ground truth and white in the error maps.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,14 +190,18 @@ def plot_qualitative(panels: dict, profile: str = "") -> Figure:
             ax.grid(False)
         for ax in bottom[:2]:
             ax.axis("off")
-    for ax, title in zip(axes[0][2:], titles, strict=True):
+    characters = max(8, int(panel * 72 / (8.5 * 0.55)))  # what fits in one panel's width at 8.5 pt
+    wrapped = ["\n".join(textwrap.fill(line, characters) for line in title.split("\n")) for title in titles]
+    for ax, title in zip(axes[0][2:], wrapped, strict=True):
         ax.set_title(f"{title}\n{ax.get_title()}", fontsize=8.5, pad=2)
+    title_lines = 1 + max((title.count("\n") + 1 for title in wrapped), default=1)
     handles = [Patch(color=np.asarray(panels["colours"][i]) / 255, label=panels["names"][i]) for i in panels["present"]]
     handles += [Patch(color=np.asarray(IGNORE_COLOUR) / 255, label="ignored (ground truth)"),
                 Patch(color=np.asarray(WRONG_COLOUR) / 255, label="error"),
                 Patch(facecolor=np.asarray(CORRECT_COLOUR) / 255, edgecolor="#999", label="correct")]
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), frameon=False, fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / fig_height, bottom=(0.35 + 0.2 * (len(handles) // 6 + 1)) / fig_height)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - (0.2 + 0.16 * title_lines) / fig_height,
+                        bottom=(0.35 + 0.2 * (len(handles) // 6 + 1)) / fig_height)
     return figure_note(fig, profile)
 
 

@@ -2,8 +2,11 @@
 
 A notebook opened in ``jupyter lab`` runs with its own folder (``notebooks/``) as working directory, while the DVC
 stage runs it from the repository root. :func:`locate` resolves the parameters either way: a relative path is taken
-relative to the repository root (the nearest folder above the working directory holding ``dvc.yaml``), and
-``profile=None`` means the ``profile`` of that root's ``params.yaml``.
+relative to the repository root, found by one rule (:data:`ROOT_RULE`): the nearest folder at or above the working
+directory that holds ``dvc.yaml``, ``params.yaml`` or a ``results/`` folder — so a checkout and a copy of its
+notebooks and results (without ``dvc.yaml``) both work. ``profile=None`` means the ``profile`` of that root's
+``params.yaml``, else the only profile under its ``results/``. Every error about a missing input names the rule and
+the root it gave.
 
 Tables (written by ``kdrepro results`` into ``results/<profile>/``): ``runs.csv`` (one row per run; mIoU as a
 fraction), ``stats.csv`` (one row per protocol × method × budget over seeds; percent points), ``per_class.csv``,
@@ -25,37 +28,54 @@ from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import read_header
 
 RESULTS_HINT = "run `make repro` (or `dvc repro results`) first"
+#: What marks the repository root, looked for from the working directory upwards.
+ROOT_MARKERS = ("dvc.yaml", "params.yaml", "results")
+ROOT_RULE = "the nearest folder at or above the working directory holding dvc.yaml, params.yaml or results/"
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """The resolved inputs of one report: the profile and its folders (absolute)."""
+    """The resolved inputs of one report: the profile and its folders (absolute), and how the root was found."""
 
     profile: str
     root: Path
     runs_dir: Path
     results_dir: Path
     reports_dir: Path
+    rule: str = ROOT_RULE
 
 
 def repository_root(start: str | Path = ".") -> Path:
-    """The nearest folder at or above ``start`` holding ``dvc.yaml`` (the working directory when there is none)."""
+    """:data:`ROOT_RULE`: the nearest folder at or above ``start`` holding one of :data:`ROOT_MARKERS` (``start``
+    itself when none does)."""
     start = Path(start).resolve()
     for folder in (start, *start.parents):
-        if (folder / "dvc.yaml").is_file():
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
             return folder
     return start
 
 
-def default_profile(root: Path) -> str:
-    """The ``profile`` of ``root/params.yaml``."""
+def root_note(root: Path, start: str | Path = ".") -> str:
+    """``repository root /x/y (the nearest folder at or above ... )`` for error messages."""
+    found = any((Path(root) / marker).exists() for marker in ROOT_MARKERS)
+    how = ROOT_RULE if found else f"no folder at or above {Path(start).resolve()} holds dvc.yaml, params.yaml or results/"
+    return f"repository root {root}: {how}"
+
+
+def default_profile(root: Path, start: str | Path = ".") -> str:
+    """The ``profile`` of ``root/params.yaml``, else the only profile with results under ``root/results``."""
     path = root / "params.yaml"
-    if not path.is_file():
-        raise ConfigError(f"profile=None needs {path} to read the profile from; set profile in the parameters cell")
-    profile = (yaml.safe_load(path.read_text()) or {}).get("profile")
-    if not profile:
-        raise ConfigError(f"{path} has no `profile`; set profile in the parameters cell")
-    return str(profile)
+    if path.is_file():
+        profile = (yaml.safe_load(path.read_text()) or {}).get("profile")
+        if not profile:
+            raise ConfigError(f"{path} has no `profile`; set profile in the parameters cell, e.g. profile = \"smoke\"")
+        return str(profile)
+    found = sorted(p.parent.name for p in (root / "results").glob("*/verdict.json"))
+    if len(found) == 1:
+        return found[0]
+    choices = f" (results exist for {', '.join(found)})" if found else ""
+    raise ConfigError(f"profile=None reads `profile` from {path}, which does not exist{choices} ({root_note(root, start)}); "
+                      "set profile in the parameters cell, e.g. profile = \"smoke\"")
 
 
 def locate(profile: str | None = None, runs_dir: str | None = None, results_dir: str | None = None,
@@ -63,27 +83,33 @@ def locate(profile: str | None = None, runs_dir: str | None = None, results_dir:
     """Resolve a notebook's parameters. ``runs_dir``/``results_dir`` may contain ``{profile}``; relative paths are
     relative to the repository root, so the same defaults work from ``notebooks/`` and from the root."""
     root = repository_root(start)
-    profile = profile or default_profile(root)
+    profile = profile or default_profile(root, start)
 
     def resolve(value: str | None, default: str) -> Path:
         path = Path((value or default).format(profile=profile))
         return path if path.is_absolute() else root / path
 
     return Inputs(profile, root, resolve(runs_dir, "runs/{profile}"), resolve(results_dir, "results/{profile}"),
-                  resolve(reports_dir, "reports"))
+                  resolve(reports_dir, "reports"), root_note(root, start))
+
+
+def _missing(path: Path) -> ConfigError:
+    """A missing table: names the root rule as applied from the working directory, where the notebooks start."""
+    note = root_note(repository_root("."), ".")
+    return ConfigError(f"{path} does not exist ({note}; the parameters' relative paths start there); {RESULTS_HINT}")
 
 
 def _csv(results_dir: Path, name: str) -> pd.DataFrame:
     path = Path(results_dir) / name
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist; {RESULTS_HINT}")
+        raise _missing(path)
     return pd.read_csv(path)
 
 
 def _json(results_dir: Path, name: str) -> dict[str, Any]:
     path = Path(results_dir) / name
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist; {RESULTS_HINT}")
+        raise _missing(path)
     return json.loads(path.read_text())
 
 

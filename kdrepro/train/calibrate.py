@@ -89,6 +89,7 @@ from kdrepro.train.calibrate_ranks import (
     resident_bytes,
     slowest_rank_history,
 )
+from kdrepro.train.progress import Progress
 from kdrepro.train.timing import synchronize
 from kdrepro.train.trainer import Trainer, load_teacher, method_uses_teacher
 
@@ -135,6 +136,12 @@ def _flops_per_iteration(trainer: Trainer, batches) -> int:
     finally:
         trainer.teacher_grad_context = torch.inference_mode
     return int(reduce_over_ranks(counter.total, trainer.context, trainer.device, "sum"))
+
+
+def _progress(cfg: DictConfig, total: int, context: DistributedContext) -> Progress:
+    """The timed iterations' progress (rank 0): a line every ``progress.every_seconds`` when not on a terminal."""
+    settings = cfg.get("progress") or {}
+    return Progress("calibrate", total, "", every_seconds=float(settings.get("every_seconds", 30)), enabled=context.is_main)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -184,6 +191,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "batch_size": int(base_cfg.loader.batch_size),
         "crop_size": list(base_cfg.dataset.crop_size),
         "precision": str(base_cfg.get("precision", "fp32")),
+        "speed": OmegaConf.to_container(base_cfg.speed.choice) if base_cfg.get("speed", {}).get("choice") else None,
         "hardware": _hardware(device, context.world_size),
         "world_size": context.world_size,
         "device_memory_bytes": device_memory_bytes(device),
@@ -243,19 +251,23 @@ def _measure(
     pretrain_seconds = {name: _time_pretrain(trainer, batches, int(settings.iterations_per_round)) for name, trainer in trainers.items()}
     peak_memory: dict[str, int | None] = dict.fromkeys(names)
     own_bytes = {name: resident_bytes(trainer) for name, trainer in trainers.items()}
+    shown = _progress(base_cfg, len(names) * int(settings.rounds) * int(settings.iterations_per_round), context)
     for round_index in range(int(settings.rounds)):
         for name in rotated_order(names, round_index):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 resident = torch.cuda.memory_allocated(device)
             barrier(context)
+            shown.label = f"{name}, round {round_index + 1}/{int(settings.rounds)}"
             for _ in range(int(settings.iterations_per_round)):
-                trainers[name].timed_step(batches, 0.0)
+                result, _ = trainers[name].timed_step(batches, 0.0)
+                shown.update(loss=result.total)
             barrier(context)
             if device.type == "cuda":  # as if the method trained alone: the other methods' models and banks stay out
                 alone = torch.cuda.max_memory_allocated(device) - resident + own_bytes[name]
                 peak_memory[name] = max(peak_memory[name] or 0, alone)
         log.info("calibration round %d/%d done", round_index + 1, int(settings.rounds))
+    shown.close()
 
     histories = {name: slowest_rank_history(trainer.timer.history, context, device) for name, trainer in trainers.items()}
     key, scale = clock_key(settings, device), wall_per_clock(histories, settings, device)
@@ -406,7 +418,7 @@ class CalibrationDisturbed(ConfigError):
 _COST_NEUTRAL_KEYS = (
     "out_dir", "teacher_checkpoint", "runs_dir", "results_dir", "calibrate", "evaluate", "import_teacher", "budget",
     "reference_iterations", "teacher_iterations", "teacher_import", "log_every", "eval_every", "checkpoint_every_seconds",
-    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs",
+    "eval_batch_size", "seed", "profile_name", "on_config_change", "allow_changed_inputs", "verdict", "speed", "progress",
 )
 #: Whose code the fingerprint hashes: everything `kdrepro calibrate` can run (kdrepro/pipeline/deps.py, which dvc.yaml's
 #: deps follow too), so a change to any code a training step runs re-measures the methods.

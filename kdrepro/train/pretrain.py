@@ -33,47 +33,23 @@ log = logging.getLogger("kdrepro.pretrain")
 WHICH = ("student", "teacher")
 
 
-def _overrides(cfg: DictConfig, which: str) -> list[str]:
-    """Overrides that turn the profile's config into the pre-training run of ``model@<which>``."""
-    model = cfg[which]
-    overrides = [
-        "method=none",
-        "seeds=null",
-        f"seed={int(cfg.pretrain.seed)}",
-        f"model@student={model.name}",
-        f"student.base_width={model.base_width}",
-        "student.pretrained=null",
-        "teacher.pretrained=null",
-        "budget=iterations",
-        f"budget.iterations={iterations(cfg, which)}",
-        f"optim.lr={float(cfg.pretrain.lr)}",
-        "eval_points=0",
-    ]
-    for key, value in _flatten(OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "dataset"):
-        overrides.append(f"{key}={_hydra_value(value)}")
-    return overrides
+def pretraining_run(cfg: DictConfig, which: str, out_dir: Path) -> DictConfig:
+    """The profile's config turned into the pre-training run of ``model@<which>``: that model alone, from random
+    weights, on ``dataset`` updated with ``pretrain.dataset``, at ``pretrain.lr``, without learning-curve points."""
+    from kdrepro.config import trained_alone
+
+    model = cfg[which].copy()
+    model.pretrained = None
+    changes = {"teacher.pretrained": None, "optim.lr": float(cfg.pretrain.lr), "eval_points": 0,
+               "dataset": OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "out_dir": str(out_dir),
+               "progress.stage": f"pretrain {which}"}  # fmt: skip
+    return trained_alone(cfg, model, iterations(cfg, which), int(cfg.pretrain.seed), changes)
 
 
 def iterations(cfg: DictConfig, which: str) -> int:
     """Pre-training length of ``which``: ``pretrain.<which>_iterations``, else ``pretrain.iterations``."""
     specific = cfg.pretrain.get(f"{which}_iterations")
     return int(specific if specific is not None else cfg.pretrain.iterations)
-
-
-def _flatten(tree: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}.{key}")
-        else:
-            items.append((f"{prefix}.{key}", value))
-    return items
-
-
-def _hydra_value(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    return "null" if value is None else str(value)
 
 
 def save_backbone(model_state: dict[str, torch.Tensor], path: Path) -> None:
@@ -86,19 +62,17 @@ def save_backbone(model_state: dict[str, torch.Tensor], path: Path) -> None:
     save_checkpoint({"state_dict": backbone}, path)
 
 
-def pretrain(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Pre-train (or import) the backbone of ``model@student`` and/or ``model@teacher`` (``which``); writes
     ``<out_dir>/<which>/backbone.pth`` for each."""
     which = str(cfg.get("which"))
     if which not in (*WHICH, "both"):
         raise ConfigError(f"which={which!r}: use which=student, which=teacher or which=both")
     out_dir = Path(str(cfg.out_dir))
-    return {name: _one(cfg, overrides, name, out_dir / name) for name in (WHICH if which == "both" else (which,))}
+    return {name: _one(cfg, name, out_dir / name) for name in (WHICH if which == "both" else (which,))}
 
 
-def _one(cfg: DictConfig, overrides: list[str], which: str, out_dir: Path) -> dict[str, Any]:
-    from kdrepro.config import load_config
-
+def _one(cfg: DictConfig, which: str, out_dir: Path) -> dict[str, Any]:
     target = out_dir / "backbone.pth"
     if which == "teacher" and cfg.get("teacher_import"):
         return {"skipped": f"the teacher is imported from {cfg.teacher_import}"}
@@ -107,7 +81,7 @@ def _one(cfg: DictConfig, overrides: list[str], which: str, out_dir: Path) -> di
         from kdrepro.io import load_checkpoint
         from kdrepro.train.seeds import train_seeds
 
-        run_cfg = load_config([*overrides, *_overrides(cfg, which), f"out_dir={out_dir}"])
+        run_cfg = pretraining_run(cfg, which, out_dir)
         prepare_dataset(run_cfg.dataset)
         (metrics,) = train_seeds(run_cfg)
         save_backbone(load_checkpoint(out_dir / "checkpoint.pt")["model"], target)

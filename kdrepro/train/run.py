@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from kdrepro.evaluate import evaluate
 from kdrepro.io import checkpoint_dict, load_checkpoint, save_checkpoint, storage_errors, write_json_atomic
 from kdrepro.train.budget import Budget, resolve_budget
 from kdrepro.train.checkpoint import restore_rng_state, rng_state
+from kdrepro.train.hardware import apply_speed
+from kdrepro.train.progress import Progress
 from kdrepro.train.run_folder import (
     INPUTS_NAME,
     RunLock,
@@ -108,6 +109,7 @@ def train(cfg: DictConfig, budget: Budget | None = None) -> dict[str, Any]:
     Under ``torchrun`` every rank calls this; rank 0 alone writes files (see :mod:`kdrepro.distributed`).
     """
     check_options(cfg)
+    cfg = apply_speed(cfg)  # precision / channels_last / threads `auto`: the pipeline's decision
     out_dir = Path(cfg.out_dir)
     with Signals() as signals, contextlib.ExitStack() as stack:
         watch_parent()
@@ -215,9 +217,16 @@ def _result(run: Run, metrics: Any) -> dict[str, Any]:
         "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
         "budget": {"kind": budget.kind, "iterations": budget.iterations, "seconds": budget.seconds, "source": budget.source},
         "precision": str(run.cfg.get("precision", "fp32")),
+        "speed": speed_record(run.cfg),
         "device": str(run.trainer.device),
         "world_size": run.dist.world_size,
     }
+
+
+def speed_record(cfg: DictConfig) -> dict[str, Any] | None:
+    """The speed settings the run trained with and why (``speed.choice``, set by :func:`apply_speed`)."""
+    choice = (cfg.get("speed") or {}).get("choice")
+    return OmegaConf.to_container(choice, resolve=True) if choice is not None else None
 
 
 def _eval_loader(cfg: DictConfig):
@@ -236,6 +245,8 @@ def validate(trainer: Trainer, cfg: DictConfig, loader) -> tuple[Any, Any]:
         slide_stride=list(cfg.dataset.slide_stride),
         device=trainer.device,
         autocast_dtype=torch.bfloat16 if cfg.get("precision") == "bf16" else None,
+        reporter=Progress("evaluate", len(loader), f"{cfg.method.name}, seed {cfg.seed}",
+                          every_seconds=float((cfg.get("progress") or {}).get("every_seconds", 30))),
     )
 
 
@@ -255,6 +266,7 @@ def _record_divergence(run: Run, error: NonFiniteLossError) -> dict[str, Any]:
         "iterations": error.step,
         "train_seconds": None,
         "precision": str(run.cfg.get("precision", "fp32")),
+        "speed": speed_record(run.cfg),
     }
     run.live.summary.update({"diverged_at_step": error.step})
     run.live.end()
@@ -277,9 +289,11 @@ def _pretrain(run: Run) -> float:
     loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
     synchronize(trainer.device)
     start = time.perf_counter()
+    progress = progress_of(run, trainer.distiller.pretrain_iterations, stage=f"{run.cfg.progress.stage} method pre-training")
     for index in range(trainer.distiller.pretrain_iterations):
         images, labels = trainer.to_device(*next(loader))
         logs = trainer.pretrain_step(images, labels)
+        progress.update(index + 1, sum(float(value) for value in logs.values()) if logs else None)
         if run.live is not None and ((index + 1) % max(int(cfg.log_every), 1) == 0):
             run.live.step = index + 1
             for name, value in logs.items():
@@ -287,6 +301,7 @@ def _pretrain(run: Run) -> float:
         if run.signals.pending:
             raise Interrupted(run.signals.signum or signal.SIGTERM, f"interrupted by signal {run.signals.signum} during "
                               f"{run.method} pre-training; nothing of it was saved, rerun to restart it")
+    progress.close()
     synchronize(trainer.device)
     return time.perf_counter() - start
 
@@ -296,11 +311,10 @@ def _train_to_budget(run: Run) -> None:
     loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed), state.step,
                                   int(cfg.loader.num_workers), trainer.device.type == "cuda"))
     last_save = time.monotonic()
-    progress_bar = _progress(run.budget, state.step)
+    progress = progress_of(run, run.budget.iterations, state.step)
     while not run.budget.exhausted(state.step, state.train_seconds):
         result = _step(run, loader)
-        if progress_bar is not None:
-            progress_bar.update(1)
+        progress.update(state.step, result.total, run.budget.progress(state.step, state.train_seconds))
         _log_and_validate(run, result)
         if any_rank(run.signals.pending, run.dist, trainer.device):
             if state.saved_step != state.step:  # (a signal during a periodic save needs no second one)
@@ -311,8 +325,7 @@ def _train_to_budget(run: Run) -> None:
         if time.monotonic() - last_save > float(cfg.checkpoint_every_seconds):
             _save(run)
             last_save = time.monotonic()
-    if progress_bar is not None:
-        progress_bar.close()
+    progress.close()
 
 
 def _step(run: Run, loader) -> StepResult:
@@ -351,12 +364,12 @@ def log_step(live, result: StepResult, lr: float, train_seconds: float, step: in
     live.make_summary()
 
 
-def _progress(budget: Budget, step: int):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=budget.iterations, initial=step, desc="train", unit="it", leave=False)
+def progress_of(run: Run, total: int | None, step: int = 0, stage: str | None = None) -> Progress:
+    """The run's progress display (rank 0 only): a tqdm bar on a terminal, else a line every
+    ``progress.every_seconds`` naming ``progress.stage``, the method and the seed."""
+    settings = run.cfg.get("progress") or {}
+    return Progress(stage or str(settings.get("stage", "train")), total, f"{run.method}, seed {run.cfg.seed}", step,
+                    float(settings.get("every_seconds", 30)), enabled=run.dist.is_main)
 
 
 def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict[str, Any]:

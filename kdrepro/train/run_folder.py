@@ -33,7 +33,7 @@ log = logging.getLogger("kdrepro.train")
 #: Config keys that do not change what a run computes (may differ when resuming or re-running).
 RUNTIME_KEYS = (
     "out_dir", "device", "threads", "checkpoint_every_seconds", "log_every", "on_nonfinite", "on_config_change",
-    "allow_changed_inputs",
+    "allow_changed_inputs", "speed", "progress",
 )
 LOCK_NAME = ".kdrepro.lock"
 INPUTS_NAME = "inputs.json"
@@ -118,6 +118,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         container.pop(key, None)
     container.get("loader", {}).pop("num_workers", None)
     container.pop("calibrate", None)
+    container.pop("verdict", None)  # read by `kdrepro results` only
     return container
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from kdrepro.config import load_config
+from kdrepro.config import load_config, trained_alone
 from kdrepro.io import checkpoint_dict, save_checkpoint
 from kdrepro.models import build_segmentor
 from kdrepro.models.weights import import_mmseg_checkpoint
@@ -23,18 +23,8 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         cfg.import_teacher.output = str(output)
         import_teacher(cfg, Path(str(cfg.teacher_import)))
         return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
-    teacher_overrides = [
-        *overrides,
-        "seeds=null",
-        f"seed={int(cfg.teacher_seed)}",
-        "method=none",
-        f"model@student={cfg.teacher.name}",
-        f"student.base_width={cfg.teacher.base_width}",
-        f"student.pretrained={cfg.teacher.get('pretrained') or 'null'}",
-        "budget=iterations",
-        f"budget.iterations={int(cfg.teacher_iterations)}",
-    ]
-    (metrics,) = train_seeds(load_config(teacher_overrides))
+    (metrics,) = train_seeds(trained_alone(cfg, cfg.teacher, int(cfg.teacher_iterations), int(cfg.teacher_seed),
+                                          {"progress.stage": "teacher"}))
     return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
 
 

@@ -40,6 +40,17 @@ class NonFiniteLossError(KdreproError):
         self.terms = list(terms or [])
 
 
+def check_decided(cfg: DictConfig) -> None:
+    """Refuse a config whose speed settings are still ``auto``: `kdrepro train` and `kdrepro calibrate` decide them
+    (:func:`kdrepro.train.hardware.apply_speed`) before building a trainer; code building one directly must too."""
+    undecided = [key for key in ("precision", "channels_last", "threads") if cfg.get(key) == "auto"]
+    if undecided:
+        raise ConfigError(
+            f"{', '.join(undecided)}=auto is not decided yet; call kdrepro.train.hardware.apply_speed(cfg) before "
+            "building a Trainer (kdrepro train and calibrate do), or set the value explicitly"
+        )
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
@@ -97,6 +108,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         context: DistributedContext | None = None,
     ):
+        check_decided(cfg)
         self.cfg = cfg
         self.device = device
         self.context = context or DistributedContext()

@@ -1,11 +1,24 @@
-"""Each claim's verdict (supported, contradicted, inconclusive) on constructed tables."""
+"""Each claim's verdict (supported, contradicted, inconclusive, cannot judge) and its preconditions (positive
+control, compute check, capacity gap) on constructed tables."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from kdrepro.analysis.verdict import best_specific, claim_extended, claim_matched_compute, claim_rankings, judge
+from kdrepro.analysis.verdict import (
+    CANNOT_JUDGE,
+    best_specific,
+    capacity_gap,
+    claim_extended,
+    claim_matched_compute,
+    claim_rankings,
+    compute_check,
+    compute_failure,
+    judge,
+    positive_control,
+    preconditions,
+)
 
 SPECIFIC = ["cwd", "dist"]
 
@@ -91,3 +104,123 @@ def test_judge_returns_three_claims_with_one_of_three_verdicts():
     claims = judge(runs, SPECIFIC, None)
     assert [c["id"] for c in claims] == ["a", "b", "c"]
     assert {c["verdict"] for c in claims} <= {"supported", "contradicted", "inconclusive"}
+
+
+# ------------------------------------------------------------------------------------------------ preconditions
+def _controls(kd: float, cwd: float, none: float = 0.40, noise: float = 0.002) -> pd.DataFrame:
+    return _table("iter_matched", {"none": none, "kd": kd, "cwd": cwd, "fitnet": none + 0.005}, noise=noise)
+
+
+def test_positive_control_passes_when_each_control_is_significantly_above_the_student_alone_by_a_point():
+    control = positive_control(_controls(kd=0.43, cwd=0.42), ["kd", "cwd"], min_gain=1.0)
+    assert control["state"] == "passed" and control["passed"]
+    assert control["per_method"]["kd"]["gain"] == pytest.approx(3.0)
+    assert control["per_method"]["cwd"]["ci_low"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kd", "cwd", "noise", "failing"),
+    [(0.43, 0.405, 0.0005, "cwd"),   # significant but +0.5 point: below the +1 criterion
+     (0.43, 0.42, 0.03, "both"),     # +2 and +3 points inside seed noise of ±3 points
+     (0.38, 0.42, 0.002, "kd")],     # kd below the student alone
+)
+def test_positive_control_fails_below_a_point_or_inside_the_noise(kd, cwd, noise, failing):
+    control = positive_control(_controls(kd, cwd, noise=noise), ["kd", "cwd"], min_gain=1.0)
+    assert control["state"] == "failed" and not control["passed"]
+    failed = {name for name, entry in control["per_method"].items() if entry["state"] == "failed"}
+    assert failed == ({"kd", "cwd"} if failing == "both" else {failing})
+
+
+def test_positive_control_roles_are_configurable_and_a_missing_control_is_not_run():
+    runs = _controls(kd=0.43, cwd=0.42)
+    assert positive_control(runs, ["fitnet"], min_gain=1.0)["state"] == "failed"  # +0.5 point
+    assert positive_control(runs, ["kd"], min_gain=1.0)["passed"]
+    missing = positive_control(runs[runs.method != "cwd"], ["kd", "cwd"])
+    assert missing["state"] == "not run" and missing["per_method"]["cwd"]["state"] == "not run"
+
+
+def test_capacity_gap_is_measured_at_the_longest_student_alone_control():
+    runs = pd.concat([_controls(0.43, 0.42), _table("extended", {"none": 0.44}, multiplier=2.0),
+                      _table("extended", {"none": 0.46}, multiplier=4.0)])
+    gap = capacity_gap(runs, teacher_miou_pct=50.0, criterion=3.0)
+    assert gap["multiplier"] == 4.0 and gap["protocol"] == "extended"
+    assert gap["gap"] == pytest.approx(50.0 - 47.0) and gap["met"] is True  # mean over seeds 0.46 + 0.01
+    assert capacity_gap(runs, teacher_miou_pct=48.0)["met"] is False
+    only_reference = capacity_gap(_controls(0.43, 0.42), teacher_miou_pct=48.0)
+    assert only_reference["protocol"] == "iter_matched" and only_reference["gap"] == pytest.approx(7.0)
+
+
+def _compute_runs(seconds: dict[str, float], budget: float = 20.0) -> pd.DataFrame:
+    rows = [{"run": f"compute_matched/{m}/seed0", "protocol": "compute_matched", "method": m, "multiplier": 1.0,
+             "seed": 0, "miou": 0.4, "iterations": 10, "train_seconds": s} for m, s in seconds.items()]
+    rows.append({"run": "extended/kd-2/seed0", "protocol": "extended", "method": "kd", "multiplier": 2.0, "seed": 0,
+                 "miou": 0.4, "iterations": 20, "train_seconds": 2 * budget})
+    return pd.DataFrame(rows)
+
+
+def _calibration(spread: float = 0.1, max_spread: float | None = None) -> dict:
+    methods = {m: {"seconds_per_iteration": 2.0, "relative_spread": spread if m == "fitnet" else 0.05}
+               for m in ("none", "kd", "fitnet")}
+    return {"max_spread": max_spread, "disturbed": {}, "methods": methods,
+            "matched": {"budget_seconds": 20.0, "iterations": {"none": 10, "kd": 10, "fitnet": 10},
+                        "flop_matched_iterations": {"none": 12, "kd": 10, "fitnet": 11}}}
+
+
+def test_compute_check_flags_runs_outside_15_percent_of_their_budget():
+    check = compute_check(_compute_runs({"none": 21.0, "kd": 19.0, "fitnet": 24.0}), _calibration())
+    assert check["state"] == "failed" and check["off_budget"] == ["compute_matched/fitnet/seed0"]
+    extended = next(row for row in check["runs"] if row["protocol"] == "extended")
+    assert extended["budget_seconds"] == 40.0 and extended["within"] and extended["flop_matched_iterations"] == 20
+    assert compute_check(_compute_runs({"none": 21.0, "kd": 19.0, "fitnet": 17.5}), _calibration())["passed"]
+
+
+def test_disturbed_calibration_fails_the_check_even_where_max_spread_is_null():
+    runs = _compute_runs({"none": 20.0, "kd": 20.0, "fitnet": 20.0})
+    check = compute_check(runs, _calibration(spread=1.058, max_spread=None))  # the smoke profile: max_spread null
+    assert check["state"] == "failed" and check["disturbed"] == {"fitnet": pytest.approx(1.058)}
+    assert "disturbed" in compute_failure(check) and "106 %" in compute_failure(check)
+    assert compute_check(runs, None)["state"] == "not checked"
+
+
+def _full_run(kd: float, cwd: float, fitnet_seconds: float = 20.0) -> tuple[pd.DataFrame, dict]:
+    runs = pd.concat([_controls(kd, cwd), _table("compute_matched", {"none": 0.40, "kd": 0.42, "cwd": 0.41,
+                                                                     "fitnet": 0.40})])  # fmt: skip
+    runs["iterations"], runs["train_seconds"] = 10, 20.0
+    runs.loc[(runs.protocol == "compute_matched") & (runs.method == "fitnet"), "train_seconds"] = fitnet_seconds
+    runs["run"] = runs.protocol + "/" + runs.method + "/seed" + runs.seed.astype(str)
+    return runs, _calibration()
+
+
+def test_failed_positive_control_makes_every_claim_cannot_judge_and_keeps_its_numbers():
+    runs, calibration = _full_run(kd=0.405, cwd=0.40)
+    conditions = preconditions(runs, 50.0, calibration)
+    claims = judge(runs, SPECIFIC, 50.0, conditions)
+    assert [c["verdict"] for c in claims] == [CANNOT_JUDGE] * 3
+    assert all(c["verdict_if_judged"] in ("supported", "contradicted", "inconclusive") for c in claims)
+    assert all(c["withheld_because"].startswith("the positive control failed") for c in claims)
+
+
+def test_failed_compute_check_withholds_the_compute_claims_only_after_a_passed_control():
+    runs, calibration = _full_run(kd=0.43, cwd=0.42, fitnet_seconds=30.0)
+    conditions = preconditions(runs, 50.0, calibration)
+    assert conditions["positive_control"]["passed"] and conditions["compute_check"]["state"] == "failed"
+    claims = judge(runs, SPECIFIC, 50.0, conditions)
+    assert {c["verdict"] for c in claims} == {CANNOT_JUDGE}
+    assert "outside ±15 % of their budget" in claims[1]["withheld_because"]
+    runs, calibration = _full_run(kd=0.43, cwd=0.42)
+    judged = judge(runs, SPECIFIC, 50.0, preconditions(runs, 50.0, calibration))
+    assert CANNOT_JUDGE not in {c["verdict"] for c in judged}
+
+
+def test_verdict_record_carries_the_positive_control_and_the_capacity_gap_in_the_regime():
+    from kdrepro.analysis.results import verdict_record
+    from kdrepro.analysis.stats import summarize
+
+    runs, calibration = _full_run(kd=0.43, cwd=0.42)
+    runs = pd.concat([runs, pd.DataFrame([{"protocol": "teacher", "method": "teacher", "multiplier": 1.0, "seed": 0,
+                                            "miou": 0.50, "iterations": 30, "train_seconds": 60.0}])])  # fmt: skip
+    per_class = pd.DataFrame(columns=["protocol", "method", "multiplier", "seed", "class_name", "iou"])
+    record = verdict_record(runs, summarize(runs, 50.0), per_class, "synthetic", calibration, {"positive_control": ["kd"]})
+    assert record["regime"]["positive_control"]["methods"] == ["kd"] and record["regime"]["positive_control"]["passed"]
+    assert record["regime"]["capacity_gap"]["gap"] == pytest.approx(50.0 - 41.0) and record["can_judge"]
+    assert record["compute_check"]["passed"]

@@ -110,8 +110,10 @@ def test_prepare_generates_once_then_is_a_no_op(tmp_path):
     image, label = dataset[0]
     assert image.shape == (3, 64, 128) and label.shape == (64, 128)  # the profile's crop (48x96 image padded)
     assert set(label.unique().tolist()) <= set(range(19)) | {255}
-    image, label = build_dataset(synthetic_cfg(root), "val", train_transforms=False)[2]
-    assert image.shape == (3, 64, 128) and label.shape == (48, 96)  # image at test_scale, label at original size
+    cfg = synthetic_cfg(root)
+    image, label = build_dataset(cfg, "val", train_transforms=False)[2]
+    test_width, test_height = cfg.test_scale
+    assert image.shape == (3, test_height, test_width) and label.shape == (48, 96)  # at test_scale; label as written
 
 
 def test_prepare_regenerates_when_the_seed_changes(tmp_path):
@@ -155,7 +157,7 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
 def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
-                                                                 "height": 64, "width": 128}  # fmt: skip
+                                                                 "height": 128, "width": 256}  # fmt: skip
     assert cfg["label_set"] == "categories" and cfg["num_classes"] == 7  # the synthetic profile scores the categories
     assert OmegaConf.to_container(load_config(["profile=cityscapes"]).dataset).get("label_set", "classes") == "classes"
 

@@ -58,7 +58,7 @@ def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     _write_params(repo, profile=profile, extended={"multipliers": ["2", "4"]})  # the synthetic_study run's budgets
     dag = _dvc(repo, "dag", "--dot")
     assert dag.returncode == 0, dag.stderr
-    stages = ("data", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
+    stages = ("data", "hardware", "pretrain", "teacher", "student@iter_matched", "student@compute_matched", "calibrate",
               "iter_matched@kd", "compute_matched@cwd", "select", "student_extended@2", "extended@kd-4",
               "extended@fitnet-2", "extended_best@4", "results")
     for stage in stages:
@@ -131,8 +131,13 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     experiments = _dvc(repo, "exp", "show", "--no-pager")
     assert experiments.returncode == 0, experiments.stderr
 
+    hardware = json.loads((repo / "runs" / "smoke" / "hardware.json").read_text())
+    assert set(hardware) == {"precision", "channels_last", "threads", "reason"}  # the decision only, no timings
+    assert kd_run["speed"]["precision"] == hardware["precision"] == calibration["speed"]["precision"]
+    assert verdict["regime"]["speed"]["reason"]["precision"] == hardware["reason"]["precision"]
     second = _dvc(repo, "repro")
-    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    ran = {line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")}
+    assert second.returncode == 0 and ran == {"hardware"}, second.stdout  # checked every time; it decided before
     # a third seed trains only the new seed's runs: finished seeds are no-ops inside the persisted stage folders
     before = (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes()
     _write_params(repo, seeds=[0, 1, 2])
@@ -185,6 +190,39 @@ def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(pi
     assert "none" not in after["reused"] and {"kd", "fitnet"} <= set(after["reused"])
     assert after["methods"]["none"]["rescaled"]["anchor"] == "kd" and after["max_spread"] == 0.5
 
+
+
+#: Every stage whose command writes a run folder (kdrepro.train.run_folder), with one setting of its own to change.
+RUN_FOLDER_STAGES = {"pretrain": ("  iterations: 6\n", "  iterations: 5\n"),
+                     "teacher": ("teacher_iterations: 6\n", "teacher_iterations: 5\n")}  # fmt: skip
+
+
+def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(pipeline_copy):
+    """Every stage that writes a run folder archives a run of another config (on_config_change=archive), so an
+    ordinary parameter change never stops `dvc repro`; the earlier runs are kept beside the new ones."""
+    repo = pipeline_copy
+    assert (repo / "runs" / "smoke" / "teacher" / "checkpoint.pt").exists(), "run test_whole_pipeline_on_the_smoke_profile first"
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in RUN_FOLDER_STAGES:
+        assert "on_config_change=archive" in dvc_yaml[stage]["cmd"], stage
+    profile = repo / "kdrepro" / "conf" / "profile" / "smoke.yaml"
+    original = profile.read_text()
+    changed = original
+    for old, new in RUN_FOLDER_STAGES.values():
+        assert changed.count(old) == 1, old
+        changed = changed.replace(old, new)
+    profile.write_text(changed)
+    try:
+        rerun = _dvc(repo, "repro")
+    finally:
+        profile.write_text(original)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
+    reran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"pretrain", "teacher", "results", "index"} <= reran, reran
+    assert json.loads((repo / "runs" / "smoke" / "teacher" / "metrics.json").read_text())["iterations"] == 5
+    assert list((repo / "runs" / "smoke" / "pretrain").glob("student.superseded-*/backbone.pth"))  # kept, not lost
+    assert list((repo / "runs" / "smoke").glob("teacher.superseded-*/checkpoint.pt"))
+    assert (repo / "reports" / "index.html").exists()
 
 @pytest.mark.parametrize(
     "params, message",

@@ -42,11 +42,16 @@ class PageReport:
     broken_images: list[str] = field(default_factory=list)
     images: int = 0
     found_ids: set[str] = field(default_factory=set)
+    viewport_width: int = 0
+    scroll_width: int = 0
+    widest: list[str] = field(default_factory=list)
 
     def problems(self, required_ids: tuple[str, ...] = ()) -> list[str]:
         missing = [f"missing element #{name}" for name in required_ids if name not in self.found_ids]
+        sideways = ([f"scrolls sideways at {self.viewport_width} px: page {self.scroll_width} px wide "
+                     f"(widest: {'; '.join(self.widest)})"] if self.scroll_width > self.viewport_width else [])  # fmt: skip
         return ([f"remote request {u}" for u in self.remote_requests] + [f"console error {e}" for e in self.console_errors]
-                + [f"broken image {i}" for i in self.broken_images] + missing)
+                + [f"broken image {i}" for i in self.broken_images] + missing + sideways)
 
 
 class Browser:
@@ -92,14 +97,18 @@ class Browser:
             if events is not None and "method" in message:
                 events.append(message)
 
-    def check(self, page: Path, ids: tuple[str, ...] = (), settle_seconds: float = 1.0) -> PageReport:
-        """Load ``page`` (a local HTML file), wait for its load event, and collect what went wrong."""
+    def check(self, page: Path, ids: tuple[str, ...] = (), settle_seconds: float = 1.0, width: int | None = None) -> PageReport:
+        """Load ``page`` (a local HTML file), wait for its load event, and collect what went wrong; ``width``: emulate
+        a screen that many CSS pixels wide (a phone at 390, with its viewport meta tag honoured)."""
         url = Path(page).resolve().as_uri()
         target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         events: list[dict] = []
         for domain in ("Network", "Runtime", "Log", "Page"):
             self._call(f"{domain}.enable", session=session, events=events)
+        if width is not None:
+            self._call("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1,
+                                                              "mobile": width < 600}, session=session, events=events)
         self._call("Page.navigate", {"url": url}, session=session, events=events)
         deadline = time.monotonic() + 60
         while not any(e["method"] == "Page.loadEventFired" for e in events) and time.monotonic() < deadline:
@@ -119,6 +128,8 @@ class Browser:
         found = self._call("Runtime.evaluate", {"expression": f"{json.dumps(list(ids))}.filter(id => document.getElementById(id))",
                                                 "returnByValue": True}, session=session, events=events)
         report.found_ids = set(found["result"]["value"])
+        widths = self._call("Runtime.evaluate", {"expression": _WIDTH_JS, "returnByValue": True}, session=session, events=events)
+        report.viewport_width, report.scroll_width, report.widest = widths["result"]["value"]
         for event in events:
             self._record(event, report)
         self._call("Target.closeTarget", {"targetId": target})
@@ -163,6 +174,16 @@ _IMAGES_JS = """(() => {
                                     || i.alt === 'figure without a description')
                        .map(i => (i.alt || i.src.slice(0, 60)));
   return {count: images.length, broken: broken};
+})()"""
+
+
+#: [viewport width, page scroll width, the three widest elements that stick out past the viewport]
+_WIDTH_JS = """(() => {
+  const view = document.documentElement.clientWidth;
+  const wide = [...document.querySelectorAll('body *')].map(e => [e.getBoundingClientRect().right, e])
+    .filter(([right]) => right > view + 1).sort((a, b) => b[0] - a[0]).slice(0, 3)
+    .map(([right, e]) => `${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''}.${[...e.classList].join('.')} ${Math.round(right)}px`);
+  return [view, document.documentElement.scrollWidth, wide];
 })()"""
 
 

@@ -34,8 +34,21 @@ def test_the_checker_catches_what_it_is_for(browser, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("width", [1400, 1024, 390])
 @pytest.mark.parametrize("name", ["index", *PAGES])
-def test_rendered_page_is_clean_in_a_browser(browser, rendered, name):
-    report = browser.check(rendered / "reports" / f"{name}.html", REQUIRED.get(name, ()))
+def test_rendered_page_is_clean_in_a_browser(browser, rendered, name, width):
+    """Clean at a desktop, a laptop and a phone width; the page never scrolls sideways (scrollWidth ≤ viewport:
+    wide tables scroll inside their own box)."""
+    report = browser.check(rendered / "reports" / f"{name}.html", REQUIRED.get(name, ()), width=width)
     assert report.problems(REQUIRED.get(name, ())) == []
+    assert width - 20 <= report.viewport_width <= width and report.scroll_width <= report.viewport_width  # less a scrollbar
     assert report.images >= (0 if name == "index" else 1)
+
+
+def test_the_checker_catches_a_page_that_scrolls_sideways(browser, tmp_path):
+    page = tmp_path / "wide.html"
+    page.write_text('<html><head><meta name="viewport" content="width=device-width, initial-scale=1.0"></head>'
+                    '<body><table id="wide"><tr><td style="min-width:900px">x</td></tr></table></body></html>')
+    report = browser.check(page, width=390)
+    assert report.scroll_width > 390 and "scrolls sideways at 390 px" in " | ".join(report.problems())
+    assert "table#wide" in " | ".join(report.problems())

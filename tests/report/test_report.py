@@ -4,6 +4,8 @@ pages and the index (template, dulwich commit)."""
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -65,8 +67,37 @@ def test_locate_resolves_defaults_from_the_notebooks_folder(tmp_path):
         readers.locate(start=tmp_path)
 
 
+def test_root_rule_works_in_a_copy_without_dvc_yaml_and_its_errors_name_it(tmp_path, monkeypatch):
+    """A copy of the notebooks and the results, without dvc.yaml or params.yaml: the results one folder up are found."""
+    fixtures.make_repository(tmp_path)
+    (tmp_path / "dvc.yaml").unlink()
+    (tmp_path / "params.yaml").unlink()
+    inputs = readers.locate(start=tmp_path / "notebooks")
+    assert inputs.root == tmp_path.resolve() and inputs.profile == "smoke"  # the only profile with results
+    assert readers.read_verdict(inputs.results_dir)["regime"]["profile"] == "smoke"
+    (tmp_path / "results" / "other").mkdir()
+    (tmp_path / "results" / "other" / "verdict.json").write_text("{}")
+    with pytest.raises(ConfigError) as caught:
+        readers.locate(start=tmp_path / "notebooks")
+    assert "results exist for other, smoke" in str(caught.value) and "nearest folder at or above" in str(caught.value)
+    monkeypatch.chdir(tmp_path / "notebooks")
+    with pytest.raises(ConfigError, match=r"stats.csv does not exist \(repository root .*nearest folder at or above"):
+        readers.read_stats(tmp_path / "results" / "other")
+
+
+def test_readme_notebook_example_names_methods_every_profile_runs():
+    """README's `methods = [...]` example: only methods that params.yaml must list (extended runs, positive control)."""
+    from kdrepro.analysis.verdict import DEFAULT_SETTINGS
+    from kdrepro.config import roles
+
+    readme = (fixtures.ROOT / "README.md").read_text()
+    example = readme[readme.index("## Explore the notebooks"):].split("`methods = [", 1)[1].split("]", 1)[0]
+    named = {name.strip().strip('"') for name in example.split(",")}
+    assert named and named <= set(roles().canonical) | set(DEFAULT_SETTINGS["positive_control"])
+
+
 def test_missing_tables_name_the_command_that_writes_them(tmp_path):
-    with pytest.raises(ConfigError, match="stats.csv does not exist; run `make repro`"):
+    with pytest.raises(ConfigError, match="stats.csv does not exist .*; run `make repro`"):
         readers.read_stats(tmp_path)
     with pytest.raises(ConfigError, match="verdict.json does not exist"):
         readers.read_verdict(tmp_path)
@@ -109,19 +140,35 @@ def test_table1_marks_differences_inside_the_noise(stats, meta):
 
 def test_verdict_block_states_every_claim_in_words():
     verdict = fixtures.verdict(None)
-    html = matched.verdict_html(verdict)
+    html = matched.verdict_html(verdict, fixtures.DISPLAY)
     assert 'id="verdict"' in html and html.count("verdict-badge") == 3
     for word in ("supported", "contradicted", "inconclusive"):
         assert f"verdict-{word}" in html
-    assert "dist_minus_kd_iter = 1.50" in html and "gap 10.0 points" in html
-    verdict["claims"][1]["figures"]["per_class"] = {"difference": 0.1188, "deciding": ["flat", "vehicle"], "largest": "sky"}
-    assert "per_class = difference: 0.12 · deciding: flat, vehicle · largest: sky" in matched.verdict_html(verdict)
+    # one sentence per claim with display names, the figures in a small table, no raw `key = value` dumps
+    assert "Compute-matched, KD (the better canonical method) scores +0.8 mIoU points against CWD" in html
+    assert "DIST above KD iteration-matched, below it compute-matched" in html
+    assert 'class="kdrepro-figures"' in html and "best segmentation-specific</th>" in html
+    assert "best_specific" not in html and "canonical =" not in html and "per_class" not in html and "4× the" in html
+    assert "no single class (largest share: sky, 35 %)" in html
+    # the teacher's schedule wherever its mIoU appears
+    assert "40.0 mIoU after 300 iterations (one run)" in html
+    assert "Positive control passed" in html and "KD +2.0 [+1.6, +2.4]" in html
+    assert "Capacity gap: the teacher leads the student alone at its longest control (4× the budget, 106 iterations) by 3.6 points" in html
+    assert "kdrepro-flag" not in html
     assert "86 % of its mIoU at 4x the schedule" in matched.regime_line(verdict)
     verdict["regime"].pop("schedule")
     assert "has 86 % of its mIoU at 4× the schedule" in matched.regime_line(verdict)
     assert "learns" not in matched.regime_line(verdict)
     verdict["regime"]["classes_learned_by_student"] = {"present": 7, "learned": 5, "not_learned": ["object", "human"]}
     assert "learns 5 of the 7 classes present in validation (IoU 0: object, human)." in matched.regime_line(verdict)
+
+
+def test_failed_positive_control_says_first_that_the_run_cannot_judge():
+    html = matched.verdict_html(fixtures.verdict(None, control_passed=False), fixtures.DISPLAY)
+    flag = html.index("This run cannot judge the paper&#39;s claims.")
+    assert flag < html.index("kdrepro-regime") < html.index("(a)")  # before anything else of the block
+    assert html.count("⚠ cannot judge") == 3 and "Positive control FAILED" in html
+    assert "Its numbers alone would say supported" in html and "CWD +0.5 [-3.0, +4.0]" in html
 
 
 def test_per_class_matrix_averages_seeds_and_drops_absent_classes(stats, meta):
@@ -141,10 +188,30 @@ def test_spread_labels_keeps_order_and_gap():
     assert list(np.argsort(placed)) == list(np.argsort(values)) and placed[3] == 40.0
 
 
+def test_no_label_sits_on_an_error_bar_and_axes_stay_in_their_range(stats, meta):
+    """The slope chart's labels stand in columns outside the axes (a label-repel layout), the extended chart uses a
+    legend; neither axis leaves [0, 100] mIoU, so % of teacher never goes negative."""
+    _, names, families = readers.method_maps(stats)
+    slope = matched.plot_rank_change(stats, meta, "smoke")
+    slope.canvas.draw()
+    inside = slope.axes[0].get_window_extent()
+    labels = [t for t in slope.axes[0].texts if t.get_text().strip()]
+    assert len(labels) == 2 * len(set(stats[stats.protocol == "compute_matched"].method))
+    assert not [t.get_text() for t in labels if Text.get_window_extent(t).overlaps(inside)]  # the text, not its leader
+    wide = stats.copy()
+    wide.loc[wide.method == "cwd", "miou_ci_low"] = -40.0  # two seeds: a t-interval can reach below 0
+    budget = extended.plot_budget(extended.budget_frame(wide), families, names, 40.0, "smoke", teacher_iterations=300)
+    axis = budget.axes[0]
+    assert axis.get_ylim()[0] >= 0 and axis.get_ylim()[1] <= 100
+    assert [t.get_text() for t in axis.get_legend().get_texts()][0].startswith("Student alone")
+    assert {t.get_text().strip() for t in axis.texts} == {"teacher 40.0 after 300 iterations"}  # with its schedule
+    assert matched.plot_rank_change(wide, meta).axes[0].get_ylim()[0] >= 0
+    plt.close("all")
+
+
 def test_labels_of_a_figure_do_not_overlap(stats, meta):
     _, names, families = readers.method_maps(stats)
     for fig in (cost.plot_pareto(stats, families, names, {}, "smoke"),
-                extended.plot_budget(extended.budget_frame(stats), families, names, 40.0, "smoke"),
                 matched.plot_rank_change(stats, meta, "smoke")):
         fig.canvas.draw()
         boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts if t.get_text().strip()]  # text, not leader line
@@ -176,6 +243,31 @@ def test_calibration_header_warns_of_disturbed_timing():
     assert "dvc repro -f -s calibrate" in text
 
 
+def test_disturbed_timing_note_works_where_max_spread_is_null():
+    """The smoke profile sets calibrate.max_spread null; the compute check's own limit still finds the disturbance."""
+    header = {"matched": {"budget_seconds": 21.4, "reference_method": "kd", "reference_iterations": 4}, "max_spread": None}
+    check = {"disturbed": {"fitnet": 1.058, "kd": 1.014}, "disturbed_spread": 0.5}
+    text = cost.calibration_header(header, check)
+    assert "**Disturbed timing**: IQR / median above 50 % for `fitnet` (106 %), `kd` (101 %)" in text
+
+
+def test_cost_table_gives_seeds_seconds_against_budget_and_flop_matched_iterations_in_figure_order():
+    check = fixtures.compute_check(fixtures.runs_table(), {"compute_matched/dist/seed0": 0.6})
+    table = cost.cost_table(fixtures.calibration_table(), fixtures.DISPLAY, check).set_index("method")
+    assert table.loc["KD", "seeds"] == 2 and table.loc["KD", "FLOP-matched iterations"] == 40
+    assert table.loc["KD", "train s / budget (mean)"] == "2.0 / 2.0 s (100 %)"
+    assert table.loc["DIST", "train s / budget (mean)"].startswith("⚠") and "a seed at 60 %" in table.loc["DIST", "train s / budget (mean)"]
+    html = cost.off_budget_style(style.styled(table.reset_index())).to_html()
+    assert html.count("#c00000") == 1
+    figure = cost.plot_cost(fixtures.calibration_table(), fixtures.FAMILY, fixtures.DISPLAY)
+    ticks = sorted(figure.axes[0].get_yticklabels(), key=lambda t: -t.get_position()[1])  # top to bottom on screen
+    shown = [t.get_text() for t in ticks]
+    assert shown == list(table.index) or shown[::-1] == list(table.index)
+    top = max(figure.axes[0].get_yticklabels(), key=lambda t: figure.axes[0].transData.transform(t.get_position())[1])
+    assert top.get_text() == list(table.index)[0]  # the cheapest on top, as the table's first row
+    plt.close(figure)
+
+
 def test_cost_table_shows_the_timing_spread():
     table = cost.cost_table(fixtures.calibration_table(), {"dist": "DIST"}).set_index("method")
     assert table.loc["DIST", "IQR (ms)"] == "54.6–75.4" and table.loc["DIST", "IQR / median (%)"] == pytest.approx(32.0)
@@ -194,12 +286,19 @@ def test_extended_frame_has_the_student_alone_at_every_budget(stats):
     assert table.loc[("kd", "4×"), "Δ vs student alone, same budget"] == "+2.0 [+2.0, +2.0]"
 
 
-def test_published_table_keeps_ratios_and_miou_apart(stats):
-    table = extended.published_table(stats, {}, 40.0, "smoke")
-    paper = table[(table["published row"] == "Canonical KD student (paper)") & (table.dataset == "ade20k")].iloc[0]
-    assert pd.isna(paper["published mIoU (%)"]) and paper["published % of teacher"] == 92.0
-    assert paper["this run (smoke): best extended mIoU"] == "39.0 (4×)"
-    assert (table.schedule != "").all() and set(table.source) == set(SOURCES)
+def test_published_table_has_one_row_per_method_no_typos_and_this_runs_columns_first(stats):
+    table = extended.published_table(stats, {"kd": "KD (logits)"}, 40.0, "smoke")
+    assert table.method.is_unique and list(table.method).count("Teacher (PSPNet-R101)") == 1
+    assert "SKDS" not in table.to_string() and "SKD" in set(table.method)
+    assert list(table.columns)[:2] == ["method", "this run (smoke): compute-matched mIoU"]
+    teacher = table.set_index("method").loc["Teacher (PSPNet-R101)"]
+    assert teacher["published Cityscapes"] == "79.74 [bpkd]; 79.76 [mmseg]; 79.80 [paper]"
+    kd = table.set_index("method").loc["KD (logits)"]
+    assert kd["published ADE20K"] == "92 % of the teacher [paper]" and kd["published Cityscapes"] == "79.00 [paper]"
+    assert kd["this run (smoke): best extended mIoU"] == "39.0 (4×)"
+    assert (table.schedule != "").all()
+    cited = {key for cell in table["published Cityscapes"] for key in SOURCES if f"[{key}]" in cell}
+    assert cited == set(SOURCES)
 
 
 def test_published_entry_gives_source_and_schedule():
@@ -275,3 +374,47 @@ def test_index_shows_verdict_table1_pages_and_provenance(tmp_path):
     assert page.index('id="verdict"') < page.index('id="table1"') < page.index("Provenance")
     assert '<a href="cost.html"><b>Cost per iteration</b></a>' in page and "<b>Training curves</b> <i>(not rendered yet)</i>" in page
     assert "2.0 s = 40 iterations of kd (reference method)" in page and "git commit" in page
+    # provenance: repository-relative paths, one date format, the CPU and the precision
+    assert str(tmp_path) not in page and "<td>runs/smoke</td>" in page and "<td>results/smoke</td>" in page
+    assert "<td>2026-11-30 05:00 UTC</td>" in page and "+00:00" not in page
+    assert "CPU AMD EPYC (2 threads)" in page and "<th>precision</th><td>bf16</td>" in page
+    assert "family</th>" not in page  # no empty "family / method" header row
+    # this run's columns first, the published scale reference last; per-row seeds and budget
+    assert page.index("iteration-matched") < page.index("compute-matched") < page.index("published (Cityscapes)")
+    assert "train s / budget" in page and "iterations (FLOP-matched)" in page and "kdrepro-off-budget" not in page
+    assert "Teacher (one run, 300 iterations)" in page
+
+
+def test_run_outside_its_budget_is_flagged_red_on_the_page_and_the_verdict(tmp_path):
+    """A constructed run table in which one compute-matched run trained 40 % longer than its budget."""
+    fixtures.make_repository(tmp_path)
+    runs = fixtures.runs_table()
+    verdict = fixtures.verdict()
+    verdict["compute_check"] = fixtures.compute_check(runs, {"compute_matched/fitnet/seed1": 1.4})
+    path = tmp_path / "results" / "smoke" / "verdict.json"
+    path.write_text(json.dumps(verdict))
+    page = index.write_index(readers.locate(start=tmp_path)).read_text()
+    assert "Compute matching did not hold in this run." in page and "cannot be judged" in page
+    assert "1 of 26 compute-matched or extended runs (FitNet (features)) trained outside ±15 % of their budget (140 % of the budget)" in page
+    flagged = page[page.index("kdrepro-off-budget") - 2500 : page.index("kdrepro-off-budget")]
+    assert "FitNet" in flagged and "140 % of budget" in page and page.count("kdrepro-off-budget") == 1
+
+
+def test_qualitative_column_titles_do_not_run_together():
+    from kdrepro.report.qualitative import plot_qualitative
+
+    picture = np.zeros((64, 128, 3), dtype=np.uint8)
+    titles = ["student alone:\nStudent alone", "logit KD:\nKD (logits)", "best seg.-specific:\nCWD",
+              "best extended KD (4×):\nFitNet (features)", "teacher"]
+    panels = {"titles": titles, "present": [0], "names": ["road"], "colours": [[128, 64, 128]],
+              "images": [{"index": 0, "image": picture, "truth": picture, "predictions": [picture] * len(titles),
+                          "errors": [picture] * len(titles), "miou": [40.0] * len(titles)}]}
+    fig = plot_qualitative(panels, "smoke")
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in fig.axes[: 2 + len(titles)] if ax.get_title()]
+    assert len(boxes) == 2 + len(titles)
+    panel = fig.axes[0].get_window_extent().width
+    gaps = [right.x0 - left.x1 for left, right in zip(boxes, boxes[1:], strict=False)]
+    assert min(gaps) >= 0.15 * panel, gaps  # a visible gap between neighbouring titles, not just no overlap
+    assert all(box.y1 <= fig.bbox.y1 for box in boxes)  # inside the figure
+    plt.close(fig)

@@ -55,3 +55,16 @@ def test_a_run_repeated_is_bit_identical(tiny_teacher, tmp_path):
     (first, first_model), (second, second_model) = runs
     assert first["miou"] == second["miou"] and first["per_class_iou"] == second["per_class_iou"]
     assert all(torch.equal(first_model[key], second_model[key]) for key in first_model)
+
+
+def test_budget_is_resolved_once_and_passed_down(monkeypatch, tmp_path):
+    """train_seeds resolves the budget once (eval_points needs it) and hands the same one to every seed's run."""
+    from kdrepro.train import run, seeds
+
+    resolved, handed = [], []
+    real = seeds.resolve_budget
+    monkeypatch.setattr(seeds, "resolve_budget", lambda *args: resolved.append(args) or real(*args))
+    monkeypatch.setattr(run, "train", lambda cfg, budget=None: handed.append((cfg.eval_every, budget)) or {})
+    train_seeds(load_config(["profile=smoke", "seeds=[0,1]", "eval_points=1", f"out_dir={tmp_path}"]))
+    assert len(resolved) == 1 and len(handed) == 2
+    assert handed[0][1] is handed[1][1] and handed[0][1].iterations == 4 and handed[0][0] == 2
