@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="calibrations per setting and load (interleaved)")
     parser.add_argument("--methods", default="none,kd,fitnet")
     parser.add_argument("--reference", default="kd")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="which of before,after to run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: the synthetic profile's calibration)")
     args = parser.parse_args()
@@ -92,16 +93,18 @@ def main() -> None:
         return child(args.overrides)
     # random-init backbones: runs on a fresh clone, without the pipeline's pre-trained ones (same cost)
     overrides = ["student.pretrained=null", "teacher.pretrained=null", f"calibrate.methods=[{args.methods}]", *args.overrides]
-    runs: dict[tuple[str, bool], list[dict[str, float]]] = {(s, b): [] for s in SETTINGS for b in (False, True)}
+    chosen = args.settings.split(",")
+    runs: dict[tuple[str, bool], list[dict[str, float]]] = {(s, b): [] for s in chosen for b in (False, True)}
     for repeat in range(args.repeats):
-        for setting in SETTINGS:
+        for setting in chosen:
             for busy in (False, True) if repeat % 2 == 0 else (True, False):
                 table = calibrate_once(setting, busy, overrides)
                 runs[setting, busy].append(ratios(table, args.reference))
                 speed = ", ".join(f"{n} {1000 * e['seconds_per_iteration']:.0f} ms" for n, e in table.items())
                 print(f"repeat {repeat + 1} {setting:<6} {'with' if busy else 'without':<7} extra process: {speed}", flush=True)
     print(f"\nratio to {args.reference} (median of {args.repeats}): without / with one extra CPU-bound process")
-    for setting, (clock, policy) in SETTINGS.items():
+    for setting in chosen:
+        clock, policy = SETTINGS[setting]
         print(f"{setting} (clock {clock}, OMP_WAIT_POLICY {policy or 'default'}):")
         worst = 0.0
         for name in args.methods.split(","):

@@ -25,8 +25,8 @@ machine takes cores away, which stretches wall time (and, with two threads on tw
 barrier on the descheduled thread), but barely changes the CPU time an iteration needs. ``kdrepro calibrate`` sets
 ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (:func:`kdrepro.cli.passive_openmp`), so threads waiting at a barrier sleep
 instead of spinning and their waiting is not counted as work. The medians are expressed in wall-clock seconds by one
-factor common to every method (pooled wall / CPU time of all timed iterations, ``clock.wall_per_cpu`` in the
-table), so budgets keep their unit and the matched iteration counts depend on the CPU-time ratios alone.
+factor common to every method (pooled wall / CPU time of all timed iterations, each entry's ``wall_per_cpu``),
+so budgets keep their unit and the matched iteration counts depend on the CPU-time ratios alone.
 
 **Disturbed measurements** are re-measured before any budget is derived. A method is disturbed when its timed
 iterations spread by more than ``calibrate.max_spread`` (IQR over median; 0.5 by default, where 12 samples per
@@ -292,6 +292,7 @@ def _measure(
             "relative_spread": (_quantile(totals, 0.75) - _quantile(totals, 0.25)) / median,
             "wall_seconds_per_iteration": statistics.median(record["total"] for record in history),
             "cpu_seconds_per_iteration": statistics.median(record["cpu"] for record in history),
+            "wall_per_cpu": scale if key == "cpu" else None,
             "samples": len(totals),
             "phase_median_seconds": {phase: statistics.median(r[phase] for r in history) for phase in PHASES},
             "pretrain_iterations": distiller.pretrain_iterations,
@@ -367,7 +368,7 @@ def _undisturbed(
     one-line :class:`CalibrationDisturbed` if a method stays disturbed."""
     measured = measure(configs)
     for attempt in range(int(settings.get("remeasure", 2)) + 1):
-        causes = {name: cause for name, cause in disturbance({**{n: previous[n] for n in kept}, **measured}, settings).items()
+        causes = {name: cause for name, cause in disturbance(_pooled(measured, previous, kept), settings).items()
                   if name in measured}
         if not causes:
             return measured
@@ -382,6 +383,17 @@ def _undisturbed(
         f"calibration stayed disturbed after {int(settings.get('remeasure', 2))} re-measurement(s): {name}: {cause}{others}; "
         "another process is using the CPU: stop it and calibrate again (`dvc repro -s calibrate`); no budget was written"
     )
+
+
+def _pooled(measured: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]], kept: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The fresh measurements beside the reused entries, in the previous session's time scale (by the anchor both
+    hold), so that the time-per-FLOP check compares like with like."""
+    common = [name for name in kept if name in measured]
+    if not common:
+        return measured
+    scale = previous[common[0]]["seconds_per_iteration"] / measured[common[0]]["seconds_per_iteration"]
+    fresh = {name: {**entry, "seconds_per_iteration": entry["seconds_per_iteration"] * scale} for name, entry in measured.items()}
+    return {**{name: previous[name] for name in kept if name not in measured}, **fresh}
 
 
 def _remeasured(

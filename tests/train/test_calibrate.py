@@ -217,3 +217,13 @@ def test_calibrate_command_sets_passive_openmp_before_torch_loads():
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice stays
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["False", "ACTIVE"]
+
+
+def test_reused_entries_join_the_flop_check_in_their_own_time_scale():
+    # the last session ran 5x faster than this one: kd (the anchor, in both) carries the scale, so the fresh
+    # none is not taken for a method 5x dearer than the reused ones
+    previous = {name: entry(seconds / 5, gflops) for name, seconds, gflops in
+                (("kd", 0.25, 2.1), ("fitnet", 0.24, 2.2), ("cwd", 0.25, 2.1), ("at", 0.24, 2.1))}
+    measure = Measurements({"none": entry(0.11, 1.0), "kd": entry(0.25, 2.1)})
+    result = _undisturbed(measure, configs("none", "kd"), previous, ["kd", "fitnet", "cwd", "at"], SETTINGS)
+    assert measure.asked == [["none", "kd"]] and "remeasured" not in result["none"]
