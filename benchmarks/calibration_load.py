@@ -40,8 +40,10 @@ def child(overrides: list[str]) -> None:
     from kdrepro.distributed import DistributedContext
     from kdrepro.models import build_segmentor
     from kdrepro.train import calibrate as calibration
+    from kdrepro.train.hardware import apply_speed
 
-    base = load_config(overrides)
+    # `auto` speed settings decided as `kdrepro calibrate` decides them (once per process: every method the same)
+    base = apply_speed(load_config(overrides))
     torch.set_num_threads(int(base.threads or torch.get_num_threads()))
     height, width = (int(v) for v in base.dataset.crop_size)
     batch, classes = int(base.loader.batch_size), int(base.dataset.num_classes)
@@ -54,7 +56,7 @@ def child(overrides: list[str]) -> None:
         return build_segmentor(cfg.teacher, num_classes).to(device).eval().requires_grad_(False)
 
     calibration.load_teacher, calibration.build_dataset, calibration.training_loader = teacher, lambda *a, **k: None, batches
-    configs = {name: load_config([*overrides, f"method={name}"]) for name in base.calibrate.methods}
+    configs = {name: apply_speed(load_config([*overrides, f"method={name}"])) for name in base.calibrate.methods}
     methods = calibration._measure(base, configs, torch.device("cpu"), DistributedContext())
     keep = ("seconds_per_iteration", "wall_seconds_per_iteration", "cpu_seconds_per_iteration", "relative_spread", "flops_per_iteration")
     print(json.dumps({name: {key: entry[key] for key in keep} for name, entry in methods.items()}))

@@ -42,7 +42,9 @@ def test_bare_step_runs_at_the_harness_precision(overhead, monkeypatch):
     from kdrepro.models import build_segmentor
     from kdrepro.train.trainer import Trainer, autocast_context
 
-    cfg = load_config(["profile=smoke", "method=kd", "precision=bf16", "student.pretrained=null", "teacher.pretrained=null"])
+    # precision fixed to bf16 (what is tested) and the layout fixed too: the profile's `auto` is refused by Trainer
+    cfg = load_config(["profile=smoke", "method=kd", "precision=bf16", "channels_last=false", "student.pretrained=null",
+                       "teacher.pretrained=null"])
     trainer = Trainer(cfg, torch.device("cpu"), teacher=build_segmentor(cfg.teacher, 7).eval())
     precisions = []
     monkeypatch.setattr(overhead, "autocast_context", lambda device, precision: precisions.append(precision) or autocast_context(device, precision))

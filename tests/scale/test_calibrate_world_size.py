@@ -98,7 +98,8 @@ def test_torchrun_calibration_records_world_size_and_guards_training(tiny_teache
         assert entry["samples"] == 4 and entry["seconds_per_iteration"] > 0 and entry["flops_per_iteration"] > 0
     assert table["methods"]["kd"]["flops_per_iteration"] > table["methods"]["none"]["flops_per_iteration"]
 
-    train = [*tiny_teacher, "method=kd", "budget=calibrated", f"budget.calibration={tmp_path / 'calibration'}"]
+    train = [*tiny_teacher, "loader.batch_size=4", "method=kd", "budget=calibrated",
+             f"budget.calibration={tmp_path / 'calibration'}"]  # the calibration's setting, another world size
     capsys.readouterr()
     assert main(["train", *train, f"out_dir={tmp_path / 'refused'}"]) == 2
     error = capsys.readouterr().err.strip()

@@ -355,7 +355,9 @@ def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):
     assert advice in error_line(capsys.readouterr().err)
     params = tmp_path / "params.yaml"
     params.write_text("profile: smoke\nseeds: [0, 1]\n")
-    assert main(["train", "--params", str(params), f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]) == 2
+    explicit_speed = ["precision=fp32", "channels_last=false"]  # no hardware stage ran here
+    assert main(["train", "--params", str(params), f"dataset.root={root}", "method=none", *explicit_speed,
+                 f"out_dir={tmp_path / 'run'}"]) == 2  # fmt: skip
     assert f"run `kdrepro prepare --params {params} dataset.root={root}`" in error_line(capsys.readouterr().err)
     assert main(["prepare", "profile=smoke", f"dataset.root={root}"]) == 0  # the advice prepares exactly that folder
     from kdrepro.data import build_dataset
