@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrepro.errors import ConfigError
+from kdrepro.train.budget import cpu_model
 from kdrepro.train.speed_choice import speed_sentence
 
 log = logging.getLogger("kdrepro.hardware")
@@ -78,7 +78,7 @@ def machine(device_type: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "device": device_type,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(device_type),
         "cores": available_cores(),
@@ -87,16 +87,6 @@ def machine(device_type: str) -> dict[str, Any]:
     if device_type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- the decision ------------------------------------------------------------------------------------------------------
