@@ -74,21 +74,23 @@ def job_id() -> str:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
 
 
-def repro_command(stage: str) -> list[str]:
-    """The venv's ``dvc`` (beside this interpreter), waiting for the repository lock instead of failing on it."""
+def repro_command(stage: str, force: bool = False) -> list[str]:
+    """The venv's ``dvc`` (beside this interpreter), waiting for the repository lock instead of failing on it;
+    ``force``: run the stage even if DVC finds it up to date (``kdrepro launch --force``)."""
     dvc = Path(sys.executable).parent / "dvc"
-    return [str(dvc) if dvc.exists() else "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    return [str(dvc) if dvc.exists() else "dvc", "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
 
 
-def run_stage(root: str, stage: str, nproc: int = 1) -> int:
+def run_stage(root: str, stage: str, nproc: int = 1, force: bool = False) -> int:
     """The job's body: reproduce ``stage`` in ``root``; raise :class:`StageFailed` (the job fails) on an error."""
     repository = Path(root)
     write_state(repository, stage, "running")
     env = dict(os.environ)
     if nproc > 1:
         env[NPROC_ENV] = str(nproc)
-    print(f"$ {' '.join(repro_command(stage))}", flush=True)
-    returncode = subprocess.run(repro_command(stage), cwd=repository, env=env).returncode
+    command = repro_command(stage, force)
+    print(f"$ {' '.join(command)}", flush=True)
+    returncode = subprocess.run(command, cwd=repository, env=env).returncode
     write_state(repository, stage, "done" if returncode == 0 else "failed", returncode=returncode)
     if returncode != 0:
         raise StageFailed(f"dvc repro --single-item {stage} exited with status {returncode}; its output is above")

@@ -19,13 +19,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kdrepro.cluster.dag import Stage, downstream, stages_to_run
+from kdrepro.cluster.dag import Plan, Stage, downstream, stages_to_run
 from kdrepro.cluster.job import LOG_DIR, run_stage, state_path, write_record
 from kdrepro.cluster.resources import Resources, cluster_config, stage_resources
-from kdrepro.cluster.status import active_jobs
+from kdrepro.cluster.status import active_jobs, rows
 from kdrepro.errors import ConfigError
 
 EXECUTORS = ("slurm", "local")
+#: seconds between two looks at the SLURM queue while the launcher waits for an always-changed stage's job
+POLL_SECONDS = 2.0
 #: the launcher's lines appear at once, also in a log file or a pipe
 say = functools.partial(print, flush=True)
 
@@ -50,24 +52,61 @@ def launch(root: Path, executor: str, workers: int | None, overrides: list[str],
         )
     profile = read_params(root / "params.yaml").get("profile", "synthetic")
     config = cluster_config(str(profile), overrides)
-    stages = stages_to_run(root, force, targets)
-    if not stages:
-        echo("nothing to run: every stage is up to date (dvc status is clean)")
-        return 0
+    record: dict[str, Any] = {
+        "executor": executor, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "launcher_pid": os.getpid(), "profile": profile, "workers": workers, "jobs": {},
+    }
+    ran: set[str] = set()
+    while True:
+        plan = stages_to_run(root, force, targets, ran)
+        if not plan.stages:
+            echo("nothing to run: every stage is up to date (dvc status is clean)" if not ran else
+                 f"nothing else to run: {', '.join(sorted(ran))} left every stage after it up to date")
+            return 0
+        status = _run_round(root, executor, workers, config, plan, record, echo, force)
+        if status != 0 or not plan.replan:
+            return status
+        ran |= {stage.name for stage in plan.stages if stage.always_changed}
+
+
+def _run_round(root: Path, executor: str, workers: int | None, config: Any, plan: Plan, record: dict[str, Any],
+               echo: Callable[[str], None], force: bool = False) -> int:
+    """Submit (SLURM) or run (local) one round of stages; a round with an always-changed stage is waited for."""
+    stages = plan.stages
     for stage in stages:
         state_path(root, stage.name).unlink(missing_ok=True)
     resources = {stage.name: stage_resources(config, stage.kind, stage.exclusive) for stage in stages}
-    record: dict[str, Any] = {
-        "executor": executor, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "launcher_pid": os.getpid(), "profile": profile, "workers": workers,
-        "jobs": {s.name: {"upstream": list(s.upstream), "resources": asdict(resources[s.name]), "job_id": None,
-                          "log": None} for s in stages},
-    }
+    record["jobs"].update({s.name: {"upstream": list(s.upstream), "resources": asdict(resources[s.name]),
+                                    "job_id": None, "log": None} for s in stages})
     write_record(root, record)
-    echo(f"{len(stages)} stage(s) to run on {executor}" + (f" with {workers} worker(s)" if workers else ""))
-    if executor == "slurm":
-        return _submit_slurm(root, stages, resources, record, echo)
-    return _run_local(root, stages, resources, record, workers or 1, echo)
+    echo(f"{len(stages)} stage(s) to run on {executor}" + (f" with {workers} worker(s)" if workers else "")
+         + (f" first: {_always_note(stages)}" if plan.replan else ""))
+    if executor == "local":
+        return _run_local(root, stages, resources, record, workers or 1, echo, force)
+    status = _submit_slurm(root, stages, resources, record, echo, force, final=not plan.replan)
+    return status if status != 0 or not plan.replan else _wait_slurm(root, stages, echo)
+
+
+def _always_note(stages: list[Stage]) -> str:
+    names = ", ".join(stage.name for stage in stages if stage.always_changed)
+    return (f"{names} is always changed; as under dvc repro, the stages after it are out of date only if its "
+            "output changes, so the rest is planned when it is done")
+
+
+def _wait_slurm(root: Path, stages: list[Stage], echo: Callable[[str], None]) -> int:
+    """Wait until the round's SLURM jobs ended; 0 if all succeeded (the launch goes on), else 1."""
+    names = {stage.name for stage in stages}
+    while True:
+        table = {row.stage: row for row in rows(root) if row.stage in names}
+        if not any(row.state in ("queued", "running") for row in table.values()):
+            break
+        time.sleep(POLL_SECONDS)
+    failed = sorted(name for name, row in table.items() if row.state != "done")
+    if failed:
+        echo(f"{', '.join(failed)} did not finish ({'; '.join(f'log {table[n].log}' for n in failed)}); "
+             "nothing else was submitted: fix it and launch again")
+        return 1
+    return 0
 
 
 def _line(stage: str, job_id: str, resources: Resources, log: Path, root: Path, after: list[str]) -> str:
@@ -95,7 +134,7 @@ def _slurm_parameters(stage: Stage, resources: Resources, upstream_ids: list[str
 
 
 def _submit_slurm(root: Path, stages: list[Stage], resources: dict[str, Resources], record: dict[str, Any],
-                  echo: Callable[[str], None]) -> int:
+                  echo: Callable[[str], None], force: bool = False, final: bool = True) -> int:
     import submitit
 
     executor = submitit.SlurmExecutor(folder=root / LOG_DIR / "jobs", max_num_timeout=0)
@@ -104,12 +143,12 @@ def _submit_slurm(root: Path, stages: list[Stage], resources: dict[str, Resource
         after = [ids[name] for name in stage.upstream]
         executor.parameters.clear()  # one stage's dependency must not leak into the next
         executor.update_parameters(**_slurm_parameters(stage, resources[stage.name], after))
-        job = executor.submit(run_stage, str(root), stage.name, resources[stage.name].gpus)
+        job = executor.submit(run_stage, str(root), stage.name, resources[stage.name].gpus, force)
         ids[stage.name] = str(job.job_id)
         record["jobs"][stage.name].update(job_id=ids[stage.name], log=str(job.paths.stdout.relative_to(root)))
         write_record(root, record)
         echo(_line(stage.name, ids[stage.name], resources[stage.name], job.paths.stdout, root, after))
-    echo("submitted; follow them with `kdrepro status`")
+    echo("submitted; follow them with `kdrepro status`" if final else "waiting for it (`kdrepro status` shows it)")
     return 0
 
 
@@ -122,7 +161,7 @@ def _visible_gpus(needed: bool) -> list[int]:
 
 
 def _run_local(root: Path, stages: list[Stage], resources: dict[str, Resources], record: dict[str, Any],
-               workers: int, echo: Callable[[str], None]) -> int:
+               workers: int, echo: Callable[[str], None], force: bool = False) -> int:
     """Start each stage when its upstream is done, at most ``workers`` at once; wait for all of them."""
     import submitit
 
@@ -158,7 +197,7 @@ def _run_local(root: Path, stages: list[Stage], resources: dict[str, Resources],
                 gpus, free = free[:need.gpus], free[need.gpus:]
                 executor.update_parameters(timeout_min=need.time_min, gpus_per_node=need.gpus, visible_gpus=tuple(gpus),
                                            stderr_to_stdout=True)
-                job = executor.submit(run_stage, str(root), stage.name, need.gpus)
+                job = executor.submit(run_stage, str(root), stage.name, need.gpus, force)
                 running[stage.name] = (job, gpus)
                 pending.remove(stage)
                 record["jobs"][stage.name].update(job_id=str(job.job_id), log=str(job.paths.stdout.relative_to(root)))
