@@ -1,7 +1,7 @@
 """The smoke pipeline's iteration-matched branch through a real single-node SLURM and through 2 local workers,
 against a sequential `dvc repro` of the same stages.
 
-The stages: data, pretrain, teacher, calibrate (a method's calibration entry is its config card), the student alone
+The stages: data, hardware (always changed: it runs first, as the upstream of the stages launched), pretrain, teacher, calibrate (a method's calibration entry is its config card), the student alone
 and two KD methods at the reference schedule (TARGETS and their upstream; the rest of the pipeline goes through the same code, per stage). One sequential run, one SLURM
 launch (its teacher job killed with scancel, then resubmitted) and one local launch, shared by all assertions; the
 sequential run and the local launch start at once in the background, beside the SLURM test, so the module costs
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from kdrepro.analysis.results import collect_per_class, collect_runs
 from kdrepro.cluster.job import read_state
@@ -28,17 +29,11 @@ from kdrepro.cluster.status import rows
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-pytestmark = [
-    pytest.mark.slow,
-    # Opt-in until the launcher treats the always-changed `hardware` stage as DVC does (run it as the upstream of the
-    # stages it launches, without making all of them out of date): on the merged tree the first launch also submits
-    # `hardware`, which these assertions do not expect yet.
-    pytest.mark.skipif(os.environ.get("KDREPRO_CLUSTER_E2E") != "1",
-                       reason="end-to-end cluster launch: set KDREPRO_CLUSTER_E2E=1 (needs the hardware-stage fix)"),
-]
+pytestmark = pytest.mark.slow
 PARAMS = {"profile": "smoke", "seeds": [0, 1], "methods": ["kd", "fitnet", "cwd"], "extended": {"multipliers": ["2"]},
           "calibrate": {"warmup": 1, "rounds": 1, "iterations_per_round": 1, "reference_method": None}}  # fmt: skip
 TARGETS = ("student@iter_matched", "iter_matched@kd", "iter_matched@fitnet")
+LAUNCHED = {"data", "hardware", "pretrain", "teacher", "calibrate", *TARGETS}
 TIMING = re.compile(r"second|time|hour|rss|memory|created|speed|throughput")
 
 
@@ -111,6 +106,8 @@ def _wait_until_idle(repo: Path, env: dict, timeout: float = 3600) -> dict[str, 
 
 def _same_iteration_matched_rows(repo: Path, reference: Path) -> None:
     """The rows `kdrepro results` writes to runs.csv and per_class.csv, timing columns aside, are identical."""
+    decisions = [(folder / "runs" / "smoke" / "hardware.json").read_text() for folder in (repo, reference)]
+    assert decisions[0] == decisions[1], f"the hardware stage decided differently on the same machine: {decisions}"
     tables = []
     for folder in (repo, reference):
         runs = collect_runs(folder / "runs" / "smoke")
@@ -122,15 +119,25 @@ def _same_iteration_matched_rows(repo: Path, reference: Path) -> None:
     pd.testing.assert_frame_equal(tables[0][1], tables[1][1])
 
 
+def _lock_without_hardware(repo: Path) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    lock["stages"].pop("hardware")
+    return lock
+
+
 def _clean_and_idle(repo: Path, env: dict | None = None) -> None:
+    """`dvc status` clean, a second launch submits nothing, and `dvc repro` runs only what it runs every time (the
+    always-changed hardware stage, which decides as before) and records the same dvc.lock."""
     status = _run(repo, str(BIN / "dvc"), "status", *TARGETS, env=env)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout[-2000:]
     again, jobs = _launch(repo, *TARGETS, *(["--executor", "local"] if env is None else []), env=env)
-    assert jobs == {} and "nothing to run" in again.stdout
-    lock = (repo / "dvc.lock").read_bytes()
+    assert jobs == {} and "nothing to run" in again.stdout, again.stdout
+    lock, decision = _lock_without_hardware(repo), (repo / "runs" / "smoke" / "hardware.json").read_bytes()
     repro = _run(repo, str(BIN / "dvc"), "repro", *TARGETS, env=env)
-    assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout[-2000:]
-    assert (repo / "dvc.lock").read_bytes() == lock  # dvc.lock already recorded what dvc repro records
+    ran = set(re.findall(r"^Running stage '([^']+)'", repro.stdout, re.MULTILINE))
+    assert repro.returncode == 0 and ran == {"hardware"}, repro.stdout[-2000:]
+    assert (repo / "runs" / "smoke" / "hardware.json").read_bytes() == decision
+    assert _lock_without_hardware(repo) == lock  # dvc.lock already recorded what dvc repro records
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +181,9 @@ def slurm_env(tmp_path_factory):
 def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(background, slurm_env, tmp_path_factory, request):
     repo = _copy(tmp_path_factory, "slurm")
     started = time.monotonic()
-    _, jobs = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
-    assert set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
+    first, jobs = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
+    assert set(jobs) == LAUNCHED
+    assert "hardware is always changed" in first.stdout  # it ran first, then the rest was planned
 
     deadline = time.monotonic() + 1800  # kill the teacher's job once it runs
     while (read_state(repo, "teacher") or {}).get("state") != "running":
@@ -189,7 +197,7 @@ def test_slurm_launch_matches_sequential_repro_and_a_killed_job_resumes(backgrou
     assert states["student@iter_matched"] == states["data"] == states["pretrain"] == "done"  # other branches ran on
 
     second, resubmitted = _launch(repo, *TARGETS, "--executor", "slurm", env=slurm_env)
-    assert set(resubmitted) == {"teacher", *held_back}
+    assert set(resubmitted) == {"hardware", "teacher", *held_back}  # hardware: the upstream of the teacher
     assert not {"data", "pretrain", "student@iter_matched"} & set(resubmitted)  # finished stages stay finished
     states = _wait_until_idle(repo, slurm_env)
     assert set(states.values()) == {"done"}, states
@@ -203,7 +211,7 @@ def test_local_workers_match_sequential_repro(background, sequential):
     output, seconds = background["local"].finish()
     repo = background["local"].repo
     jobs = dict(re.findall(r"^(\S+)\s+job (\S+)\s", output, re.MULTILINE))
-    assert "0 failed" in output and set(jobs) == {"data", "pretrain", "teacher", "calibrate", *TARGETS}
+    assert "0 failed" in output and set(jobs) == LAUNCHED
     assert all(f"logs/cluster/jobs/{job}_0_log.out" in output for job in jobs.values())
     print(f"\nlocal launch (2 workers) of the smoke stages: {seconds:.0f} s")
     _same_iteration_matched_rows(repo, sequential)
