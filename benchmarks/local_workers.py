@@ -1,13 +1,15 @@
 """Does ``kdrepro launch --executor local --workers N`` pay against a plain ``dvc repro`` on this machine?
 
-    python benchmarks/local_workers.py [--pairs 1] [--workers 2] [--threads 1] [stage ...]
+    python benchmarks/local_workers.py [--pairs 1] [--workers 2] [--threads 1] [--after STAGE ...] [stage ...]
 
 Each run builds the smoke pipeline from nothing in a fresh copy of this repository (its tracked and untracked,
 not ignored, files; the smoke profile with 2 seeds and kd, fitnet and cwd, as the pipeline tests use), either with
 ``dvc repro`` at the profile's threads (2) or with ``kdrepro launch --executor local --workers N`` at ``--threads``
 per stage (the copy's profile edited), in ABBA order per pair (repro, launch, launch, repro) so that a drift of the
 machine's other load falls on both alike. Printed per run: wall seconds and the CPU seconds of all its processes;
-then launch / repro per pair and their median. Stage names limit both to those stages and their upstream. Writes
+then launch / repro per pair and their median. Stage names limit both to those stages and their upstream. With
+``--after``, those stages (and their upstream) are built once, untimed, and every run starts from a copy of that
+tree: only the stages after them are timed (the per-seed training runs, where the parallelism is). Writes
 ``benchmarks/results/local_workers.json``.
 """
 
@@ -59,17 +61,34 @@ def set_threads(repo: Path, threads: int) -> None:
     profile.write_text(text)
 
 
-def run(kind: str, workers: int, threads: int, targets: list[str]) -> dict[str, float]:
-    """One build from nothing; wall and CPU seconds (every process it started, waited for)."""
+def environment(repo: Path) -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+
+
+def build_base(folder: Path, after: list[str]) -> Path:
+    """A copy with ``after`` and their upstream built by ``dvc repro`` (untimed)."""
+    repo = copy_repository(folder)
+    result = subprocess.run([str(BIN / "dvc"), "repro", *after], cwd=repo, env=environment(repo), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: dvc repro {' '.join(after)} failed in {repo}:\n{(result.stdout + result.stderr)[-3000:]}")
+    return repo
+
+
+def run(kind: str, workers: int, threads: int, targets: list[str], base: Path | None = None) -> dict[str, float]:
+    """One build (from nothing, or from a copy of ``base``); wall and CPU seconds (every process it started)."""
     with tempfile.TemporaryDirectory(prefix=f"kdrepro-{kind}-") as folder:
-        repo = copy_repository(Path(folder))
+        if base is None:
+            repo = copy_repository(Path(folder))
+        else:
+            repo = Path(folder) / "repo"
+            shutil.copytree(base, repo, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
         if kind == "repro":
             command = [str(BIN / "dvc"), "repro", *targets]
         else:
             set_threads(repo, threads)
             command = [str(BIN / "kdrepro"), "launch", *targets, "--executor", "local", "--workers", str(workers)]
-        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo),
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+        env = environment(repo)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
@@ -88,12 +107,16 @@ def main(arguments: list[str]) -> int:
     parser.add_argument("--pairs", type=int, default=1, help="ABBA blocks: each is 2 repro and 2 launch runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage under launch")
+    parser.add_argument("--after", nargs="*", default=[], help="stages built once, untimed, before every run")
     parser.add_argument("targets", nargs="*")
     options = parser.parse_args(arguments)
     runs: list[dict] = []
-    for pair in range(options.pairs):
-        for kind in ("repro", "launch", "launch", "repro"):
-            runs.append({"pair": pair, "kind": kind, **run(kind, options.workers, options.threads, options.targets)})
+    with tempfile.TemporaryDirectory(prefix="kdrepro-base-") as folder:
+        base = build_base(Path(folder), options.after) if options.after else None
+        for pair in range(options.pairs):
+            for kind in ("repro", "launch", "launch", "repro"):
+                measured = run(kind, options.workers, options.threads, options.targets, base)
+                runs.append({"pair": pair, "kind": kind, **measured})
     ratios = []
     for pair in range(options.pairs):
         walls = {kind: sum(r["wall_seconds"] for r in runs if r["pair"] == pair and r["kind"] == kind) for kind in ("repro", "launch")}
@@ -104,7 +127,7 @@ def main(arguments: list[str]) -> int:
           f"{cpu['launch'] / cpu['repro']:.3f}")
     out = REPO / "benchmarks" / "results" / "local_workers.json"
     out.write_text(json.dumps({"workers": options.workers, "threads_per_stage": options.threads, "params": PARAMS,
-                               "targets": options.targets, "runs": runs, "wall_ratio_per_block": ratios}, indent=2) + "\n")  # fmt: skip
+                               "targets": options.targets, "after": options.after, "runs": runs, "wall_ratio_per_block": ratios}, indent=2) + "\n")  # fmt: skip
     return 0
 
 
