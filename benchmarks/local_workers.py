@@ -8,8 +8,9 @@ not ignored, files; the smoke profile with 2 seeds and kd, fitnet and cwd, as th
 per stage (the copy's profile edited), in ABBA order per pair (repro, launch, launch, repro) so that a drift of the
 machine's other load falls on both alike. Printed per run: wall seconds and the CPU seconds of all its processes;
 then launch / repro per pair and their median. Stage names limit both to those stages and their upstream. With
-``--after``, those stages (and their upstream) are built once, untimed, and every run starts from a copy of that
-tree: only the stages after them are timed (the per-seed training runs, where the parallelism is). Writes
+``--after``, those stages (and their upstream) are built once per setting of threads, untimed, and every run starts
+from a copy of that tree: only the stages after them are timed (the per-seed training runs, where the parallelism
+is). Writes
 ``benchmarks/results/local_workers.json``.
 """
 
@@ -66,9 +67,12 @@ def environment(repo: Path) -> dict[str, str]:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
 
 
-def build_base(folder: Path, after: list[str]) -> Path:
-    """A copy with ``after`` and their upstream built by ``dvc repro`` (untimed)."""
+def build_base(folder: Path, after: list[str], threads: int | None) -> Path:
+    """A copy (at ``threads``, None: the profile's) with ``after`` and their upstream built by ``dvc repro``."""
+    folder.mkdir()
     repo = copy_repository(folder)
+    if threads is not None:
+        set_threads(repo, threads)
     result = subprocess.run([str(BIN / "dvc"), "repro", *after], cwd=repo, env=environment(repo), capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: dvc repro {' '.join(after)} failed in {repo}:\n{(result.stdout + result.stderr)[-3000:]}")
@@ -80,13 +84,14 @@ def run(kind: str, workers: int, threads: int, targets: list[str], base: Path | 
     with tempfile.TemporaryDirectory(prefix=f"kdrepro-{kind}-") as folder:
         if base is None:
             repo = copy_repository(Path(folder))
+            if kind == "launch":
+                set_threads(repo, threads)
         else:
             repo = Path(folder) / "repo"
             shutil.copytree(base, repo, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
         if kind == "repro":
             command = [str(BIN / "dvc"), "repro", *targets]
         else:
-            set_threads(repo, threads)
             command = [str(BIN / "kdrepro"), "launch", *targets, "--executor", "local", "--workers", str(workers)]
         env = environment(repo)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,10 +117,11 @@ def main(arguments: list[str]) -> int:
     options = parser.parse_args(arguments)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kdrepro-base-") as folder:
-        base = build_base(Path(folder), options.after) if options.after else None
+        bases = {kind: build_base(Path(folder) / kind, options.after, threads) if options.after else None
+                 for kind, threads in (("repro", None), ("launch", options.threads))}
         for pair in range(options.pairs):
             for kind in ("repro", "launch", "launch", "repro"):
-                measured = run(kind, options.workers, options.threads, options.targets, base)
+                measured = run(kind, options.workers, options.threads, options.targets, bases[kind])
                 runs.append({"pair": pair, "kind": kind, **measured})
     ratios = []
     for pair in range(options.pairs):
