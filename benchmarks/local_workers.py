@@ -1,17 +1,17 @@
 """Does ``kdrepro launch --executor local --workers N`` pay against a plain ``dvc repro`` on this machine?
 
-    python benchmarks/local_workers.py [--pairs 1] [--workers 2] [--threads 1] [--after STAGE ...] [stage ...]
+    python benchmarks/local_workers.py [--pairs 1] [--together] [--workers 2] [--threads 1] [--after STAGE ...] [stage ...]
 
 Each run builds the smoke pipeline from nothing in a fresh copy of this repository (its tracked and untracked,
 not ignored, files; the smoke profile with 2 seeds and kd, fitnet and cwd, as the pipeline tests use), either with
 ``dvc repro`` at the profile's threads (2) or with ``kdrepro launch --executor local --workers N`` at ``--threads``
-per stage (the copy's profile edited), in ABBA order per pair (repro, launch, launch, repro) so that a drift of the
-machine's other load falls on both alike. Printed per run: wall seconds and the CPU seconds of all its processes;
-then launch / repro per pair and their median. Stage names limit both to those stages and their upstream. With
+per stage (the copy's profile edited). A block is ABBA in a row (repro, launch, launch, repro), so that a drift of
+the machine's other load falls on both alike, or with ``--together`` one repro and one launch at the same time (each
+under the other's load as well). Printed per run: wall seconds and the CPU seconds of all its processes; then
+launch / repro per block and their median. Stage names limit both to those stages and their upstream. With
 ``--after``, those stages (and their upstream) are built once per setting of threads, untimed, and every run starts
 from a copy of that tree: only the stages after them are timed (the per-seed training runs, where the parallelism
-is). Writes
-``benchmarks/results/local_workers.json``.
+is). Writes ``benchmarks/results/local_workers.json``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,61 +80,80 @@ def build_base(folder: Path, after: list[str], threads: int | None) -> Path:
     return repo
 
 
-def run(kind: str, workers: int, threads: int, targets: list[str], base: Path | None = None) -> dict[str, float]:
-    """One build (from nothing, or from a copy of ``base``); wall and CPU seconds (every process it started)."""
-    with tempfile.TemporaryDirectory(prefix=f"kdrepro-{kind}-") as folder:
-        if base is None:
-            repo = copy_repository(Path(folder))
-            if kind == "launch":
-                set_threads(repo, threads)
-        else:
-            repo = Path(folder) / "repo"
-            shutil.copytree(base, repo, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
-        if kind == "repro":
-            command = [str(BIN / "dvc"), "repro", *targets]
-        else:
-            command = [str(BIN / "kdrepro"), "launch", *targets, "--executor", "local", "--workers", str(workers)]
-        env = environment(repo)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def prepare(kind: str, folder: Path, threads: int, base: Path | None) -> Path:
+    """The repository a run builds in: a fresh copy (``launch``: at ``threads``), or a copy of ``base``."""
+    if base is not None:
+        repo = folder / "repo"
+        shutil.copytree(base, repo, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
+        return repo
+    repo = copy_repository(folder)
+    if kind == "launch":
+        set_threads(repo, threads)
+    return repo
+
+
+def measure(kind: str, repo: Path, workers: int, targets: list[str]) -> dict[str, float]:
+    """Wall seconds and CPU seconds (the process and every process it waited for) of one build in ``repo``."""
+    if kind == "repro":
+        command = [str(BIN / "dvc"), "repro", *targets]
+    else:
+        command = [str(BIN / "kdrepro"), "launch", *targets, "--executor", "local", "--workers", str(workers)]
+    log = repo.parent / f"{kind}.log"
+    with log.open("w") as output:
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        process = subprocess.Popen(command, cwd=repo, env=environment(repo), stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if result.returncode != 0:
-            raise SystemExit(f"error: {' '.join(command[:2])} failed in {repo}:\n{(result.stdout + result.stderr)[-3000:]}")
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        load = os.getloadavg()[0]
-        print(f"{kind:<7} wall {wall:7.1f} s   cpu {cpu:7.1f} s   load(1 min) at the end {load:.1f}", flush=True)
-        return {"wall_seconds": wall, "cpu_seconds": cpu, "load_at_end": load}
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"error: {' '.join(command[:2])} failed in {repo}:\n{log.read_text()[-3000:]}")
+    cpu, load = usage.ru_utime + usage.ru_stime, os.getloadavg()[0]
+    print(f"{kind:<7} wall {wall:7.1f} s   cpu {cpu:7.1f} s   load(1 min) at the end {load:.1f}", flush=True)
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "load_at_end": load}
+
+
+def block(options: argparse.Namespace, bases: dict[str, Path | None], number: int) -> list[dict[str, Any]]:
+    """ABBA in a row, or (``--together``) one repro and one launch at the same time."""
+    kinds = ("repro", "launch") if options.together else ("repro", "launch", "launch", "repro")
+    with tempfile.TemporaryDirectory(prefix="kdrepro-workers-") as folder:
+        jobs = []
+        for number_in_block, kind in enumerate(kinds):
+            (Path(folder) / str(number_in_block)).mkdir()
+            jobs.append((kind, prepare(kind, Path(folder) / str(number_in_block), options.threads, bases[kind])))
+        if options.together:
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                results = list(pool.map(lambda job: measure(*job, options.workers, options.targets), jobs))
+        else:
+            results = [measure(kind, repo, options.workers, options.targets) for kind, repo in jobs]
+    return [{"block": number, "kind": kind, **result} for kind, result in zip(kinds, results, strict=True)]
 
 
 def main(arguments: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=1, help="ABBA blocks: each is 2 repro and 2 launch runs")
+    parser.add_argument("--pairs", type=int, default=1, help="blocks: ABBA (2 repro, 2 launch) or, --together, AB")
+    parser.add_argument("--together", action="store_true", help="run repro and launch of a block at the same time")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage under launch")
     parser.add_argument("--after", nargs="*", default=[], help="stages built once, untimed, before every run")
     parser.add_argument("targets", nargs="*")
     options = parser.parse_args(arguments)
-    runs: list[dict] = []
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdrepro-base-") as folder:
         bases = {kind: build_base(Path(folder) / kind, options.after, threads) if options.after else None
                  for kind, threads in (("repro", None), ("launch", options.threads))}
-        for pair in range(options.pairs):
-            for kind in ("repro", "launch", "launch", "repro"):
-                measured = run(kind, options.workers, options.threads, options.targets, bases[kind])
-                runs.append({"pair": pair, "kind": kind, **measured})
+        for number in range(options.pairs):
+            runs.extend(block(options, bases, number))
     ratios = []
-    for pair in range(options.pairs):
-        walls = {kind: sum(r["wall_seconds"] for r in runs if r["pair"] == pair and r["kind"] == kind) for kind in ("repro", "launch")}
+    for number in range(options.pairs):
+        walls = {kind: sum(r["wall_seconds"] for r in runs if r["block"] == number and r["kind"] == kind) for kind in ("repro", "launch")}
         ratios.append(walls["launch"] / walls["repro"])
-        print(f"block {pair}: launch / repro wall = {ratios[-1]:.3f}")
+        print(f"block {number}: launch / repro wall = {ratios[-1]:.3f}")
     cpu = {kind: sum(r["cpu_seconds"] for r in runs if r["kind"] == kind) for kind in ("repro", "launch")}
     print(f"median launch / repro wall = {statistics.median(ratios):.3f}; CPU seconds launch / repro = "
           f"{cpu['launch'] / cpu['repro']:.3f}")
     out = REPO / "benchmarks" / "results" / "local_workers.json"
     out.write_text(json.dumps({"workers": options.workers, "threads_per_stage": options.threads, "params": PARAMS,
-                               "targets": options.targets, "after": options.after, "runs": runs, "wall_ratio_per_block": ratios}, indent=2) + "\n")  # fmt: skip
+                               "together": options.together, "targets": options.targets, "after": options.after,
+                               "runs": runs, "wall_ratio_per_block": ratios}, indent=2) + "\n")  # fmt: skip
     return 0
 
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 PARAMS = {"profile": "smoke", "seeds": [0, 1], "methods": ["kd", "fitnet", "cwd"], "extended": {"multipliers": ["2"]},
           "calibrate": {"warmup": 1, "rounds": 1, "iterations_per_round": 1, "reference_method": None}}  # fmt: skip
 TARGETS = ("student@iter_matched", "iter_matched@kd", "iter_matched@fitnet")
-SPEED = {"precision": "fp32", "channels_last": "false"}
+SPEED = {"precision": "fp32", "channels_last": "false", "threads": "1"}
 LAUNCHED = {"data", "hardware", "pretrain", "teacher", "calibrate", *TARGETS}
 TIMING = re.compile(r"second|time|hour|rss|memory|created|speed|throughput")
 
