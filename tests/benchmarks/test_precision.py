@@ -16,15 +16,25 @@ def test_precision_benchmark_runs_one_round_and_reports_auto_against_the_best_fi
     output = tmp_path / "precision.json"
     assert benchmark.main(["--tiny", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "auto chose" in printed and "auto / best fixed" in printed
+    assert "auto decided" in printed and "auto / best fixed" in printed
     result = json.loads(output.read_text())
-    assert result["auto"] in result["seconds"]["cpu"]  # the automatic choice is one of the fixed ones measured
     fixed = set(result["seconds"]["cpu"])
     assert fixed == {"fp32/nchw", "fp32/channels_last", "bf16/nchw", "bf16/channels_last"}
+    assert set(result["auto"]) == {"methods", "teacher", "student"} and set(result["auto"].values()) <= fixed
     for clock in ("wall", "cpu"):
         rows = result["summary"][clock]
-        assert set(rows) == {"student", "teacher", "kd", "sum"}
+        assert set(rows) == {"student pretrain", "teacher", "kd (methods)", "student (methods)", "sum"}
         assert all(row["auto_over_best"][0] > 0 and row["best"] in fixed for row in rows.values())
+        assert rows["teacher"]["auto"] == result["auto"]["teacher"] and rows["sum"]["auto"] == "auto"
+
+
+def test_the_sum_row_adds_each_workload_at_its_roles_choice(precision):
+    seconds = {"a": {"student": [1.0], "teacher": [10.0], "kd": [5.0]}, "b": {"student": [2.0], "teacher": [8.0], "kd": [4.0]}}
+    result = {"auto": {"student": "a", "teacher": "b", "methods": "b"}, "seconds": {"cpu": seconds}}
+    rows = precision.summary(result)["cpu"]
+    assert rows["sum"]["median_ms"]["auto"] == pytest.approx(1000 * (1.0 + 8.0 + 4.0))  # below both fixed sums
+    assert rows["sum"]["best"] == "b" and rows["sum"]["auto_over_best"][0] == pytest.approx(13 / 14)
+    assert rows["student (methods)"]["auto_over_best"][0] == pytest.approx(2.0)  # the student-alone runs at b: 2x
 
 
 def test_ratio_interval_is_paired_by_round(precision):
