@@ -342,6 +342,8 @@ def write_decision(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     record = {**measurements, "machine": machine(device_type), "config": _measured_config(cfg)}
     write_text_atomic(path, json.dumps(decision, indent=2) + "\n")
     write_text_atomic(measurements_path(path), json.dumps(record, indent=2) + "\n")
+    for role, entry in decision["roles"].items():
+        log.info("%s: %s; %s", role, entry["reason"]["precision"], entry["reason"]["channels_last"])
     return decision, path
 
 
@@ -361,7 +363,8 @@ def _previous(path: Path, device_type: str, cfg: DictConfig) -> dict[str, Any] |
     except (OSError, ValueError):
         return None
     same = record.get("machine") == machine(device_type) and record.get("config") == _measured_config(cfg)
-    return decision if same and isinstance(decision, dict) and "precision" in decision else None
+    # a decision from before the roles (one choice for every run) is made again
+    return decision if same and isinstance(decision, dict) and "roles" in decision else None
 
 
 def read_decision(path: Path) -> dict[str, Any]:

@@ -256,3 +256,15 @@ def test_the_teacher_and_the_backbones_pre_training_name_their_role(tiny_dataset
     monkeypatch.setattr(teacher_stage, "train_seeds", lambda run: trained.append(run) or [{}])
     teacher_stage.teacher([*tiny_dataset, *AUTO, f"out_dir={tmp_path / 'teacher'}"])
     assert trained[0].speed.role == "teacher" and cfg.speed.role is None  # the methods' runs: the default role
+
+
+def test_a_decision_from_before_the_roles_is_made_again(tiny_dataset, tmp_path, monkeypatch, bf16_native):
+    bf16_native(True)
+    path = tmp_path / "hardware.json"
+    cfg = _cfg(tiny_dataset, f"speed.file={path}")
+    monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _measure_by_workload(DISAGREE)(options))
+    decision, _ = write_decision(cfg)
+    old = {key: decision[key] for key in ("precision", "channels_last", "threads", "reason")}  # no roles
+    path.write_text(json.dumps(old))
+    again, _ = write_decision(cfg)  # same machine, same config: kept only when it holds the roles
+    assert hardware.role_of(again, "student") == ("fp32", True) and "roles" in json.loads(path.read_text())
