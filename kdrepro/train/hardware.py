@@ -26,10 +26,10 @@ pipeline, so every method of a run trains with the same precision:
 * ``threads: auto``: the cores this process may run on.
 
 The decision file (``runs/<profile>/hardware.json``, what the training stages depend on) holds only the choices and
-their reasons (the ``methods`` role's at the top, every role's under ``roles``), so it is byte-identical whenever the machine decides the same; the measured times go to
-``hardware_measurements.json`` beside it, which nothing depends on. Without a decision file (a plain
-``kdrepro train`` outside the pipeline) ``auto`` is decided in the process, once. Every run's ``metrics.json`` and the
-calibration record the choice and its reason (``speed`` in the config).
+their reasons (the ``methods`` role's at the top, every role's under ``roles``), so it is byte-identical whenever the
+machine decides the same; the measured times go to ``hardware_measurements.json`` beside it, which nothing depends
+on. Without a decision file (a plain ``kdrepro train`` outside the pipeline) ``auto`` is decided in the process,
+once. Every run's ``metrics.json`` and the calibration record the choice and its reason (``speed`` in the config).
 """
 
 from __future__ import annotations
