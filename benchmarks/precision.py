@@ -1,14 +1,21 @@
 """Is ``precision: auto`` / ``channels_last: auto`` as fast as the best fixed choice on this CPU? ``python benchmarks/precision.py``
 
 Runs the decision of the ``hardware`` stage (:mod:`kdrepro.train.hardware`: capability, then one-thread CPU-time
-measurement), then times every fixed choice (fp32 / bf16 × NCHW / channels_last) and the automatic one at the step
-level, on the profile's student training step, its teacher's training step and a logit-KD step (random batches of
-the profile's shape), interleaved round by round (order rotated), on one thread by default (``--threads``: on a
-machine shared with other work, two threads spin-wait for each other and a step's CPU time grows tenfold; measured
-here under load). Each step's wall time and process CPU time are recorded; it prints the median step per choice and, per workload, the ratio of the
-automatic choice's time to the best fixed choice's (median over rounds of the paired per-round ratio, with a
-bootstrap 95 % interval), in both clocks. A ratio up to 1.05 meets the goal "never slower than the best fixed choice
-within 5 %".
+measurement; one choice per role), then times every fixed choice (fp32 / bf16 × NCHW / channels_last; ``--fixed``
+narrows them) at the step level, on the profile's student training step, its teacher's training step and a logit-KD
+step (random batches of the profile's shape), interleaved round by round (order rotated), on one thread by default
+(``--threads``: on a machine shared with other work, two threads spin-wait for each other and a step's CPU time
+grows tenfold; measured here under load). Each step's wall time and process CPU time are recorded. Printed: the
+median step per choice and, per row, the automatic choice's time over the best fixed choice's (median over rounds of
+the paired per-round ratio, with a bootstrap 95 % interval), in both clocks. The rows are what the pipeline runs:
+
+* ``student pretrain``: the student's step at the ``student`` role's choice (the student backbone's pre-training);
+* ``teacher``: the teacher's step at the ``teacher`` role's choice (the teacher and its backbone's pre-training);
+* ``kd (methods)``: the logit-KD step at the ``methods`` role's choice (every method's runs);
+* ``student (methods)``: the student's step at the ``methods`` role's choice (the student-alone runs);
+* ``sum``: the first three rows' steps added, each at its role's choice, against the best single fixed choice.
+
+A ratio up to 1.05 meets the goal "never slower than the best fixed choice within 5 %".
 
 ``--isa avx2`` emulates a CPU without native bf16: ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN) and
 ``ATEN_CPU_CAPABILITY=avx2`` (ATen) make a newer CPU run the AVX2 kernels (set before torch is imported).
@@ -28,6 +35,10 @@ import time
 from pathlib import Path
 
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+LABELS = ("fp32/nchw", "fp32/channels_last", "bf16/nchw", "bf16/channels_last")
+#: printed row -> (workload timed, role whose choice it runs at)
+ROWS = {"student pretrain": ("student", "student"), "teacher": ("teacher", "teacher"), "kd (methods)": ("kd", "methods"),
+        "student (methods)": ("student", "methods")}
 TINY = ["student.base_width=8", "teacher.base_width=8", "loader.batch_size=2", "dataset.crop_size=[32,64]"]
 
 
@@ -40,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: CPU time of one thread is what other load moves least)")
     parser.add_argument("--tiny", action="store_true", help="width-8 models, batch 2, 32x64 crops (CI)")
+    parser.add_argument("--fixed", default=",".join(LABELS),
+                        help="the fixed choices to time (default all four; e.g. fp32/nchw,fp32/channels_last where bf16 is "
+                             "emulated and can never be the best)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the profile")
     return parser.parse_args(argv)
@@ -73,8 +87,12 @@ def run(args: argparse.Namespace) -> dict:
     start, start_cpu = time.perf_counter(), time.process_time()
     decision, decided_on = hardware.decide(cfg, "cpu")
     decide_seconds, decide_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    auto = (decision["precision"], decision["channels_last"])
-    fixed = list(hardware.PREFERENCE)
+    auto = {role: hardware._label(hardware.role_of(decision, role)) for role in hardware.ROLES}
+    wanted = args.fixed.split(",")
+    unknown = sorted(set(wanted) - set(LABELS))
+    if unknown:
+        raise SystemExit(f"--fixed {','.join(unknown)}: not a choice; use any of {','.join(LABELS)}")
+    fixed = [c for c in hardware.PREFERENCE if hardware._label(c) in {*wanted, *auto.values()}]
     steps = {(c, w): step for c in fixed for w, step in hardware.workload_steps(cfg, "cpu", *c).items()}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -89,24 +107,29 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "isa": args.isa or "native", "capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": hardware.bf16_native("cpu"), "threads": threads, "rounds": args.rounds,
-        "profile": args.profile, "tiny": args.tiny, "decision": decision, "auto": hardware._label(auto),
+        "profile": args.profile, "tiny": args.tiny, "decision": decision, "auto": auto,
         "decide_seconds": decide_seconds, "decide_cpu_seconds": decide_cpu_seconds, "decided_on": decided_on.get("median_seconds", {}), "seconds": times,
     }
 
 
 def summary(result: dict) -> dict[str, dict[str, dict]]:
-    """Per clock and workload (and their sum): median per choice, the best fixed choice, auto / best with interval."""
+    """Per clock and row (:data:`ROWS`, and their ``sum``): median per choice, the best fixed choice, auto / best
+    with its interval."""
     out: dict[str, dict[str, dict]] = {}
+    auto = result["auto"]
     for clock, by_choice in result["seconds"].items():
-        workloads = {w: {c: v[w] for c, v in by_choice.items()} for w in next(iter(by_choice.values()))}
-        workloads["sum"] = {c: [sum(t) for t in zip(*v.values(), strict=True)] for c, v in by_choice.items()}
+        rows = {row: ({c: v[workload] for c, v in by_choice.items()}, auto[role]) for row, (workload, role) in ROWS.items()}
+        pipeline = ("student pretrain", "teacher", "kd (methods)")
+        sums = {c: [sum(t) for t in zip(*(v[ROWS[r][0]] for r in pipeline), strict=True)] for c, v in by_choice.items()}
+        sums["auto"] = [sum(t) for t in zip(*(rows[r][0][rows[r][1]] for r in pipeline), strict=True)]
+        rows["sum"] = (sums, "auto")
         out[clock] = {}
-        for workload, per_choice in workloads.items():
+        for row, (per_choice, chosen) in rows.items():
             medians = {c: statistics.median(v) for c, v in per_choice.items()}
-            best = min(medians, key=medians.get)
-            ratio = ratio_interval(per_choice[result["auto"]], per_choice[best])
-            out[clock][workload] = {"median_ms": {c: 1000 * m for c, m in medians.items()}, "best": best,
-                                    "auto_over_best": ratio}  # fmt: skip
+            fixed = {c: m for c, m in medians.items() if c != "auto"}
+            best = min(fixed, key=fixed.get)
+            out[clock][row] = {"median_ms": {c: 1000 * m for c, m in medians.items()}, "best": best, "auto": chosen,
+                               "auto_over_best": ratio_interval(per_choice[chosen], per_choice[best])}  # fmt: skip
     return out
 
 
@@ -114,15 +137,18 @@ def print_report(result: dict, table: dict) -> None:
     print(f"CPU capability {result['capability']} ({result['isa']}), native bf16: {result['bf16_native']}, "
           f"{result['threads']} threads, {result['rounds']} rounds, profile {result['profile']}"
           + (" (tiny)" if result["tiny"] else ""))  # fmt: skip
-    print(f"auto chose {result['auto']} in {result['decide_seconds']:.1f} s ({result['decide_cpu_seconds']:.1f} CPU s): {result['decision']['reason']['precision']}; "
-          f"{result['decision']['reason']['channels_last']}")  # fmt: skip
-    choices = list(next(iter(table["wall"].values()))["median_ms"])
+    print(f"auto decided in {result['decide_seconds']:.1f} s ({result['decide_cpu_seconds']:.1f} CPU s): "
+          + "; ".join(f"{role} {label}" for role, label in result["auto"].items()))
+    for role, entry in result["decision"].get("roles", {}).items():
+        print(f"  {role}: {entry['reason']['precision']}; {entry['reason']['channels_last']}")
+    choices = [c for c in next(iter(table["wall"].values()))["median_ms"] if c != "auto"]
     for clock, rows in table.items():
-        print(f"\n{clock} time, median ms per step | " + " | ".join(choices) + " | auto / best fixed [95 % interval]")
-        for workload, row in rows.items():
-            ratio, low, high = row["auto_over_best"]
-            cells = " | ".join(f"{row['median_ms'][c]:8.1f}" for c in choices)
-            print(f"{workload:<8} | {cells} | {ratio:.3f} [{low:.3f}, {high:.3f}] vs {row['best']}")
+        print(f"\n{clock} time, median ms per step | " + " | ".join(choices) + " | auto | auto / best fixed [95 % interval]")
+        for row, values in rows.items():
+            ratio, low, high = values["auto_over_best"]
+            cells = " | ".join(f"{values['median_ms'][c]:8.1f}" for c in choices)
+            auto = values["median_ms"].get("auto", values["median_ms"].get(values["auto"]))
+            print(f"{row:<17} | {cells} | {auto:8.1f} {values['auto']} | {ratio:.3f} [{low:.3f}, {high:.3f}] vs {values['best']}")
 
 
 def main(argv: list[str] | None = None) -> int:

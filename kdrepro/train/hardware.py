@@ -9,19 +9,27 @@ pipeline, so every method of a run trains with the same precision:
 * **measurement**: one training step of the profile's student alone, of its teacher and of a logit-KD step, on
   random batches of the profile's shape, for every candidate (fp32 / bf16 × NCHW / channels_last), interleaved
   round by round (order rotated), in process CPU time on one thread (other load on the machine barely moves it;
-  CUDA: synchronised wall time); the score of a candidate is the sum of its three median step times;
-* **rule**: the first of fp32/NCHW, fp32/channels_last, bf16/NCHW, bf16/channels_last whose score is within
+  CUDA: synchronised wall time);
+* **one choice per role** (:data:`ROLES`), each scored on the workload that role runs, because the workloads
+  disagree (on a 2-core Xeon with native bf16 the width-8 student's own step is fastest in fp32 / channels_last, the
+  kd step and the width-16 teacher's in bf16 / channels_last): ``methods`` -- every method's runs and the
+  calibration, one choice for all of them so that the comparison is like with like -- by the logit-KD step (a
+  compute-matched run's budget is the reference method's iterations times its step time, so this step sets the
+  methods' wall-clock time); ``teacher`` -- the teacher's training and its backbone's pre-training -- by the
+  teacher's step; ``student`` -- the student backbone's pre-training -- by the student's step. A run names its role
+  in ``speed.role`` (null: ``methods``);
+* **rule**: the first of fp32/NCHW, fp32/channels_last, bf16/NCHW, bf16/channels_last whose median step is within
   :data:`MARGIN` of the best, so a choice never costs more than 5 % against the fastest fixed one measured, and a
   faster-looking alternative must beat the plain choice by more than the margin. A previous decision of the same
   machine stays as long as it is within the margin (the stage reruns on every ``dvc repro``; a re-measurement
   that wobbles around the margin must not retrain the pipeline);
 * ``threads: auto``: the cores this process may run on.
 
-The decision file (``runs/<profile>/hardware.json``, what the training stages depend on) holds only the choice and
-its reason, so it is byte-identical whenever the machine decides the same; the measured times go to
-``hardware_measurements.json`` beside it, which nothing depends on. Without a decision file (a plain
-``kdrepro train`` outside the pipeline) ``auto`` is decided in the process, once. Every run's ``metrics.json`` and the
-calibration record the choice and its reason (``speed`` in the config).
+The decision file (``runs/<profile>/hardware.json``, what the training stages depend on) holds only the choices and
+their reasons (the ``methods`` role's at the top, every role's under ``roles``), so it is byte-identical whenever the
+machine decides the same; the measured times go to ``hardware_measurements.json`` beside it, which nothing depends
+on. Without a decision file (a plain ``kdrepro train`` outside the pipeline) ``auto`` is decided in the process,
+once. Every run's ``metrics.json`` and the calibration record the choice and its reason (``speed`` in the config).
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ MARGIN = 0.05
 #: candidates (precision, channels_last), most preferred first: fp32 and the plain layout unless the others pay
 PREFERENCE: tuple[tuple[str, bool], ...] = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 WORKLOADS = ("student", "teacher", "kd")
+#: role -> the workload its choice is scored on (module docstring); ``methods`` is the default role
+ROLES = {"methods": "kd", "teacher": "teacher", "student": "student"}
+DEFAULT_ROLE = "methods"
+STEP_NAMES = {"kd": "the logit-KD training step", "teacher": "the teacher's training step", "student": "the student's training step"}
 MEASUREMENTS_SUFFIX = "_measurements"
 
 
@@ -113,27 +125,51 @@ def decide(cfg: DictConfig, device_type: str, measure: Callable[[list[tuple[str,
     """The decision for ``cfg``'s ``auto`` settings and the raw measurements (empty when nothing was measured).
 
     ``measure(candidates)`` returns ``{candidate: {workload: [seconds, ...]}}`` (default :func:`measure_steps`);
-    ``previous`` is the last decision file of this machine, whose choice is kept while it is within the margin.
+    ``previous`` is the last decision file of this machine, whose choices are kept while within the margin. The
+    decision holds one choice per role (:data:`ROLES`) under ``roles``; its top level is the ``methods`` role's.
     """
     options = candidates(cfg, device_type)
     measured: dict[tuple[str, bool], dict[str, list[float]]] = {}
-    chosen = options[0]
     if len(options) > 1:
         measured = (measure or functools.partial(measure_steps, cfg, device_type))(options)
-        scores = {c: sum(statistics.median(times) for times in measured[c].values()) for c in options}
-        kept = (str(previous["precision"]), bool(previous["channels_last"])) if previous else None
-        chosen = choose(scores, kept)
+    roles = {role: _role_choice(cfg, device_type, options, measured, workload, role_of(previous, role))
+             for role, workload in ROLES.items()}
+    threads = {"threads": _threads(cfg, device_type), "reason": _threads_reason(cfg, device_type)}
+    top = roles[DEFAULT_ROLE]
     decision = {
-        "precision": chosen[0],
-        "channels_last": chosen[1],
-        "threads": _threads(cfg, device_type),
-        "reason": {
-            "precision": _precision_reason(cfg, device_type, chosen[0]),
-            "channels_last": _layout_reason(cfg, options, chosen[1]),
-            "threads": _threads_reason(cfg, device_type),
-        },
+        "precision": top["precision"],
+        "channels_last": top["channels_last"],
+        "threads": threads["threads"],
+        "reason": {**top["reason"], "threads": threads["reason"]},
+        "roles": roles,
     }
     return decision, _measurements(device_type, options, measured, decision)
+
+
+def _role_choice(cfg: DictConfig, device_type: str, options: list[tuple[str, bool]],
+                 measured: dict[tuple[str, bool], dict[str, list[float]]], workload: str,
+                 previous: tuple[str, bool] | None) -> dict[str, Any]:
+    """One role's (precision, channels_last) and reasons: the rule applied to its workload's median steps."""
+    chosen = options[0]
+    if measured:
+        chosen = choose({c: statistics.median(measured[c][workload]) for c in options}, previous)
+    step = STEP_NAMES[workload]
+    return {
+        "precision": chosen[0],
+        "channels_last": chosen[1],
+        "reason": {
+            "precision": _precision_reason(cfg, device_type, chosen[0], step),
+            "channels_last": _layout_reason(cfg, options, chosen[1], step),
+        },
+    }
+
+
+def role_of(decision: dict[str, Any] | None, role: str) -> tuple[str, bool] | None:
+    """``(precision, channels_last)`` of ``role`` in a decision (its top level for one without roles), or None."""
+    if not decision:
+        return None
+    entry = (decision.get("roles") or {}).get(role, decision)
+    return str(entry["precision"]), bool(entry["channels_last"])
 
 
 def _threads(cfg: DictConfig, device_type: str) -> int | None:
@@ -143,23 +179,23 @@ def _threads(cfg: DictConfig, device_type: str) -> int | None:
     return None if threads is None else int(threads)
 
 
-def _precision_reason(cfg: DictConfig, device_type: str, chosen: str) -> str:
+def _precision_reason(cfg: DictConfig, device_type: str, chosen: str, step: str) -> str:
     if cfg.get("precision", "fp32") != AUTO:
         return f"{chosen}: set in the config"
     if not bf16_native(device_type):
         return "fp32: this machine has no native bf16, where bf16 autocast is emulated and several times slower"
     if chosen == "bf16":
-        return "bf16: native on this machine and measured faster than fp32 here"
-    return f"fp32: bf16 is native on this machine but was not measured more than {MARGIN:.0%} faster than fp32 here"
+        return f"bf16: native on this machine and measured faster than fp32 here on {step}"
+    return f"fp32: bf16 is native on this machine but was not measured more than {MARGIN:.0%} faster than fp32 here on {step}"
 
 
-def _layout_reason(cfg: DictConfig, options: list[tuple[str, bool]], chosen: bool) -> str:
+def _layout_reason(cfg: DictConfig, options: list[tuple[str, bool]], chosen: bool, step: str) -> str:
     name = "channels_last" if chosen else "NCHW"
     if cfg.get("channels_last", False) != AUTO:
         return f"{name}: set in the config"
     if chosen:
-        return "channels_last: measured faster than NCHW here"
-    return f"NCHW: channels_last was not measured more than {MARGIN:.0%} faster here"
+        return f"channels_last: measured faster than NCHW here on {step}"
+    return f"NCHW: channels_last was not measured more than {MARGIN:.0%} faster here on {step}"
 
 
 def _threads_reason(cfg: DictConfig, device_type: str) -> str:
@@ -179,8 +215,9 @@ def _measurements(device_type: str, options: list, measured: dict, decision: dic
         "margin": MARGIN,
         "seconds": {_label(c): measured[c] for c in options},
         "median_seconds": medians,
-        "score_seconds": {label: sum(values.values()) for label, values in medians.items()},
+        "roles": dict(ROLES),
         "chosen": _label((decision["precision"], decision["channels_last"])),
+        "chosen_by_role": {role: _label(role_of(decision, role)) for role in ROLES},
     }
 
 
@@ -305,6 +342,8 @@ def write_decision(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     record = {**measurements, "machine": machine(device_type), "config": _measured_config(cfg)}
     write_text_atomic(path, json.dumps(decision, indent=2) + "\n")
     write_text_atomic(measurements_path(path), json.dumps(record, indent=2) + "\n")
+    for role, entry in decision["roles"].items():
+        log.info("%s: %s; %s", role, entry["reason"]["precision"], entry["reason"]["channels_last"])
     return decision, path
 
 
@@ -324,7 +363,8 @@ def _previous(path: Path, device_type: str, cfg: DictConfig) -> dict[str, Any] |
     except (OSError, ValueError):
         return None
     same = record.get("machine") == machine(device_type) and record.get("config") == _measured_config(cfg)
-    return decision if same and isinstance(decision, dict) and "precision" in decision else None
+    # a decision from before the roles (one choice for every run) is made again
+    return decision if same and isinstance(decision, dict) and "roles" in decision else None
 
 
 def read_decision(path: Path) -> dict[str, Any]:
@@ -352,8 +392,12 @@ def _cost_part(cfg: DictConfig) -> DictConfig:
     """What the measurement depends on (not the seed, method or folders): one measurement serves every seed."""
     keys = ("student", "teacher", "dataset", "loader", "precision", "channels_last", "threads", "speed", "plugins",
             "optim", "aux_weight", "device")
-    return OmegaConf.create({key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg.get(key), DictConfig)
+    part = OmegaConf.create({key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg.get(key), DictConfig)
                              else cfg.get(key) for key in keys})
+    if part.get("speed"):  # one decision serves every role
+        part.speed.pop("role", None)
+        part.speed.pop("choice", None)
+    return part
 
 
 def apply_speed(cfg: DictConfig) -> DictConfig:
@@ -371,6 +415,8 @@ def apply_speed(cfg: DictConfig) -> DictConfig:
     else:
         log.info("deciding precision / channels_last / threads on this machine (set speed.file to reuse a decision)")
         decision = json.loads(_decided_here(OmegaConf.to_yaml(_cost_part(cfg)), device_type))
+    role = run_role(cfg)
+    decision = {**decision, **_role_entry(decision, role)}
     resolved = cfg.copy()
     with open_dict(resolved):
         for key in SPEED_KEYS:
@@ -380,10 +426,28 @@ def apply_speed(cfg: DictConfig) -> DictConfig:
             "precision": str(resolved.precision), "channels_last": bool(resolved.channels_last),
             "threads": None if resolved.get("threads") is None else int(resolved.threads),
             "reason": {key: decision["reason"][key] if cfg.get(key) == AUTO else _explicit(cfg, key) for key in SPEED_KEYS},
+            **({"role": role} if role != DEFAULT_ROLE else {}),
         }
     if is_auto(cfg):
         log.info("speed: %s", speed_sentence(resolved.speed.choice))
     return resolved
+
+
+def run_role(cfg: DictConfig) -> str:
+    """The role a run's speed settings come from (``speed.role``; null: ``methods``); a one-line error for others."""
+    role = (cfg.get("speed") or {}).get("role") or DEFAULT_ROLE
+    if role not in ROLES:
+        raise ConfigError(f"speed.role={role!r} is not a role: use one of {', '.join(ROLES)} (or null for methods)")
+    return str(role)
+
+
+def _role_entry(decision: dict[str, Any], role: str) -> dict[str, Any]:
+    """``role``'s precision, layout and reasons (the threads' reason kept); a decision without roles serves all."""
+    entry = (decision.get("roles") or {}).get(role)
+    if entry is None:
+        return {}
+    return {"precision": entry["precision"], "channels_last": entry["channels_last"],
+            "reason": {**decision["reason"], **entry["reason"]}}
 
 
 def _explicit(cfg: DictConfig, key: str) -> str:

@@ -42,7 +42,7 @@ def pretraining_run(cfg: DictConfig, which: str, out_dir: Path) -> DictConfig:
     model.pretrained = None
     changes = {"teacher.pretrained": None, "optim.lr": float(cfg.pretrain.lr), "eval_points": 0,
                "dataset": OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "out_dir": str(out_dir),
-               "progress.stage": f"pretrain {which}"}  # fmt: skip
+               "progress.stage": f"pretrain {which}", "speed.role": which}  # fmt: skip
     return trained_alone(cfg, model, iterations(cfg, which), int(cfg.pretrain.seed), changes)
 
 

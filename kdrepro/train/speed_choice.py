@@ -35,8 +35,10 @@ def _with_reason(setting: str, reason: str | None) -> str:
 
 
 def runs_speed_choice(choices: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """The one speed choice of a pipeline's runs (``speed.choice`` of their metrics); a mix is reported as such."""
-    distinct = {json.dumps(c, sort_keys=True) for c in choices if c}
+    """The one speed choice of a pipeline's method runs (``speed.choice`` of their metrics); a mix is reported as such.
+    Runs of another role (the teacher, the backbones' pre-training: ``role`` in their choice) have their own choice
+    and are left out."""
+    distinct = {json.dumps(c, sort_keys=True) for c in choices if c and not c.get("role")}
     if not distinct:
         return None
     if len(distinct) > 1:

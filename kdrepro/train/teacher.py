@@ -24,7 +24,7 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         import_teacher(cfg, Path(str(cfg.teacher_import)))
         return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
     (metrics,) = train_seeds(trained_alone(cfg, cfg.teacher, int(cfg.teacher_iterations), int(cfg.teacher_seed),
-                                          {"progress.stage": "teacher"}))
+                                          {"progress.stage": "teacher", "speed.role": "teacher"}))
     return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
 
 

@@ -16,11 +16,21 @@ if str(BENCHMARKS) not in sys.path:
 
 
 def load_script(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (not run as a script)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    """``benchmarks/<name>.py`` as a module (not run as a script), registered in ``sys.modules`` before it runs, as
+    an import would: a ``@dataclass`` under ``from __future__ import annotations`` (full_size.py's ``Step``) looks
+    its module up there. Loaded once per session (the same module object for every test)."""
+    module_name = f"benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 
@@ -32,3 +42,23 @@ def overhead() -> ModuleType:
 @pytest.fixture(scope="session")
 def throughput() -> ModuleType:
     return load_script("throughput")
+
+
+@pytest.fixture(scope="session")
+def precision() -> ModuleType:
+    return load_script("precision")
+
+
+@pytest.fixture(scope="session")
+def full_size() -> ModuleType:
+    return load_script("full_size")
+
+
+@pytest.fixture(scope="session")
+def controls() -> ModuleType:
+    return load_script("controls")
+
+
+@pytest.fixture(scope="session")
+def calibration_load() -> ModuleType:
+    return load_script("calibration_load")

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "controls.py"
-
-
-@pytest.fixture(scope="module")
-def controls():
-    spec = importlib.util.spec_from_file_location("benchmark_controls", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_positive_control_needs_an_interval_excluding_zero_and_a_point_of_gain(controls):

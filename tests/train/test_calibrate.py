@@ -145,6 +145,16 @@ def test_a_method_cheaper_than_its_flops_say_is_not_disturbed():
     assert flop_deviations(skd)["skd"] < 0.25 and disturbance(skd, SETTINGS) == {}
 
 
+def test_the_smoke_calibration_has_the_samples_to_tell_a_disturbed_timing():
+    """The issue's busy smoke calibration: the student alone's 3 timings spread by 221 % and nothing was flagged
+    (3 samples, max_spread null). The smoke profile now times 12 iterations per method and checks the spread."""
+    settings = load_config(["profile=smoke"]).calibrate
+    assert int(settings.rounds) * int(settings.iterations_per_round) >= 12
+    busy = {**IDLE, "none": entry(0.11, 1.0, spread=2.21)}
+    assert "spread by 221 %" in disturbance(busy, settings)["none"]
+    assert disturbance({**IDLE, "none": entry(0.11, 1.0, spread=0.27)}, settings) == {}  # the busiest spread measured
+
+
 def test_spread_is_a_cause_too():
     noisy = {**IDLE, "fitnet": entry(0.24, 2.2, spread=0.9)}
     assert "spread by 90 %" in disturbance(noisy, SETTINGS)["fitnet"]

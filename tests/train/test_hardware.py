@@ -197,3 +197,74 @@ def test_reports_state_the_choice_in_the_regime_line_and_table_1_caption():
     assert sentence in regime_line({"regime": {"profile": "synthetic", "seeds": [0], "speed": choice}})
     assert "Speed settings: bf16 autocast" in table1_caption("synthetic", 3, choice)
     assert "Speed settings" not in table1_caption("synthetic", 3)
+
+
+#: the workloads disagree, as measured on the 2-core Xeon (width-8 student, width-16 teacher): the student's own step
+#: is fastest in fp32 / channels_last, the kd and teacher steps in bf16 / channels_last
+DISAGREE = {
+    ("fp32", False): {"student": 60.6, "teacher": 357.2, "kd": 159.9},
+    ("fp32", True): {"student": 51.6, "teacher": 362.1, "kd": 145.8},
+    ("bf16", False): {"student": 59.8, "teacher": 352.0, "kd": 170.2},
+    ("bf16", True): {"student": 56.2, "teacher": 293.2, "kd": 130.3},
+}
+
+
+def _measure_by_workload(seconds):
+    return lambda options: {c: {w: [seconds[c][w]] * 3 for w in hardware.WORKLOADS} for c in options}
+
+
+def test_each_role_takes_the_fastest_choice_of_its_own_workload(tiny_dataset, bf16_native):
+    bf16_native(True)
+    decision, measurements = decide(_cfg(tiny_dataset), "cpu", _measure_by_workload(DISAGREE))
+    assert hardware.role_of(decision, "methods") == ("bf16", True) == (decision["precision"], decision["channels_last"])
+    assert hardware.role_of(decision, "teacher") == ("bf16", True)
+    assert hardware.role_of(decision, "student") == ("fp32", True)  # bf16 / channels_last is 9 % slower here
+    assert "the student's training step" in decision["roles"]["student"]["reason"]["channels_last"]
+    assert measurements["chosen_by_role"] == {"methods": "bf16/channels_last", "teacher": "bf16/channels_last",
+                                              "student": "fp32/channels_last"}  # fmt: skip
+    # every role's choice is within the margin of the fastest fixed choice on its workload
+    for role, workload in hardware.ROLES.items():
+        best = min(values[workload] for values in DISAGREE.values())
+        assert DISAGREE[hardware.role_of(decision, role)][workload] <= best * (1 + hardware.MARGIN)
+
+
+def test_a_run_takes_its_roles_choice_and_only_method_runs_make_the_pipelines_choice(tiny_dataset, tmp_path, bf16_native):
+    bf16_native(True)
+    path = tmp_path / "hardware.json"
+    decision, _ = decide(_cfg(tiny_dataset), "cpu", _measure_by_workload(DISAGREE))
+    path.write_text(json.dumps(decision))
+    method = apply_speed(_cfg(tiny_dataset, f"speed.file={path}"))
+    student = apply_speed(_cfg(tiny_dataset, f"speed.file={path}", "speed.role=student"))
+    assert (method.precision, method.channels_last) == ("bf16", True) and "role" not in method.speed.choice
+    assert (student.precision, student.channels_last) == ("fp32", True) and student.speed.choice.role == "student"
+    assert "student's training step" in student.speed.choice.reason.precision
+    choices = [OmegaConf.to_container(c.speed.choice) for c in (method, student)]
+    assert runs_speed_choice(choices) == choices[0]  # the student backbone's pre-training is not a mix
+    with pytest.raises(ConfigError, match="speed.role='nobody' is not a role") as error:
+        apply_speed(_cfg(tiny_dataset, f"speed.file={path}", "speed.role=nobody"))
+    assert "\n" not in str(error.value)
+
+
+def test_the_teacher_and_the_backbones_pre_training_name_their_role(tiny_dataset, tmp_path, monkeypatch):
+    from kdrepro.train import teacher as teacher_stage
+    from kdrepro.train.pretrain import pretraining_run
+
+    cfg = _cfg(tiny_dataset)
+    assert pretraining_run(cfg, "student", tmp_path).speed.role == "student"
+    assert pretraining_run(cfg, "teacher", tmp_path).speed.role == "teacher"
+    trained = []
+    monkeypatch.setattr(teacher_stage, "train_seeds", lambda run: trained.append(run) or [{}])
+    teacher_stage.teacher([*tiny_dataset, *AUTO, f"out_dir={tmp_path / 'teacher'}"])
+    assert trained[0].speed.role == "teacher" and cfg.speed.role is None  # the methods' runs: the default role
+
+
+def test_a_decision_from_before_the_roles_is_made_again(tiny_dataset, tmp_path, monkeypatch, bf16_native):
+    bf16_native(True)
+    path = tmp_path / "hardware.json"
+    cfg = _cfg(tiny_dataset, f"speed.file={path}")
+    monkeypatch.setattr(hardware, "measure_steps", lambda cfg, device, options: _measure_by_workload(DISAGREE)(options))
+    decision, _ = write_decision(cfg)
+    old = {key: decision[key] for key in ("precision", "channels_last", "threads", "reason")}  # no roles
+    path.write_text(json.dumps(old))
+    again, _ = write_decision(cfg)  # same machine, same config: kept only when it holds the roles
+    assert hardware.role_of(again, "student") == ("fp32", True) and "roles" in json.loads(path.read_text())
