@@ -22,7 +22,7 @@ from typing import Any
 from kdrepro.cluster.dag import Plan, Stage, downstream, stages_to_run
 from kdrepro.cluster.job import LOG_DIR, run_stage, state_path, write_record
 from kdrepro.cluster.resources import Resources, cluster_config, stage_resources
-from kdrepro.cluster.status import active_jobs, rows
+from kdrepro.cluster.status import SchedulerUnreachable, active_jobs, rows
 from kdrepro.errors import ConfigError
 
 EXECUTORS = ("slurm", "local")
@@ -97,8 +97,12 @@ def _wait_slurm(root: Path, stages: list[Stage], echo: Callable[[str], None]) ->
     """Wait until the round's SLURM jobs ended; 0 if all succeeded (the launch goes on), else 1."""
     names = {stage.name for stage in stages}
     while True:
-        table = {row.stage: row for row in rows(root) if row.stage in names}
-        if not any(row.state in ("queued", "running") for row in table.values()):
+        try:
+            table = {row.stage: row for row in rows(root) if row.stage in names}
+        except SchedulerUnreachable as error:  # a busy controller: its jobs are still there, ask again
+            echo(f"still waiting: {error}")
+            table = {}
+        if table and not any(row.state in ("queued", "running") for row in table.values()):
             break
         time.sleep(POLL_SECONDS)
     failed = sorted(name for name, row in table.items() if row.state != "done")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdrepro.cluster.job import read_record, read_state
+from kdrepro.errors import KdreproError
 
 #: SLURM job states that mean the job is still queued or running
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
@@ -28,13 +30,31 @@ class Row:
     detail: str = ""
 
 
+#: tries of ``squeue`` before its failure is an error (a busy controller answers some requests with nothing)
+SQUEUE_TRIES = 5
+SQUEUE_PAUSE_SECONDS = 2.0
+
+
+class SchedulerUnreachable(KdreproError):
+    """``squeue`` failed every time: the jobs' states are unknown (never read as "no jobs": that would call running
+    jobs killed and let a waiting launcher go on)."""
+
+
 def slurm_jobs() -> dict[str, tuple[str, str]]:
-    """``{job id: (state, reason)}`` of every job the SLURM controller knows; empty without SLURM."""
+    """``{job id: (state, reason)}`` of every job the SLURM controller knows; empty without SLURM. Raises
+    :class:`SchedulerUnreachable` when ``squeue`` keeps failing."""
     if shutil.which("squeue") is None:
         return {}
-    result = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return {}
+    for attempt in range(SQUEUE_TRIES):
+        result = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True)
+        if result.returncode == 0:
+            break
+        if attempt + 1 < SQUEUE_TRIES:
+            time.sleep(SQUEUE_PAUSE_SECONDS)
+    else:
+        why = " ".join((result.stderr or result.stdout).split())[:160]
+        raise SchedulerUnreachable(f"squeue failed {SQUEUE_TRIES} times ({why}); the jobs' states are unknown: "
+                                   "run `kdrepro status` again when the SLURM controller answers")
     jobs = {}
     for line in result.stdout.splitlines():
         job_id, state, reason = (line.split("|") + ["", ""])[:3]

@@ -4,6 +4,7 @@ status rows, torchrun inside a job (fast; the real SLURM and local runs are in t
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,18 @@ def test_an_unknown_target_stage_is_a_one_line_error(capsys, monkeypatch):
     assert main(["launch", "iter_matched@nope", "--executor", "local"]) == 2
     error = capsys.readouterr().err.strip()
     assert error == "error: no stage named iter_matched@nope in dvc.yaml; `dvc stage list` shows the names"
+
+
+def test_a_failing_squeue_is_retried_and_never_read_as_an_empty_queue(monkeypatch):
+    from kdrepro.cluster import status
+
+    answers = iter([subprocess.CompletedProcess([], 1, "", "Zero Bytes were transmitted or received")] * 2
+                   + [subprocess.CompletedProcess([], 0, "12|RUNNING|None\n", "")])  # fmt: skip
+    monkeypatch.setattr(status.shutil, "which", lambda name: "/usr/bin/squeue")
+    monkeypatch.setattr(status.subprocess, "run", lambda *a, **k: next(answers))
+    monkeypatch.setattr(status, "SQUEUE_PAUSE_SECONDS", 0.0)
+    assert status.slurm_jobs() == {"12": ("RUNNING", "None")}  # the third try answered
+    monkeypatch.setattr(status.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess([], 1, "", "timed out"))
+    with pytest.raises(status.SchedulerUnreachable, match="squeue failed 5 times \\(timed out\\)") as error:
+        status.slurm_jobs()
+    assert "\n" not in str(error.value)
