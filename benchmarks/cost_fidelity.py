@@ -78,10 +78,13 @@ def process_batch(cfg: DictConfig, profile: str) -> int:
 
 class MetaWithRealIntegers(TorchDispatchMode):
     """Runs ops whose tensors are all real as they are, and ops that meet a ``meta`` tensor on ``meta``: any real
-    tensor among their arguments is replaced by a ``meta`` one of its shape (values are then lost, shapes kept)."""
+    tensor among their arguments is replaced by a ``meta`` one of its shape (values are then lost, shapes kept).
+    A Python number read from a ``meta`` tensor (``float(loss)`` for a log line) is 0."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return False if args[0].dtype == torch.bool else 0
         tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
         if any(t.device.type == "meta" for t in tensors) and any(t.device.type != "meta" for t in tensors):
             args, kwargs = tree_map(_to_meta, (args, kwargs))

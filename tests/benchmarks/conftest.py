@@ -32,3 +32,8 @@ def overhead() -> ModuleType:
 @pytest.fixture(scope="session")
 def throughput() -> ModuleType:
     return load_script("throughput")
+
+
+@pytest.fixture(scope="session")
+def cost_fidelity() -> ModuleType:
+    return load_script("cost_fidelity")

@@ -14,11 +14,9 @@ from kdrepro.config import roles
 MINIATURE = "smoke"  # the smallest profile
 
 
-@pytest.fixture(scope="module")
-def fidelity():
-    from conftest import load_script
-
-    return load_script("cost_fidelity")
+@pytest.fixture
+def fidelity(cost_fidelity):
+    return cost_fidelity
 
 
 def table_rows(out: str, header: str) -> dict[str, list[str]]:
@@ -108,3 +106,9 @@ def test_real_integers_meet_meta_tensors_on_meta(fidelity):
         picked = scores[:, present]  # real index into a meta tensor: on meta, with the real index's shape
     assert present.tolist() == [0, 2, 5]
     assert picked.device.type == "meta" and picked.shape == (2, 3)
+
+
+def test_a_number_read_from_a_meta_tensor_is_zero(fidelity):
+    with fidelity.MetaWithRealIntegers():
+        loss = torch.ones((), device="meta")
+        assert float(loss) == 0.0 and bool(loss > 0) is False
