@@ -64,6 +64,6 @@ def calibration_load() -> ModuleType:
     return load_script("calibration_load")
 
 
-@pytest.fixture(scope=\"session\")
+@pytest.fixture(scope="session")
 def cost_fidelity() -> ModuleType:
     return load_script("cost_fidelity")
