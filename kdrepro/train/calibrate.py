@@ -51,6 +51,7 @@ model): a compute-matched run on another device type is refused unless ``budget.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -61,7 +62,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,29 +118,61 @@ class AtenFlopCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        #: FLOPs per training-step phase (:data:`kdrepro.pipeline.matching.PHASES`) when :func:`step_flops` counts
+        self.by_phase: dict[str, int] = {}
+        self.phase = "other"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
+            flops = int(formula(*args, **kwargs, out_val=out))
+            self.total += flops
+            self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + flops
         return out
 
 
-def _flops_per_iteration(trainer: Trainer, batches) -> int:
-    """FLOPs of one full training step (teacher forward, student forward + backward, KD terms, method step) on the
-    global batch: under torchrun each rank counts its slice and the counts are summed."""
-    images, labels = next(batches)
-    images, labels = trainer.to_device(shard(images, trainer.context), shard(labels, trainer.context))
+class _PhaseTagger:
+    """Stands in for a trainer's :class:`~kdrepro.train.timing.PhaseTimer` while FLOPs are counted: each phase of
+    :meth:`Trainer.step` tags the FLOPs counted inside it (and no time is recorded)."""
+
+    def __init__(self, counter: AtenFlopCounter) -> None:
+        self.counter = counter
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous, self.counter.phase = self.counter.phase, name
+        try:
+            yield
+        finally:
+            self.counter.phase = previous
+
+
+def step_flops(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> AtenFlopCounter:
+    """Count one full training step (teacher forward, student forward + backward, KD terms, the method's extra step)
+    of ``trainer`` on ``images`` / ``labels`` (this process's batch, already on the trainer's device, which may be
+    ``meta``). The counter's ``total`` is the FLOPs, ``by_phase`` their split over the step's phases. The step
+    really runs: the student, the method's modules and their optimisers are updated once."""
     counter = AtenFlopCounter()
-    trainer.teacher_grad_context = torch.no_grad
+    timer = trainer.timer
+    trainer.teacher_grad_context = torch.no_grad  # inference mode would bypass the counter (see Trainer)
+    trainer.timer = _PhaseTagger(counter)  # type: ignore[assignment]
     try:
         with counter:
-            trainer.step(images, labels, progress=0.0)
+            trainer.step(images, labels, progress=progress)
     finally:
         trainer.teacher_grad_context = torch.inference_mode
-    return int(reduce_over_ranks(counter.total, trainer.context, trainer.device, "sum"))
+        trainer.timer = timer
+    return counter
+
+
+def _flops_per_iteration(trainer: Trainer, batches) -> int:
+    """FLOPs of one full training step (:func:`step_flops`) on the global batch: under torchrun each rank counts
+    its slice and the counts are summed."""
+    images, labels = next(batches)
+    images, labels = trainer.to_device(shard(images, trainer.context), shard(labels, trainer.context))
+    return int(reduce_over_ranks(step_flops(trainer, images, labels).total, trainer.context, trainer.device, "sum"))
 
 
 def _progress(cfg: DictConfig, total: int, context: DistributedContext) -> Progress:

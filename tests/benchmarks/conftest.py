@@ -62,3 +62,8 @@ def controls() -> ModuleType:
 @pytest.fixture(scope="session")
 def calibration_load() -> ModuleType:
     return load_script("calibration_load")
+
+
+@pytest.fixture(scope="session")
+def cost_fidelity() -> ModuleType:
+    return load_script("cost_fidelity")
