@@ -25,9 +25,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import kdrepro, torch, torchvision, hydra, dvc, papermill, nbconvert, seaborn"
 	touch $(STAMP)
 
+# Stages run side by side, one per core (the embedded profile trains with one thread per process): `kdrepro launch`
+# runs every ready stage as `dvc repro --single-item <stage>`, so dvc.lock ends as a sequential `dvc repro` leaves it.
+# `make repro WORKERS=1` runs one stage at a time; on a GPU machine set WORKERS to the number of GPUs.
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+
 repro: $(STAMP)
 	$(BIN)/kdrepro validate --params params.yaml
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdrepro launch --executor local --workers $(WORKERS)
 	@echo "reports: $(CURDIR)/reports/index.html"
 
 test: $(STAMP)
