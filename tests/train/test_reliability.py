@@ -347,6 +347,43 @@ def test_plugin_whose_forward_raises_is_one_line_with_the_traceback_in_the_run_f
     assert "Traceback (most recent call last)" in log and f'File "{source}", line 12, in forward' in log
 
 
+MINE = '''from kdrepro.distill import Distiller, register
+
+
+@register("mine")
+class Mine(Distiller):
+    def __init__(self, student_channels, teacher_channels, weight=1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, student, teacher, target):
+        return {"mine": self.weight * (student.logits - teacher.logits.detach()).pow(2).mean()}
+'''
+
+
+def test_editing_a_plugin_methods_code_retrains_its_runs_and_no_other(tiny_teacher, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "method").mkdir(parents=True)
+    source = folder / "mine.py"
+    source.write_text(MINE)
+    (folder / "method" / "mine.yaml").write_text("family: canonical\nterms:\n  mine:\n    weight: 1.0\n")
+    common = ["train", *tiny_teacher, f"plugins=[{folder}]", "budget.iterations=2"]
+    mine, kd = [*common, "method=mine", f"out_dir={tmp_path / 'mine_run'}"], [*common, "method=kd", f"out_dir={tmp_path / 'kd_run'}"]
+    assert main(mine) == 0 and main(kd) == 0
+    before = {name: snapshot(tmp_path / name) for name in ("mine_run", "kd_run")}
+    assert main(mine) == 0 and snapshot(tmp_path / "mine_run") == before["mine_run"]  # nothing edited: a no-op
+    source.write_text(MINE.replace(".pow(2)", ".abs()"))  # the user edits the loss
+    capsys.readouterr()
+    assert main(mine) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"plugin mine.py {source} (sha256 " in line and "allow_changed_inputs=true" in line, line
+    assert snapshot(tmp_path / "mine_run") == before["mine_run"]
+    assert main([*mine, "on_config_change=archive"]) == 0  # the pipeline's mode: moved aside, trained again
+    (archived,) = tmp_path.glob("mine_run.superseded-*")
+    assert snapshot(archived) == before["mine_run"] and (tmp_path / "mine_run" / "metrics.json").is_file()
+    assert main(kd) == 0 and snapshot(tmp_path / "kd_run") == before["kd_run"]  # a packaged method: not its code
+
+
 def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):
     root = tmp_path / "my_smoke"
     args = ["train", "profile=smoke", f"dataset.root={root}", "method=none", f"out_dir={tmp_path / 'run'}"]
