@@ -8,7 +8,7 @@ seed's run is an ordinary resumable run: an interrupted stage continues with the
 seeds are no-ops. Without ``seeds`` the command trains one run with ``seed`` into ``out_dir``, as before.
 
 ``eval_points=n`` evaluates validation mIoU at ``n`` evenly spaced points of the run's iteration budget (besides the
-final evaluation), so the reports can draw learning curves.
+final evaluation, :func:`evaluation_steps`), so the reports can draw learning curves.
 """
 
 from __future__ import annotations
@@ -40,29 +40,38 @@ def seed_list(cfg: DictConfig) -> list[int] | None:
     return values
 
 
-def with_eval_points(cfg: DictConfig, budget: Budget | None = None) -> DictConfig:
-    """Turn ``eval_points`` into ``eval_every`` for this run's iteration budget (``budget``, resolved from ``cfg``
-    when not given; a copy of ``cfg``)."""
+def evaluation_steps(iterations: int, points: int, every: int = 0) -> list[int]:
+    """The steps before the end of an ``iterations``-step run at which validation mIoU is evaluated (the end is
+    always evaluated): with ``points`` > 0 the first step at or after each k/(points+1) of the run,
+    ``ceil(k * iterations / (points + 1))`` for k = 1..points -- exactly ``points`` distinct steps whenever the run has
+    more than ``points`` iterations; else every ``every`` steps (none for 0)."""
+    if points > 0:
+        steps = {math.ceil(k * iterations / (points + 1)) for k in range(1, points + 1)}
+    else:
+        steps = set(range(every, iterations, every)) if every > 0 else set()
+    return sorted(step for step in steps if 0 < step < iterations)
+
+
+def check_eval_points(cfg: DictConfig, budget: Budget | None = None) -> None:
+    """Refuse an ``eval_points`` that cannot be placed: negative, or without an iteration budget (``budget``,
+    resolved from ``cfg`` when not given). A run keeps ``eval_points`` in its config: it is part of the run's
+    identity, so changing it retrains the run (its learning curve changes)."""
     points = int(cfg.get("eval_points") or 0)
     if points < 0:
         raise ConfigError(f"eval_points must be >= 0, got {points}")
-    cfg = cfg.copy()
     if points == 0:
-        return cfg
+        return
     budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
     if budget.iterations is None:
         raise ConfigError("eval_points needs an iteration budget (budget=iterations or budget=calibrated); use eval_every")
-    with open_dict(cfg):
-        cfg.eval_every = max(1, math.ceil(budget.iterations / (points + 1)))
-        cfg.eval_points = 0
-    return cfg
 
 
 def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[DictConfig]:
     """One config per seed: ``seed=s``, ``out_dir=<out_dir>/seed<s>`` (or ``[cfg]`` when ``seeds`` is not set)."""
+    check_eval_points(cfg, budget)
     seeds = seed_list(cfg)
     if seeds is None:
-        return [with_eval_points(cfg, budget)]
+        return [cfg.copy()]
     configs = []
     for seed in seeds:
         run_cfg = cfg.copy()
@@ -70,7 +79,7 @@ def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[Dict
             run_cfg.seed = seed
             run_cfg.seeds = None
             run_cfg.out_dir = str(seed_dir(cfg.out_dir, seed))
-        configs.append(with_eval_points(run_cfg, budget))
+        configs.append(run_cfg)
     return configs
 
 
