@@ -20,7 +20,6 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.layout import seed_dir
-from kdrepro.train.budget import Budget, resolve_budget
 
 
 def seed_list(cfg: DictConfig) -> list[int] | None:
@@ -52,23 +51,20 @@ def evaluation_steps(iterations: int, points: int, every: int = 0) -> list[int]:
     return sorted(step for step in steps if 0 < step < iterations)
 
 
-def check_eval_points(cfg: DictConfig, budget: Budget | None = None) -> None:
-    """Refuse an ``eval_points`` that cannot be placed: negative, or without an iteration budget (``budget``,
-    resolved from ``cfg`` when not given). A run keeps ``eval_points`` in its config: it is part of the run's
-    identity, so changing it retrains the run (its learning curve changes)."""
+def check_eval_points(cfg: DictConfig) -> None:
+    """Refuse an ``eval_points`` that cannot be placed: negative, or without an iteration budget (the points are
+    fractions of the run's iterations). A run keeps ``eval_points`` in its config: it is part of the run's identity,
+    so changing it retrains the run (its learning curve changes)."""
     points = int(cfg.get("eval_points") or 0)
     if points < 0:
         raise ConfigError(f"eval_points must be >= 0, got {points}")
-    if points == 0:
-        return
-    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
-    if budget.iterations is None:
+    if points > 0 and str(cfg.budget.get("kind")) == "seconds":
         raise ConfigError("eval_points needs an iteration budget (budget=iterations or budget=calibrated); use eval_every")
 
 
-def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[DictConfig]:
+def per_seed_configs(cfg: DictConfig) -> list[DictConfig]:
     """One config per seed: ``seed=s``, ``out_dir=<out_dir>/seed<s>`` (or ``[cfg]`` when ``seeds`` is not set)."""
-    check_eval_points(cfg, budget)
+    check_eval_points(cfg)
     seeds = seed_list(cfg)
     if seeds is None:
         return [cfg.copy()]
@@ -86,9 +82,9 @@ def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[Dict
 def train_seeds(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (or resume, or skip when finished) every seed's run of ``cfg``; their final metrics, in seed order.
 
-    The budget (the same for every seed) is resolved once, here when ``eval_points`` needs it to place the
-    evaluations, else by the first run that trains, and passed down."""
+    Each run resolves its budget on the device it trains on (a calibration measured on another device type is
+    refused there); :func:`kdrepro.train.budget.resolve_budget` says what it has to say about a budget once per
+    process, not once per seed."""
     from kdrepro.train.run import train
 
-    budget = resolve_budget(cfg.budget, str(cfg.method.name)) if int(cfg.get("eval_points") or 0) > 0 else None
-    return [train(run_cfg, budget) for run_cfg in per_seed_configs(cfg, budget)]
+    return [train(run_cfg) for run_cfg in per_seed_configs(cfg)]
