@@ -17,6 +17,7 @@ import torch
 
 from kdrepro.cli import main
 from kdrepro.config import load_config
+from kdrepro.errors import DatasetError
 from kdrepro.io import load_checkpoint
 from kdrepro.train.run import train
 
@@ -382,6 +383,32 @@ def test_editing_a_plugin_methods_code_retrains_its_runs_and_no_other(tiny_teach
     (archived,) = tmp_path.glob("mine_run.superseded-*")
     assert snapshot(archived) == before["mine_run"] and (tmp_path / "mine_run" / "metrics.json").is_file()
     assert main(kd) == 0 and snapshot(tmp_path / "kd_run") == before["kd_run"]  # a packaged method: not its code
+
+
+def test_pretrain_dataset_advice_is_the_pretrain_datasets_own_prepare_command(tmp_path, capsys, monkeypatch):
+    """A dataset error while pre-training quotes the command that prepares the pre-training set (not the main
+    dataset's), and that command composes exactly the dataset the pre-training run reads."""
+    from kdrepro.data.io import prepare_hint
+    from kdrepro.pipeline.params import params_overrides
+    from kdrepro.train import run
+    from kdrepro.train.pretrain import pretraining_run
+
+    def damaged(dataset_cfg, split, **kwargs):  # as a label damaged after `prepare` checked the set
+        raise DatasetError(f"label {dataset_cfg.root}/x.png is damaged; {prepare_hint(str(dataset_cfg.name))}")
+
+    monkeypatch.setattr(run, "build_dataset", damaged)
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: smoke\nseeds: [0, 1]\n")
+    root = tmp_path / "pretrain_data"
+    overrides = [f"pretrain.dataset.root={root}", "dataset.generate.num_train=2", "dataset.generate.num_val=1"]
+    assert main(["pretrain", "--params", str(params), *overrides, "which=student", "precision=fp32", "channels_last=false",
+                 f"out_dir={tmp_path / 'pre'}"]) == 2  # fmt: skip
+    line = error_line(capsys.readouterr().err)
+    command = line.split("run `", 1)[1].split("`", 1)[0]
+    assert command.startswith(f"kdrepro prepare --params {params} dataset.generate.num_train=2") and f"dataset.root={root}" in command
+    composed = load_config([*params_overrides(params), *command.split()[4:]])
+    cfg = load_config([*params_overrides(params), *overrides])
+    assert composed.dataset == pretraining_run(cfg, "student", tmp_path / "pre").dataset
 
 
 def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):
