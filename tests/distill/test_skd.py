@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdrepro.config import load_config
 from kdrepro.distill import build, build_term
 from kdrepro.distill.skd import (
     pairwise_loss,
@@ -177,3 +178,13 @@ def test_configs_build_with_documented_defaults(method_yaml):
     assert published["adv"].optimizer.defaults["betas"] == (0.9, 0.99)
     adv = load("adv")["adv"]
     assert (adv.weight, adv.loss_type, adv.d_lr_schedule) == (0.001, "wgan-gp", "poly")
+
+
+@pytest.mark.parametrize(("profile", "width"), [("synthetic", 8), ("smoke", 8), ("cityscapes", 64)])
+def test_critic_width_follows_the_students_base_width(profile: str, width: int) -> None:
+    """The paper's critic (64 wide) scaled with the student: at the embedded width it is not 9x the student's cost."""
+    for method, path in (("skd", ("skd", "holistic")), ("skd_published", ("adv",)), ("cwd_published", ("adv",))):
+        node = load_config([f"profile={profile}", f"method={method}"]).method.terms
+        for key in path:
+            node = node[key]
+        assert node.d_conv_dim == width, (profile, method)
