@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 import traceback
@@ -55,7 +56,6 @@ from kdrepro.train.run_folder import (
     record_start,
     trim_live_logs,
 )
-from kdrepro.train.seeds import evaluation_steps
 from kdrepro.train.signals import Signals, watch_parent
 from kdrepro.train.timing import PHASES, summarize, synchronize
 from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, check_method, method_uses_teacher
@@ -179,6 +179,18 @@ def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: tor
         if resumed:
             trim_live_logs(out_dir / "dvclive", run.state.step)
     return run
+
+
+def evaluation_steps(iterations: int, points: int, every: int = 0) -> list[int]:
+    """The steps before the end of an ``iterations``-step run at which validation mIoU is evaluated (the end is
+    always evaluated): with ``points`` > 0 the first step at or after each k/(points+1) of the run,
+    ``ceil(k * iterations / (points + 1))`` for k = 1..points -- exactly ``points`` distinct steps whenever the run has
+    more than ``points`` iterations; else every ``every`` steps (none for 0)."""
+    if points > 0:
+        steps = {math.ceil(k * iterations / (points + 1)) for k in range(1, points + 1)}
+    else:
+        steps = set(range(every, iterations, every)) if every > 0 else set()
+    return sorted(step for step in steps if 0 < step < iterations)
 
 
 def _eval_steps(cfg: DictConfig, budget: Budget) -> frozenset[int]:

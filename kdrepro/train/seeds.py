@@ -8,12 +8,11 @@ seed's run is an ordinary resumable run: an interrupted stage continues with the
 seeds are no-ops. Without ``seeds`` the command trains one run with ``seed`` into ``out_dir``, as before.
 
 ``eval_points=n`` evaluates validation mIoU at ``n`` evenly spaced points of the run's iteration budget (besides the
-final evaluation, :func:`evaluation_steps`), so the reports can draw learning curves.
+final evaluation, :func:`kdrepro.train.run.evaluation_steps`), so the reports can draw learning curves.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, open_dict
@@ -37,18 +36,6 @@ def seed_list(cfg: DictConfig) -> list[int] | None:
     if len(set(values)) != len(values):
         raise ConfigError(f"seeds lists a seed twice: {values}; list each seed once")
     return values
-
-
-def evaluation_steps(iterations: int, points: int, every: int = 0) -> list[int]:
-    """The steps before the end of an ``iterations``-step run at which validation mIoU is evaluated (the end is
-    always evaluated): with ``points`` > 0 the first step at or after each k/(points+1) of the run,
-    ``ceil(k * iterations / (points + 1))`` for k = 1..points -- exactly ``points`` distinct steps whenever the run has
-    more than ``points`` iterations; else every ``every`` steps (none for 0)."""
-    if points > 0:
-        steps = {math.ceil(k * iterations / (points + 1)) for k in range(1, points + 1)}
-    else:
-        steps = set(range(every, iterations, every)) if every > 0 else set()
-    return sorted(step for step in steps if 0 < step < iterations)
 
 
 def check_eval_points(cfg: DictConfig) -> None:

@@ -8,7 +8,8 @@ import torch
 from kdrepro.config import load_config
 from kdrepro.errors import ConfigError
 from kdrepro.io import load_checkpoint
-from kdrepro.train.seeds import evaluation_steps, per_seed_configs, seed_list, train_seeds
+from kdrepro.train.run import evaluation_steps
+from kdrepro.train.seeds import per_seed_configs, seed_list, train_seeds
 
 
 def test_per_seed_configs_split_the_out_dir(tiny_dataset, tmp_path):
