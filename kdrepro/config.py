@@ -75,6 +75,16 @@ def plugin_folders(overrides: Sequence[str]) -> list[Path]:
     return folders
 
 
+def plugin_sources(method: str, folders: Sequence[str | Path]) -> list[Path]:
+    """The Python sources of the plugin folder that defines ``method`` (``<folder>/method/<method>.yaml``): every
+    ``<folder>/*.py``, since :func:`import_plugins` imports them all (empty for a packaged method). A change to any
+    of them is a change to the method: its runs retrain and its cost is re-measured."""
+    for folder in map(Path, folders):
+        if (folder / "method" / f"{method}.yaml").is_file():
+            return sorted(folder.glob("*.py"))
+    return []
+
+
 def import_plugins(folders: Sequence[Path]) -> None:
     """Import every ``<folder>/*.py`` once per process: your own methods register themselves with
     ``@kdrepro.distill.register("<term name>")`` when imported."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from kdrepro.config import load_config
 from kdrepro.models.output import SegOutput
 
 torch.set_num_threads(2)
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.append(str(Path(__file__).parent))  # tests/smoke_pipeline.py (appended: it shadows no installed module)
+
+from smoke_pipeline import copy_finished, run_finished_smoke  # noqa: E402
 
 
 def tiny_overrides(root: Path) -> list[str]:
@@ -61,6 +66,19 @@ def tiny_teacher(tiny_dataset, tmp_path_factory) -> list[str]:
     out = tmp_path_factory.mktemp("teacher")
     teacher([*tiny_dataset, f"out_dir={out}", "teacher_iterations=3"])
     return [*tiny_dataset, f"teacher_checkpoint={out / 'checkpoint.pt'}"]
+
+
+@pytest.fixture(scope="session")
+def finished_smoke(tmp_path_factory) -> Path:
+    """A repository copy with the smoke pipeline run to the end once per session (``smoke_pipeline.SMOKE_PARAMS``).
+    Tests must not change it: take a copy with ``smoke_copy``."""
+    return run_finished_smoke(tmp_path_factory.mktemp("finished_smoke"))
+
+
+@pytest.fixture
+def smoke_copy(finished_smoke, tmp_path) -> Path:
+    """This test's own copy of the finished smoke pipeline (``finished_smoke``), up to date for DVC."""
+    return copy_finished(finished_smoke, tmp_path / "repo")
 
 
 SegOutputFactory = Callable[..., SegOutput]

@@ -25,6 +25,8 @@ from kdrepro.errors import ConfigError
 from kdrepro.pipeline.matching import iterations_within, read_method
 
 log = logging.getLogger("kdrepro.budget")
+#: The over-budget warnings this process has given (every seed's run resolves the same budget).
+_WARNED: set[tuple[Any, ...]] = set()
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,11 @@ def calibrated_budget(path: Path, method_name: str, multiplier: float = 1.0, wor
     _check_times(path, method_name, entry, budget_seconds)
     iterations = iterations_within(multiplier * budget_seconds, entry)
     source = f"{multiplier:g} x {budget_seconds:.1f} s matched budget"
-    if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so
-        log.warning("the matched budget of %.1f s x %g buys no whole iteration of %r (%.2f s each): training 1",
-                    budget_seconds, multiplier, method_name, float(entry["seconds_per_iteration"]))  # fmt: skip
+    if iterations < 1:  # one step costs more than the whole budget: train the one step, and say so once
+        warning = ("the matched budget of %.1f s x %g buys no whole iteration of %r (%.2f s each): training 1",
+                   budget_seconds, multiplier, method_name, float(entry["seconds_per_iteration"]))
+        if warning not in _WARNED:
+            _WARNED.add(warning)
+            log.warning(*warning)
         iterations, source = 1, source + ", over budget: one iteration costs more than the budget"
     return Budget("calibrated", iterations=iterations, source=source)

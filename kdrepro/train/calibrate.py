@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from kdrepro.config import check_calibrate
+from kdrepro.config import check_calibrate, plugin_sources
 from kdrepro.data import build_dataset
 from kdrepro.data.loader import training_loader
 from kdrepro.distributed import (
@@ -476,11 +476,9 @@ def _plugin_digest(method: str, folders: tuple[str, ...]) -> bytes:
     """sha256 over the Python sources of the plugin folder a method's config comes from (empty for built-ins):
     your own method is re-measured, and its stages rerun, when its code changes."""
     digest = hashlib.sha256()
-    for folder in map(Path, folders):
-        if (folder / "method" / f"{method}.yaml").is_file():
-            for source in sorted(folder.glob("*.py")):
-                digest.update(source.name.encode())
-                digest.update(source.read_bytes())
+    for source in plugin_sources(method, folders):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
     return digest.digest()
 
 

@@ -59,7 +59,8 @@ EFFECTS: dict[str, frozenset[str]] = {
     "budget.allow_device_type_mismatch": NEITHER,
     "reference_iterations": ONLY_RETRAIN,
     "teacher_checkpoint": ONLY_RETRAIN,    # its content is hashed too (inputs.json)
-    "eval_points": ONLY_RETRAIN,           # validation during training: the learning curves' points
+    "eval_points": ONLY_RETRAIN,           # validation during training: the learning curves' points (the teacher and
+                                           # pre-training evaluate at their end only: not theirs)
     "eval_every": ONLY_RETRAIN,
     "eval_batch_size": ONLY_RETRAIN,
     "plugins": ONLY_RETRAIN,               # a plugin's code is hashed into the fingerprint on its own

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrepro.errors import ConfigError
+from kdrepro.errors import PREPARE_COMMAND, ConfigError
 
 log = logging.getLogger("kdrepro.pretrain")
 WHICH = ("student", "teacher")
@@ -44,6 +44,28 @@ def pretraining_run(cfg: DictConfig, which: str, out_dir: Path) -> DictConfig:
                "dataset": OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "out_dir": str(out_dir),
                "progress.stage": f"pretrain {which}", "speed.role": which}  # fmt: skip
     return trained_alone(cfg, model, iterations(cfg, which), int(cfg.pretrain.seed), changes)
+
+
+def prepare_command(cfg: DictConfig) -> str:
+    """The ``kdrepro prepare`` command of the pre-training dataset: the running command's own (its params file,
+    profile and dataset overrides; :data:`~kdrepro.errors.PREPARE_COMMAND`) with ``pretrain.dataset`` on top, as
+    :func:`pretraining_run` composes it."""
+    base = PREPARE_COMMAND.get() or f"kdrepro prepare profile={cfg.profile_name}"
+    changes = OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}
+    return " ".join([base, *(f"{key}={_override_value(value)}" for key, value in _flatten(changes, "dataset"))])
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        items += _flatten(value, f"{prefix}.{key}") if isinstance(value, dict) else [(f"{prefix}.{key}", value)]
+    return items
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(_override_value, value)) + "]"
+    return "null" if value is None else str(value)
 
 
 def iterations(cfg: DictConfig, which: str) -> int:
@@ -82,8 +104,12 @@ def _one(cfg: DictConfig, which: str, out_dir: Path) -> dict[str, Any]:
         from kdrepro.train.seeds import train_seeds
 
         run_cfg = pretraining_run(cfg, which, out_dir)
-        prepare_dataset(run_cfg.dataset)
-        (metrics,) = train_seeds(run_cfg)
+        advice = PREPARE_COMMAND.set(prepare_command(cfg))  # dataset errors quote the pre-training set's command
+        try:
+            prepare_dataset(run_cfg.dataset)
+            (metrics,) = train_seeds(run_cfg)
+        finally:
+            PREPARE_COMMAND.reset(advice)
         save_backbone(load_checkpoint(out_dir / "checkpoint.pt")["model"], target)
         log.info("%s backbone pre-trained: %s mIoU on the pre-training task", which, metrics.get("miou"))
         return {"backbone": str(target), "miou": metrics.get("miou"), "iterations": metrics.get("iterations")}

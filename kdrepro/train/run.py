@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 import traceback
@@ -88,6 +89,7 @@ class Run:
     val_loader: Any
     live: Any = None
     state: RunState = field(default_factory=RunState)
+    eval_steps: frozenset[int] = frozenset()  # validation mIoU before the end (:func:`~kdrepro.train.seeds.evaluation_steps`)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -162,7 +164,7 @@ def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: tor
     train_set = build_dataset(cfg.dataset, "train", train_transforms=True)
     val_loader = _eval_loader(cfg)
     trainer = Trainer(cfg, device, context=dist)
-    run = Run(cfg, out_dir, budget, trainer, dist, signals, train_set, val_loader)
+    run = Run(cfg, out_dir, budget, trainer, dist, signals, train_set, val_loader, eval_steps=_eval_steps(cfg, budget))
     resumed = run.checkpoint_path.exists()
     if resumed:
         _resume(run)
@@ -177,6 +179,41 @@ def _start(cfg: DictConfig, out_dir: Path, dist: DistributedContext, device: tor
         if resumed:
             trim_live_logs(out_dir / "dvclive", run.state.step)
     return run
+
+
+def evaluation_steps(iterations: int, points: int, every: int = 0) -> list[int]:
+    """The steps before the end of an ``iterations``-step run at which validation mIoU is evaluated (the end is
+    always evaluated): with ``points`` > 0 the first step at or after each k/(points+1) of the run,
+    ``ceil(k * iterations / (points + 1))`` for k = 1..points -- exactly ``points`` distinct steps whenever the run has
+    more than ``points`` iterations; else every ``every`` steps (none for 0)."""
+    if points > 0:
+        steps = {math.ceil(k * iterations / (points + 1)) for k in range(1, points + 1)}
+    else:
+        steps = set(range(every, iterations, every)) if every > 0 else set()
+    return sorted(step for step in steps if 0 < step < iterations)
+
+
+def _eval_steps(cfg: DictConfig, budget: Budget) -> frozenset[int]:
+    """The steps before the end at which a run of an iteration budget evaluates (a seconds budget: see
+    :func:`_evaluates`)."""
+    if budget.iterations is None:
+        if int(cfg.get("eval_points") or 0) > 0:
+            raise ConfigError("eval_points needs an iteration budget (budget=iterations or budget=calibrated); use eval_every")
+        return frozenset()
+    points = int(cfg.get("eval_points") or 0)
+    steps = evaluation_steps(int(budget.iterations), points, int(cfg.get("eval_every") or 0))
+    if len(steps) < points:
+        log.warning("eval_points=%d on a run of %d iterations: validation at %d step(s) before the end (%s), not %d",
+                    points, budget.iterations, len(steps), ", ".join(map(str, steps)) or "none", points)
+    return frozenset(steps)
+
+
+def _evaluates(run: Run, step: int) -> bool:
+    """Whether validation mIoU is evaluated after ``step`` (a seconds budget: every ``eval_every`` steps)."""
+    if run.budget.iterations is None:
+        every = int(run.cfg.get("eval_every") or 0)
+        return every > 0 and step % every == 0
+    return step in run.eval_steps
 
 
 def _resume(run: Run) -> None:
@@ -368,8 +405,7 @@ def _log_and_validate(run: Run, result: StepResult) -> None:
     done = run.budget.exhausted(state.step, state.train_seconds)
     if run.live is not None and (state.step % max(int(cfg.log_every), 1) == 0 or done):
         log_step(run.live, result, run.trainer.last_lr, state.train_seconds, state.step)
-    eval_every = int(cfg.eval_every)
-    if eval_every and state.step % eval_every == 0 and not done:
+    if _evaluates(run, state.step) and not done:
         if run.live is not None:
             metrics, _ = validate(run.trainer, cfg, run.val_loader)
             run.live.log_metric("val/miou", metrics.miou)

@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrepro.config import plugin_sources
 from kdrepro.errors import ConfigError, RunLockedError
 from kdrepro.io import ensure_dir, sha256_file, storage_errors, write_json_atomic, write_text_atomic
 from kdrepro.train.effects import result_view
@@ -132,8 +133,10 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
 
 
 def input_files(cfg: DictConfig, uses_teacher: bool) -> dict[str, Path]:
-    """The files besides the dataset whose content a run's result depends on."""
-    files: dict[str, Path] = {}
+    """The files besides the dataset whose content a run's result depends on: the teacher checkpoint, the
+    calibration a compute-matched budget comes from, and the code of a plugin method (``plugin <file name>``)."""
+    files: dict[str, Path] = {f"plugin {source.name}": source
+                              for source in plugin_sources(str(cfg.method.name), list(cfg.get("plugins") or ()))}
     if uses_teacher and cfg.get("teacher_checkpoint"):
         files["teacher_checkpoint"] = Path(str(cfg.teacher_checkpoint))
     if str(cfg.budget.get("kind")) == "calibrated" and cfg.budget.get("calibration"):

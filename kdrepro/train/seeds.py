@@ -8,19 +8,17 @@ seed's run is an ordinary resumable run: an interrupted stage continues with the
 seeds are no-ops. Without ``seeds`` the command trains one run with ``seed`` into ``out_dir``, as before.
 
 ``eval_points=n`` evaluates validation mIoU at ``n`` evenly spaced points of the run's iteration budget (besides the
-final evaluation), so the reports can draw learning curves.
+final evaluation, :func:`kdrepro.train.run.evaluation_steps`), so the reports can draw learning curves.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from kdrepro.errors import ConfigError
 from kdrepro.pipeline.layout import seed_dir
-from kdrepro.train.budget import Budget, resolve_budget
 
 
 def seed_list(cfg: DictConfig) -> list[int] | None:
@@ -40,29 +38,23 @@ def seed_list(cfg: DictConfig) -> list[int] | None:
     return values
 
 
-def with_eval_points(cfg: DictConfig, budget: Budget | None = None) -> DictConfig:
-    """Turn ``eval_points`` into ``eval_every`` for this run's iteration budget (``budget``, resolved from ``cfg``
-    when not given; a copy of ``cfg``)."""
+def check_eval_points(cfg: DictConfig) -> None:
+    """Refuse an ``eval_points`` that cannot be placed: negative, or without an iteration budget (the points are
+    fractions of the run's iterations). A run keeps ``eval_points`` in its config: it is part of the run's identity,
+    so changing it retrains the run (its learning curve changes)."""
     points = int(cfg.get("eval_points") or 0)
     if points < 0:
         raise ConfigError(f"eval_points must be >= 0, got {points}")
-    cfg = cfg.copy()
-    if points == 0:
-        return cfg
-    budget = budget or resolve_budget(cfg.budget, str(cfg.method.name))
-    if budget.iterations is None:
+    if points > 0 and str(cfg.budget.get("kind")) == "seconds":
         raise ConfigError("eval_points needs an iteration budget (budget=iterations or budget=calibrated); use eval_every")
-    with open_dict(cfg):
-        cfg.eval_every = max(1, math.ceil(budget.iterations / (points + 1)))
-        cfg.eval_points = 0
-    return cfg
 
 
-def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[DictConfig]:
+def per_seed_configs(cfg: DictConfig) -> list[DictConfig]:
     """One config per seed: ``seed=s``, ``out_dir=<out_dir>/seed<s>`` (or ``[cfg]`` when ``seeds`` is not set)."""
+    check_eval_points(cfg)
     seeds = seed_list(cfg)
     if seeds is None:
-        return [with_eval_points(cfg, budget)]
+        return [cfg.copy()]
     configs = []
     for seed in seeds:
         run_cfg = cfg.copy()
@@ -70,16 +62,16 @@ def per_seed_configs(cfg: DictConfig, budget: Budget | None = None) -> list[Dict
             run_cfg.seed = seed
             run_cfg.seeds = None
             run_cfg.out_dir = str(seed_dir(cfg.out_dir, seed))
-        configs.append(with_eval_points(run_cfg, budget))
+        configs.append(run_cfg)
     return configs
 
 
 def train_seeds(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (or resume, or skip when finished) every seed's run of ``cfg``; their final metrics, in seed order.
 
-    The budget (the same for every seed) is resolved once, here when ``eval_points`` needs it to place the
-    evaluations, else by the first run that trains, and passed down."""
+    Each run resolves its budget on the device it trains on (a calibration measured on another device type is
+    refused there); :func:`kdrepro.train.budget.resolve_budget` says what it has to say about a budget once per
+    process, not once per seed."""
     from kdrepro.train.run import train
 
-    budget = resolve_budget(cfg.budget, str(cfg.method.name)) if int(cfg.get("eval_points") or 0) > 0 else None
-    return [train(run_cfg, budget) for run_cfg in per_seed_configs(cfg, budget)]
+    return [train(run_cfg) for run_cfg in per_seed_configs(cfg)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdrepro.config import load_config, trained_alone
 from kdrepro.io import checkpoint_dict, save_checkpoint
@@ -23,9 +23,16 @@ def teacher(overrides: list[str]) -> dict[str, Any]:
         cfg.import_teacher.output = str(output)
         import_teacher(cfg, Path(str(cfg.teacher_import)))
         return {"imported": str(cfg.teacher_import), "checkpoint": str(output)}
-    (metrics,) = train_seeds(trained_alone(cfg, cfg.teacher, int(cfg.teacher_iterations), int(cfg.teacher_seed),
-                                          {"progress.stage": "teacher", "speed.role": "teacher"}))
+    (metrics,) = train_seeds(teacher_run(cfg))
     return {key: metrics.get(key) for key in ("miou", "iterations", "train_seconds")}
+
+
+def teacher_run(cfg: DictConfig) -> DictConfig:
+    """The teacher's training run: ``model@teacher`` alone for ``teacher_iterations``, evaluated at its end only
+    (``eval_points: 0``: no report draws a teacher's learning curve, and evaluations do not change the weights, so
+    the profile's ``eval_points`` is no part of the teacher's identity and changing it does not retrain the teacher)."""
+    return trained_alone(cfg, cfg.teacher, int(cfg.teacher_iterations), int(cfg.teacher_seed),
+                         {"progress.stage": "teacher", "speed.role": "teacher", "eval_points": 0})
 
 
 def import_teacher(cfg: Any, mmseg_path: Path) -> Path:

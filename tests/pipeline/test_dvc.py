@@ -3,55 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from smoke_pipeline import copy_repository, dvc, ran_stages, write_params
 
 from kdrepro.cli import main
 from kdrepro.config import options
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 #: Stage name prefixes of the stages that train runs.
 TRAINING = ("student@", "iter_matched@", "compute_matched@", "student_extended@", "extended@", "extended_best@")
-
-
-def _copy_repository(destination: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in files.stdout.split():
-        if (REPO / name).is_file() and name != "dvc.lock" and not name.startswith(("data/", "runs/", "results/", "reports/")):
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target)
-    git = ["git", "-c", "user.name=kdrepro-test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "init", "-q"], cwd=destination, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=destination, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)  # dvclive needs a commit
-    return destination
-
-
-def _dvc(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the copy's own kdrepro package and configs, not the editable install's (which points at REPO)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo)}
-    return subprocess.run([str(BIN / "dvc"), *arguments], cwd=repo, capture_output=True, text=True, env=env)
-
-
-def _write_params(repo: Path, **changes) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params.update(changes)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-@pytest.fixture(scope="module")
-def pipeline_copy(tmp_path_factory) -> Path:
-    return _copy_repository(tmp_path_factory.mktemp("repo"))
+# the names tests/cluster/test_cluster_pipeline.py imports from this module
+_copy_repository, _dvc, _write_params = copy_repository, dvc, write_params
 
 
 @pytest.mark.parametrize("profile", sorted(set(options("profile"))))
@@ -69,33 +35,10 @@ def test_stage_graph_resolves_for_every_profile_without_data(profile, tmp_path):
     assert status.returncode == 0, status.stderr
 
 
-def _readme_plugin(repo: Path) -> None:
-    """Write the README's "Your own KD method" files into a folder of the copy, outside the package."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Your own KD method"):]
-    files = [block.split("\n", 1)[1] for block in section.split("```")[1::2]]
-    files = [body for body in files if body.startswith("# my_methods/")]
-    assert len(files) == 2, "the README shows my_methods/mymethod.py and my_methods/method/mymethod.yaml"
-    for body in files:
-        target = repo / body.splitlines()[0][2:].strip()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(body)
-
-
-def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
-    repo = pipeline_copy
-    _readme_plugin(repo)
-    _write_params(
-        repo,
-        profile="smoke",
-        seeds=[0, 1],
-        methods=["kd", "fitnet", "cwd", "mymethod"],
-        calibrate={"warmup": 1, "rounds": 1, "iterations_per_round": 2, "reference_method": None},
-        extended={"multipliers": ["2"]},
-        plugins="my_methods",
-    )
-    first = _dvc(repo, "repro")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+def test_whole_pipeline_on_the_smoke_profile(smoke_copy):
+    """The shared finished run (tests/smoke_pipeline.py: SMOKE_PARAMS, the README's plugin method) holds every
+    table, record and page; a second `dvc repro` runs only the hardware check; a third seed trains only itself."""
+    repo = smoke_copy
     runs = pd.read_csv(repo / "results" / "smoke" / "runs.csv")
     for protocol in ("iter_matched", "compute_matched"):
         for method in ("none", "kd", "fitnet", "cwd", "mymethod"):
@@ -142,8 +85,7 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     assert kd_run["speed"]["precision"] == hardware["precision"] == calibration["speed"]["precision"]
     assert verdict["regime"]["speed"]["reason"]["precision"] == hardware["reason"]["precision"]
     second = _dvc(repo, "repro")
-    ran = {line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")}
-    assert second.returncode == 0 and ran == {"hardware"}, second.stdout  # checked every time; it decided before
+    assert second.returncode == 0 and ran_stages(second) == {"hardware"}, second.stdout  # checked every time; it decided before
     # a third seed trains only the new seed's runs: finished seeds are no-ops inside the persisted stage folders
     before = (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes()
     _write_params(repo, seeds=[0, 1, 2])
@@ -151,15 +93,13 @@ def test_whole_pipeline_on_the_smoke_profile(pipeline_copy):
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     assert (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed2" / "metrics.json").exists()
     assert (repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json").read_bytes() == before
-    _write_params(repo, seeds=[0, 1])
-    assert _dvc(repo, "repro").returncode == 0
 
 
-def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline_copy):
-    repo = pipeline_copy
+def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(smoke_copy):
+    repo = smoke_copy
     finished = [repo / "runs" / "smoke" / "teacher" / "checkpoint.pt", repo / "runs" / "smoke" / "iter_matched" / "kd" / "seed0" / "metrics.json",
                 repo / "results" / "smoke" / "runs.csv", repo / "reports" / "index.html"]  # fmt: skip
-    assert all(path.exists() for path in finished), "run test_whole_pipeline_on_the_smoke_profile first"
+    assert all(path.exists() for path in finished)
     config = repo / "kdrepro" / "conf" / "method" / "cwd.yaml"
     original = config.read_text()
     config.write_text(original.replace("temperature: 4.0", "temperature: -4.0"))  # a user's typo
@@ -172,7 +112,7 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     changed = _dvc(repo, "repro")
     config.write_text(original)
     assert changed.returncode == 0, (changed.stdout + changed.stderr)[-4000:]
-    reran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
+    reran = ran_stages(changed)
     # exactly that method's training stages (extended_best@2 extends cwd, the selected specific method)
     assert {name for name in reran if name.startswith(TRAINING)} == {"iter_matched@cwd", "compute_matched@cwd", "extended_best@2"}, reran
     untouched = {"pretrain", "teacher", "student@iter_matched", "student@compute_matched", "iter_matched@kd",
@@ -181,10 +121,9 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(pipeline
     assert json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())["reused"] == ["fitnet", "kd", "mymethod", "none"]
 
 
-def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(pipeline_copy):
-    repo = pipeline_copy
+def test_disturbed_calibration_is_remeasured_by_the_command_the_warning_gives(smoke_copy):
+    repo = smoke_copy
     output = repo / "runs" / "smoke" / "calibration.json"
-    assert output.exists(), "run test_whole_pipeline_on_the_smoke_profile first"
     table = json.loads(output.read_text())
     for name, entry in table["methods"].items():  # none was measured under load, the others on an idle machine
         entry["relative_spread"] = 0.9 if name == "none" else 0.0
@@ -204,11 +143,11 @@ RUN_FOLDER_STAGES = {"pretrain": ("  iterations: 6\n", "  iterations: 5\n"),
                      "teacher": ("teacher_iterations: 6\n", "teacher_iterations: 5\n")}  # fmt: skip
 
 
-def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(pipeline_copy):
+def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(smoke_copy):
     """Every stage that writes a run folder archives a run of another config (on_config_change=archive), so an
     ordinary parameter change never stops `dvc repro`; the earlier runs are kept beside the new ones."""
-    repo = pipeline_copy
-    assert (repo / "runs" / "smoke" / "teacher" / "checkpoint.pt").exists(), "run test_whole_pipeline_on_the_smoke_profile first"
+    repo = smoke_copy
+    assert (repo / "runs" / "smoke" / "teacher" / "checkpoint.pt").exists()
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     for stage in RUN_FOLDER_STAGES:
         assert "on_config_change=archive" in dvc_yaml[stage]["cmd"], stage
@@ -224,7 +163,7 @@ def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(pipeline_co
     finally:
         profile.write_text(original)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
-    reran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
+    reran = ran_stages(rerun)
     assert {"pretrain", "teacher", "results", "index"} <= reran, reran
     assert json.loads((repo / "runs" / "smoke" / "teacher" / "metrics.json").read_text())["iterations"] == 5
     assert list((repo / "runs" / "smoke" / "pretrain").glob("student.superseded-*/backbone.pth"))  # kept, not lost
@@ -304,17 +243,11 @@ def _repro(repo: Path, *stages: str) -> None:
 
 
 @pytest.fixture
-def clean_pipeline(pipeline_copy) -> Path:
-    """The smoke pipeline of test_whole_pipeline_on_the_smoke_profile, brought up to date (the tests before may have
-    left it stale), with calibrations that never count as disturbed (max_spread null: the smoke profile's choice)."""
-    repo = pipeline_copy
-    assert (repo / "runs" / "smoke" / "calibration.json").exists(), "run test_whole_pipeline_on_the_smoke_profile first"
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    _write_params(repo, seeds=[0, 1], calibrate={**params["calibrate"], "max_spread": None})
-    done = _dvc(repo, "repro")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert _stale(repo) == set()
-    return repo
+def clean_pipeline(smoke_copy) -> Path:
+    """A copy of the finished smoke pipeline: up to date, with calibrations that never count as disturbed
+    (max_spread null: the smoke profile's choice)."""
+    assert _stale(smoke_copy) == set()
+    return smoke_copy
 
 
 def test_seeds_and_extended_budgets_make_only_their_stages_stale(clean_pipeline):
@@ -355,9 +288,7 @@ def _stages(repo: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "key, old, new",
-    [pytest.param("eval_points", "eval_points: 1", "eval_points: 2", marks=pytest.mark.xfail(
-        strict=True, reason="known bug: after this change `dvc repro` leaves the finished kd run in place instead of "
-        "retraining it (effects.py classifies eval_points as retrain); see the issue notes")),
+    [("eval_points", "eval_points: 1", "eval_points: 2"),  # 4 iterations: evaluated at step 2, then at 2 and 3
      ("checkpoint_every_seconds", "threads: 2", "threads: 2\ncheckpoint_every_seconds: 60"),
      ("threads", "threads: 2", "threads: 1")],  # re-measures every cost: last, it leaves the compute-matched stale
 )

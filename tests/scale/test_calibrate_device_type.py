@@ -69,4 +69,7 @@ def test_calibration_records_device_type_and_training_elsewhere_is_refused(tiny_
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: calibration") and f"measured on {OTHER_GPU}" in error and "\n" not in error
     assert not (tmp_path / "refused" / "checkpoint.pt").exists()
+    # the pipeline's way: every seed of a stage, with learning-curve points (once resolved without the device)
+    assert main(["train", *train, "seeds=[0,1]", "eval_points=1", f"out_dir={tmp_path / 'refused_seeds'}"]) == 2
+    assert f"measured on {OTHER_GPU}" in capsys.readouterr().err
     assert main(["train", *train, "budget.allow_device_type_mismatch=true", f"out_dir={tmp_path / 'allowed'}"]) == 0

@@ -65,6 +65,16 @@ def test_a_step_dearer_than_the_budget_trains_once_and_says_so(tmp_path):
     assert budget.iterations == 1 and "over budget" in budget.source
 
 
+def test_the_over_budget_warning_is_given_once_per_process(tmp_path, caplog):
+    """Every seed's run of a stage resolves the same budget: the user reads the warning once."""
+    path = _calibration(tmp_path, {"skd": {"seconds_per_iteration": 3.0}}, budget_seconds=2.5)
+    cfg = OmegaConf.create({"kind": "calibrated", "calibration": str(path), "multiplier": 1})
+    with caplog.at_level("WARNING", logger="kdrepro.budget"):
+        assert [resolve_budget(cfg, "skd").iterations for _ in range(2)] == [1, 1]
+    assert [record.getMessage() for record in caplog.records] == [
+        "the matched budget of 2.5 s x 1 buys no whole iteration of 'skd' (3.00 s each): training 1"]
+
+
 def test_calibrated_budget_errors(tmp_path):
     cfg = OmegaConf.create({"kind": "calibrated", "calibration": str(tmp_path / "missing.json")})
     with pytest.raises(ConfigError, match="run `kdrepro calibrate`"):

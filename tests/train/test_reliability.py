@@ -17,6 +17,7 @@ import torch
 
 from kdrepro.cli import main
 from kdrepro.config import load_config
+from kdrepro.errors import DatasetError
 from kdrepro.io import load_checkpoint
 from kdrepro.train.run import train
 
@@ -345,6 +346,69 @@ def test_plugin_whose_forward_raises_is_one_line_with_the_traceback_in_the_run_f
     ), line
     log = (out / "error.log").read_text()
     assert "Traceback (most recent call last)" in log and f'File "{source}", line 12, in forward' in log
+
+
+MINE = '''from kdrepro.distill import Distiller, register
+
+
+@register("mine")
+class Mine(Distiller):
+    def __init__(self, student_channels, teacher_channels, weight=1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, student, teacher, target):
+        return {"mine": self.weight * (student.logits - teacher.logits.detach()).pow(2).mean()}
+'''
+
+
+def test_editing_a_plugin_methods_code_retrains_its_runs_and_no_other(tiny_teacher, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "method").mkdir(parents=True)
+    source = folder / "mine.py"
+    source.write_text(MINE)
+    (folder / "method" / "mine.yaml").write_text("family: canonical\nterms:\n  mine:\n    weight: 1.0\n")
+    common = ["train", *tiny_teacher, f"plugins=[{folder}]", "budget.iterations=2"]
+    mine, kd = [*common, "method=mine", f"out_dir={tmp_path / 'mine_run'}"], [*common, "method=kd", f"out_dir={tmp_path / 'kd_run'}"]
+    assert main(mine) == 0 and main(kd) == 0
+    before = {name: snapshot(tmp_path / name) for name in ("mine_run", "kd_run")}
+    assert main(mine) == 0 and snapshot(tmp_path / "mine_run") == before["mine_run"]  # nothing edited: a no-op
+    source.write_text(MINE.replace(".pow(2)", ".abs()"))  # the user edits the loss
+    capsys.readouterr()
+    assert main(mine) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"plugin mine.py {source} (sha256 " in line and "allow_changed_inputs=true" in line, line
+    assert snapshot(tmp_path / "mine_run") == before["mine_run"]
+    assert main([*mine, "on_config_change=archive"]) == 0  # the pipeline's mode: moved aside, trained again
+    (archived,) = tmp_path.glob("mine_run.superseded-*")
+    assert snapshot(archived) == before["mine_run"] and (tmp_path / "mine_run" / "metrics.json").is_file()
+    assert main(kd) == 0 and snapshot(tmp_path / "kd_run") == before["kd_run"]  # a packaged method: not its code
+
+
+def test_pretrain_dataset_advice_is_the_pretrain_datasets_own_prepare_command(tmp_path, capsys, monkeypatch):
+    """A dataset error while pre-training quotes the command that prepares the pre-training set (not the main
+    dataset's), and that command composes exactly the dataset the pre-training run reads."""
+    from kdrepro.data.io import prepare_hint
+    from kdrepro.pipeline.params import params_overrides
+    from kdrepro.train import run
+    from kdrepro.train.pretrain import pretraining_run
+
+    def damaged(dataset_cfg, split, **kwargs):  # as a label damaged after `prepare` checked the set
+        raise DatasetError(f"label {dataset_cfg.root}/x.png is damaged; {prepare_hint(str(dataset_cfg.name))}")
+
+    monkeypatch.setattr(run, "build_dataset", damaged)
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: smoke\nseeds: [0, 1]\n")
+    root = tmp_path / "pretrain_data"
+    overrides = [f"pretrain.dataset.root={root}", "dataset.generate.num_train=2", "dataset.generate.num_val=1"]
+    assert main(["pretrain", "--params", str(params), *overrides, "which=student", "precision=fp32", "channels_last=false",
+                 f"out_dir={tmp_path / 'pre'}"]) == 2  # fmt: skip
+    line = error_line(capsys.readouterr().err)
+    command = line.split("run `", 1)[1].split("`", 1)[0]
+    assert command.startswith(f"kdrepro prepare --params {params} dataset.generate.num_train=2") and f"dataset.root={root}" in command
+    composed = load_config([*params_overrides(params), *command.split()[4:]])
+    cfg = load_config([*params_overrides(params), *overrides])
+    assert composed.dataset == pretraining_run(cfg, "student", tmp_path / "pre").dataset
 
 
 def test_dataset_advice_is_the_prepare_command_of_this_run(tmp_path, capsys):

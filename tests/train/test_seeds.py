@@ -8,6 +8,7 @@ import torch
 from kdrepro.config import load_config
 from kdrepro.errors import ConfigError
 from kdrepro.io import load_checkpoint
+from kdrepro.train.run import evaluation_steps
 from kdrepro.train.seeds import per_seed_configs, seed_list, train_seeds
 
 
@@ -16,8 +17,29 @@ def test_per_seed_configs_split_the_out_dir(tiny_dataset, tmp_path):
     configs = per_seed_configs(cfg)
     assert [c.seed for c in configs] == [0, 2]
     assert [c.out_dir for c in configs] == [str(tmp_path / "seed0"), str(tmp_path / "seed2")]
-    assert all(c.seeds is None and c.eval_every == 2 and c.eval_points == 0 for c in configs)  # ceil(8 / 4)
+    assert all(c.seeds is None and c.eval_points == 3 for c in configs)  # in the run's identity: a change retrains
     assert per_seed_configs(load_config([*tiny_dataset, f"out_dir={tmp_path}"]))[0].out_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "iterations, points, every, steps",
+    [(8, 3, 0, [2, 4, 6]), (4, 1, 0, [2]), (4, 2, 0, [2, 3]), (4, 3, 0, [1, 2, 3]), (10, 2, 0, [4, 7]),
+     (320, 2, 0, [107, 214]), (2, 3, 0, [1]), (1, 1, 0, []), (9, 0, 3, [3, 6]), (9, 0, 0, []), (9, 2, 1, [3, 6])],
+)
+def test_eval_points_are_that_many_distinct_steps_before_the_end(iterations, points, every, steps):
+    """k/(points+1) of the run, rounded up: with 4 iterations, 1 and 2 points are different schedules (an every-k
+    rule gave both one evaluation, at step 2), and a run shorter than the points asks gets every step it has."""
+    assert evaluation_steps(iterations, points, every) == steps
+
+
+def test_changing_eval_points_retrains_a_student_run_but_not_the_teacher():
+    from kdrepro.train.run_folder import identity
+    from kdrepro.train.teacher import teacher_run
+
+    one, two = (load_config(["profile=smoke", "method=kd", f"eval_points={n}"]) for n in (1, 2))
+    assert identity(one) != identity(two)
+    assert identity(teacher_run(one)) == identity(teacher_run(two))  # its weights and final mIoU do not depend on it
+    assert teacher_run(one).eval_points == 0
 
 
 @pytest.mark.parametrize("seeds", ["[]", "[1,1]", "[-1]", "3"])
@@ -57,14 +79,24 @@ def test_a_run_repeated_is_bit_identical(tiny_teacher, tmp_path):
     assert all(torch.equal(first_model[key], second_model[key]) for key in first_model)
 
 
-def test_budget_is_resolved_once_and_passed_down(monkeypatch, tmp_path):
-    """train_seeds resolves the budget once (eval_points needs it) and hands the same one to every seed's run."""
-    from kdrepro.train import run, seeds
+def test_each_seed_resolves_its_budget_on_its_device(monkeypatch, tmp_path):
+    """train_seeds hands no budget down, also with eval_points (once resolved there without a device, which skipped
+    the device-type check of a calibration): each run resolves it where it trains."""
+    from kdrepro.train import run
 
-    resolved, handed = [], []
-    real = seeds.resolve_budget
-    monkeypatch.setattr(seeds, "resolve_budget", lambda *args: resolved.append(args) or real(*args))
-    monkeypatch.setattr(run, "train", lambda cfg, budget=None: handed.append((cfg.eval_every, budget)) or {})
+    handed = []
+    monkeypatch.setattr(run, "train", lambda cfg, budget=None: handed.append((cfg.eval_points, budget)) or {})
     train_seeds(load_config(["profile=smoke", "seeds=[0,1]", "eval_points=1", f"out_dir={tmp_path}"]))
-    assert len(resolved) == 1 and len(handed) == 2
-    assert handed[0][1] is handed[1][1] and handed[0][1].iterations == 4 and handed[0][0] == 2
+    assert handed == [(1, None), (1, None)]
+    with pytest.raises(ConfigError, match="eval_points needs an iteration budget"):
+        train_seeds(load_config(["profile=smoke", "seeds=[0,1]", "eval_points=1", "budget=seconds", "budget.seconds=5",
+                                 f"out_dir={tmp_path}"]))  # fmt: skip
+
+
+def test_a_run_evaluates_at_its_eval_points(tiny_dataset, tmp_path):
+    from kdrepro.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_dataset, "method=none", "budget.iterations=4", "eval_points=2", f"out_dir={out}"]) == 0
+    rows = (out / "dvclive" / "plots" / "metrics" / "val" / "miou.tsv").read_text().splitlines()[1:]
+    assert [int(row.split("\t")[0]) for row in rows] == [2, 3]  # the final evaluation is metrics.json's
