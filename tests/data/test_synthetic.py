@@ -27,7 +27,7 @@ def digests(root: Path) -> dict[str, str]:
 
 def synthetic_cfg(root: Path, seed: int = 0):
     cfg = load_config([f"dataset.root={root}", f"dataset.generate.seed={seed}"]).dataset
-    for key, value in SMALL.items():
+    for key, value in {**SMALL, "small_object_scale": 1.0, "small_object_rate": 1.0}.items():  # a street's proportions
         cfg.generate[key] = value
     return cfg
 
@@ -157,8 +157,8 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
 def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
-                                                                 "height": 128, "width": 256, "small_object_scale": 1.0,
-                                                                 "small_object_rate": 1.0}  # fmt: skip
+                                                                 "height": 128, "width": 256, "small_object_scale": 2.0,
+                                                                 "small_object_rate": 2.0}  # fmt: skip
     assert cfg["label_set"] == "categories" and cfg["num_classes"] == 7  # the synthetic profile scores the categories
     assert OmegaConf.to_container(load_config(["profile=cityscapes"]).dataset).get("label_set", "classes") == "classes"
 

@@ -79,6 +79,6 @@ def test_derived_runs_equal_the_configs_once_composed_from_override_strings(prof
         old = [*base, "method=none", "seeds=null", f"seed={int(cfg.pretrain.seed)}", f"model@student={model.name}",
                f"student.base_width={model.base_width}", "student.pretrained=null", "teacher.pretrained=null",
                "budget=iterations", f"budget.iterations={iterations(cfg, which)}", f"optim.lr={float(cfg.pretrain.lr)}",
-               "eval_points=0", f"out_dir={tmp_path}", f"progress.stage='pretrain {which}'"]  # fmt: skip
+               "eval_points=0", f"out_dir={tmp_path}", f"progress.stage='pretrain {which}'", f"speed.role={which}"]  # fmt: skip
         old += [f"{k}={_hydra(v)}" for k, v in _old_flatten(OmegaConf.to_container(cfg.pretrain.dataset, resolve=True) or {}, "dataset")]
         assert OmegaConf.to_yaml(pretraining_run(cfg, which, tmp_path), resolve=True) == OmegaConf.to_yaml(load_config(old), resolve=True)

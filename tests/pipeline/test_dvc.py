@@ -81,7 +81,7 @@ def test_whole_pipeline_on_the_smoke_profile(smoke_copy):
     assert experiments.returncode == 0, experiments.stderr
 
     hardware = json.loads((repo / "runs" / "smoke" / "hardware.json").read_text())
-    assert set(hardware) == {"precision", "channels_last", "threads", "reason"}  # the decision only, no timings
+    assert set(hardware) == {"precision", "channels_last", "threads", "reason", "roles"}  # the decisions only, no timings
     assert kd_run["speed"]["precision"] == hardware["precision"] == calibration["speed"]["precision"]
     assert verdict["regime"]["speed"]["reason"]["precision"] == hardware["reason"]["precision"]
     second = _dvc(repo, "repro")
