@@ -69,7 +69,10 @@ def prepare_dataset(dataset_cfg: Any, download: Download | None = None) -> Path:
 
 
 def _prepare_synthetic(root: Path, name: str, params: dict, num_classes: int) -> Path:
-    params = synthetic.normalize_params(params)
+    try:
+        params = synthetic.normalize_params(params)
+    except ValueError as error:
+        raise ConfigError(f"dataset.generate: {error}; fix it in the profile or the override") from None
     if not synthetic.is_generated(root, params):
         if root.exists() and not (root / synthetic.MANIFEST).is_file() and any(root.iterdir()):
             raise DatasetError(

@@ -39,6 +39,7 @@ MANIFEST = "kdrepro_synthetic.json"
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster")}
 _SPLIT_CODE = {"train": 0, "val": 1}
 CAMERA_HEIGHT = 1.5  # metres
+HORIZON = (0.36, 0.48)  # the horizon's row, as a fraction of the image height from the top (uniform in this range)
 
 FACADES = np.array([[205, 185, 150], [150, 150, 148], [150, 82, 62], [215, 210, 198], [190, 150, 92], [95, 88, 80]])
 PAINTS = np.array([[225, 225, 228], [160, 163, 168], [30, 30, 34], [170, 30, 30], [35, 60, 140], [35, 80, 50],
@@ -521,10 +522,10 @@ def _draw_void_and_light(canvas: Canvas):
 
 
 def render_scene(rng: np.random.Generator, height: int = 128, width: int = 256, small_object_scale: float = 1.0,
-                 small_object_rate: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                 small_object_rate: float = 1.0, horizon: tuple[float, float] = HORIZON) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """One street scene: ``(image (H, W, 3) uint8 RGB, label ids (H, W) uint8)``; see :func:`generate` for the
-    small-object settings."""
-    canvas = Canvas(rng, height, width, horizon=height * rng.uniform(0.36, 0.48), vanish_x=width * rng.uniform(0.38, 0.62),
+    small-object and horizon settings."""
+    canvas = Canvas(rng, height, width, horizon=height * rng.uniform(*horizon), vanish_x=width * rng.uniform(0.38, 0.62),
                     focal=width * rng.uniform(0.45, 0.65))  # fmt: skip
     street = _sample_street(canvas)
     light = (rng.uniform(0.65, 0.85), rng.uniform(0.95, 1.1))
@@ -541,7 +542,8 @@ def render_scene(rng: np.random.Generator, height: int = 128, width: int = 256, 
 
 
 def generate(root: Path, seed: int = 0, num_train: int = 300, num_val: int = 100, height: int = 128,
-             width: int = 256, small_object_scale: float = 1.0, small_object_rate: float = 1.0) -> Path:  # fmt: skip
+             width: int = 256, small_object_scale: float = 1.0, small_object_rate: float = 1.0,
+             horizon: tuple[float, float] = HORIZON) -> Path:  # fmt: skip
     """Write a synthetic dataset in the Cityscapes layout to ``root`` (atomically; a manifest marks it complete).
 
     ``small_object_scale`` and ``small_object_rate`` change the class statistics of the thin and rare classes (pole,
@@ -550,17 +552,23 @@ def generate(root: Path, seed: int = 0, num_train: int = 300, num_val: int = 100
     Cityscapes'); at a few pixels of image height those classes are then one or two pixels wide and take a model
     thousands of iterations to find, so a small embedded profile enlarges them.
 
+    ``horizon`` is the range of the horizon's row as a fraction of the image height (from the top; each scene draws
+    one uniformly). The default (0.36, 0.48) is a car-mounted camera's, as in Cityscapes, where sky is about 4 % of
+    the pixels and most of it hides behind the buildings; a lower horizon (a camera pitched up) shows more sky and
+    more of the facades above the same street.
+
     Files: ``leftImg8bit/<split>/<city>/<city>_<seq>_000019_leftImg8bit.png`` and the matching
     ``gtFine/.../*_gtFine_labelIds.png``; cities aachen/bochum/bremen (train) and frankfurt/lindau/munster (val).
     """
     params = normalize_params({"seed": seed, "num_train": num_train, "num_val": num_val, "height": height, "width": width,
-                               "small_object_scale": small_object_scale, "small_object_rate": small_object_rate})  # fmt: skip
+                               "small_object_scale": small_object_scale, "small_object_rate": small_object_rate,
+                               "horizon": horizon})  # fmt: skip
     with atomic_directory(Path(root)) as folder:
         for split, count in (("train", num_train), ("val", num_val)):
             cities = CITIES[split]
             for index in range(count):
                 image, label = render_scene(np.random.default_rng([seed, _SPLIT_CODE[split], index]), height, width,
-                                            small_object_scale, small_object_rate)  # fmt: skip
+                                            small_object_scale, small_object_rate, tuple(horizon))  # fmt: skip
                 city = cities[index % len(cities)]
                 stem = f"{city}_{index // len(cities):06d}_000019"
                 for top, suffix, array in (("leftImg8bit", "leftImg8bit", image), ("gtFine", "gtFine_labelIds", label)):
@@ -572,15 +580,21 @@ def generate(root: Path, seed: int = 0, num_train: int = 300, num_val: int = 100
 
 
 def normalize_params(params: dict) -> dict:
-    """The generator's parameters as its manifest records them: whole numbers, and the small-object settings only
-    where they differ from 1 (so the manifests of datasets written before those settings existed stay valid)."""
-    normal = {key: int(value) for key, value in params.items() if not key.startswith("small_object_")}
+    """The generator's parameters as its manifest records them: whole numbers, and the small-object and horizon
+    settings only where they differ from their defaults (so the manifests of datasets written before those settings
+    existed stay valid)."""
+    normal = {key: int(value) for key, value in params.items() if not key.startswith("small_object_") and key != "horizon"}
     for key in ("small_object_scale", "small_object_rate"):
         value = float(params.get(key, 1.0))
         if value <= 0:
             raise ValueError(f"{key} must be > 0, got {value}")
         if value != 1.0:
             normal[key] = value
+    horizon = [float(value) for value in params.get("horizon", HORIZON)]
+    if len(horizon) != 2 or not 0 < horizon[0] <= horizon[1] < 1:
+        raise ValueError(f"horizon must be [low, high] with 0 < low <= high < 1 (fractions of the image height), got {horizon}")
+    if horizon != list(HORIZON):
+        normal["horizon"] = horizon
     return normal
 
 

@@ -158,7 +158,7 @@ def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
                                                                  "height": 128, "width": 256, "small_object_scale": 2.0,
-                                                                 "small_object_rate": 2.0}  # fmt: skip
+                                                                 "small_object_rate": 2.0, "horizon": [0.36, 0.48]}  # fmt: skip
     assert cfg["label_set"] == "categories" and cfg["num_classes"] == 7  # the synthetic profile scores the categories
     assert OmegaConf.to_container(load_config(["profile=cityscapes"]).dataset).get("label_set", "classes") == "classes"
 
@@ -173,6 +173,29 @@ def test_small_object_settings_enlarge_the_thin_classes_and_keep_old_manifests()
     assert synthetic.normalize_params({"seed": 0, "small_object_rate": 2}) == {"seed": 0, "small_object_rate": 2.0}
     with pytest.raises(ValueError):
         synthetic.normalize_params({"small_object_scale": 0})
+
+
+def test_a_lower_horizon_shows_more_sky_and_the_default_keeps_old_manifests():
+    def sky(horizon):
+        labels = [synthetic.render_scene(np.random.default_rng([3, 0, index]), 64, 128, horizon=horizon)[1] for index in range(12)]
+        return np.mean([(label == ID["sky"]).mean() for label in labels])
+
+    assert sky((0.55, 0.65)) > 1.5 * sky(synthetic.HORIZON)
+    assert synthetic.normalize_params({"seed": 0, "horizon": [0.36, 0.48]}) == {"seed": 0}  # the default: not recorded
+    assert synthetic.normalize_params({"seed": 0, "horizon": (0.5, 0.6)}) == {"seed": 0, "horizon": [0.5, 0.6]}
+    for bad in ([0.6, 0.5], [0.5], [0.0, 0.5], [0.5, 1.0]):
+        with pytest.raises(ValueError, match="horizon must be"):
+            synthetic.normalize_params({"horizon": bad})
+
+
+def test_bad_generator_setting_is_a_one_line_config_error(tmp_path):
+    from kdrepro.errors import ConfigError
+
+    cfg = synthetic_cfg(tmp_path / "data")
+    cfg.generate.horizon = [0.6, 0.5]
+    with pytest.raises(ConfigError, match=r"dataset.generate: horizon must be \[low, high\]"):
+        prepare_dataset(cfg)
+    assert not (tmp_path / "data").exists()  # nothing written
 
 
 def test_category_labels_for_pretraining(tmp_path):

@@ -143,9 +143,10 @@ RUN_FOLDER_STAGES = {"pretrain": ("  iterations: 6\n", "  iterations: 5\n"),
                      "teacher": ("teacher_iterations: 6\n", "teacher_iterations: 5\n")}  # fmt: skip
 
 
-def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(smoke_copy):
+def test_changing_a_pretrain_and_a_teacher_setting_archives_the_old_runs_and_reruns_them(smoke_copy):
     """Every stage that writes a run folder archives a run of another config (on_config_change=archive), so an
-    ordinary parameter change never stops `dvc repro`; the earlier runs are kept beside the new ones."""
+    ordinary parameter change never stops `dvc repro`; the earlier runs are kept beside the new ones. (Reproduced up
+    to the teacher: what the method stages do with a changed teacher is test_effects' and the next test's.)"""
     repo = smoke_copy
     assert (repo / "runs" / "smoke" / "teacher" / "checkpoint.pt").exists()
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -159,12 +160,11 @@ def test_changing_a_pretrain_and_a_teacher_setting_reruns_to_the_end(smoke_copy)
         changed = changed.replace(old, new)
     profile.write_text(changed)
     try:
-        rerun = _dvc(repo, "repro")
+        rerun = _dvc(repo, "repro", "teacher")
     finally:
         profile.write_text(original)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
-    reran = ran_stages(rerun)
-    assert {"pretrain", "teacher", "results", "index"} <= reran, reran
+    assert {"pretrain", "teacher"} <= ran_stages(rerun), ran_stages(rerun)
     assert json.loads((repo / "runs" / "smoke" / "teacher" / "metrics.json").read_text())["iterations"] == 5
     assert list((repo / "runs" / "smoke" / "pretrain").glob("student.superseded-*/backbone.pth"))  # kept, not lost
     assert list((repo / "runs" / "smoke").glob("teacher.superseded-*/checkpoint.pt"))
