@@ -156,6 +156,11 @@ def trained_alone(
         run.seeds, run.seed = None, int(seed)
         for key, value in (changes or {}).items():
             OmegaConf.update(run, key, value, merge=True)
+        # Its schedule is its own: settings that follow the methods' schedule (``teacher_iterations`` by default)
+        # are fixed at their values, and the methods' schedule is no part of its identity, so changing
+        # ``reference_iterations`` does not retrain the teacher or the pre-trained backbones.
+        OmegaConf.resolve(run)
+        run.reference_iterations = None
     return run
 
 

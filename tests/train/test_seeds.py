@@ -42,6 +42,22 @@ def test_changing_eval_points_retrains_a_student_run_but_not_the_teacher():
     assert teacher_run(one).eval_points == 0
 
 
+def test_changing_the_reference_schedule_retrains_a_student_run_but_not_the_teacher_or_the_backbones(tmp_path):
+    from kdrepro.train.pretrain import pretraining_run
+    from kdrepro.train.run_folder import identity
+    from kdrepro.train.teacher import teacher_run
+
+    short, long = (load_config(["profile=smoke", "method=kd", f"reference_iterations={n}"]) for n in (4, 8))
+    assert identity(short) != identity(long)
+    assert identity(teacher_run(short)) == identity(teacher_run(long))
+    for which in ("student", "teacher"):
+        assert identity(pretraining_run(short, which, tmp_path)) == identity(pretraining_run(long, which, tmp_path))
+    # a teacher schedule that follows the reference one (train.yaml's default) is still the teacher's identity
+    follows = [load_config(["method=kd", f"reference_iterations={n}", "teacher_iterations=${reference_iterations}"]) for n in (4, 8)]
+    assert [teacher_run(cfg).budget.iterations for cfg in follows] == [4, 8]
+    assert identity(teacher_run(follows[0])) != identity(teacher_run(follows[1]))
+
+
 @pytest.mark.parametrize("seeds", ["[]", "[1,1]", "[-1]", "3"])
 def test_bad_seed_lists_are_one_line_errors(tiny_dataset, seeds):
     with pytest.raises(ConfigError, match="seeds"):
