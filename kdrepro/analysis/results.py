@@ -72,6 +72,7 @@ def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any] | None:
         "pixel_accuracy": metrics.get("pixel_accuracy"),
         "iterations": metrics.get("iterations"),
         "train_seconds": metrics.get("train_seconds"),
+        "train_cpu_seconds": metrics.get("train_cpu_seconds"),
         "seconds_per_iteration": metrics.get("seconds_per_iteration"),
         "precision": metrics.get("precision"),
         "device": metrics.get("device"),
@@ -95,7 +96,7 @@ def collect_runs(runs_dir: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    for column in ("miou", "pixel_accuracy", "diverged_at", "train_seconds", "iterations"):  # None (diverged) -> NaN
+    for column in ("miou", "pixel_accuracy", "diverged_at", "train_seconds", "train_cpu_seconds", "iterations"):  # None -> NaN
         frame[column] = pd.to_numeric(frame[column])
     teacher = frame.loc[frame.protocol == "teacher", "miou"]
     if len(teacher):

@@ -57,7 +57,7 @@ from kdrepro.train.run_folder import (
     trim_live_logs,
 )
 from kdrepro.train.signals import Signals, watch_parent
-from kdrepro.train.timing import PHASES, summarize, synchronize
+from kdrepro.train.timing import PHASES, process_seconds, summarize, synchronize
 from kdrepro.train.trainer import NonFiniteLossError, StepResult, Trainer, check_method, method_uses_teacher
 
 log = logging.getLogger("kdrepro.train")
@@ -72,6 +72,7 @@ class RunState:
     step: int = 0
     train_seconds: float = 0.0
     pretrained: bool = False
+    pretrain_cpu_seconds: float = 0.0  # the method's pre-training in process CPU time (its wall time is in train_seconds)
     saved_step: int | None = None  # the step of the checkpoint on disk
 
 
@@ -220,7 +221,8 @@ def _resume(run: Run) -> None:
     state = load_checkpoint(run.checkpoint_path)
     run.trainer.load_state_dict(state)
     restore_rng_state(state["rng"])
-    run.state = RunState(int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"]), int(state["step"]))
+    run.state = RunState(int(state["step"]), float(state["train_seconds"]), bool(state["pretrained"]),
+                         float(state.get("pretrain_cpu_seconds", 0.0)), int(state["step"]))
     run.trainer.timer.history = [dict(zip(state["timing_keys"], row, strict=True)) for row in state["timing"].tolist()]
     log.info("resuming %s at step %d (%.1f train seconds)", run.out_dir, run.state.step, run.state.train_seconds)
 
@@ -229,7 +231,9 @@ def _train_and_evaluate(run: Run) -> dict[str, Any]:
     run.state.pretrained = run.state.pretrained or run.trainer.distiller.pretrain_iterations == 0
     run.signals.deferred()
     if not run.state.pretrained:
-        run.state.train_seconds += _pretrain(run)
+        wall, cpu = _pretrain(run)
+        run.state.train_seconds += wall
+        run.state.pretrain_cpu_seconds += cpu
         run.state.pretrained = True
     try:
         _train_to_budget(run)
@@ -265,6 +269,15 @@ def _evaluate_and_record(run: Run) -> dict[str, Any]:
     return result
 
 
+def train_cpu_seconds(history: list[dict[str, float]], pretrain_cpu: float = 0.0) -> float | None:
+    """The run's training in process CPU time (every iteration's ``cpu`` record plus the method's pre-training): the
+    clock a CPU calibration measures in, so the compute check compares like with like when other load stretched the
+    wall time. ``None`` when an iteration has no CPU record."""
+    if not history or any("cpu" not in record for record in history):
+        return None
+    return float(sum(record["cpu"] for record in history)) + float(pretrain_cpu)
+
+
 def _result(run: Run, metrics: Any) -> dict[str, Any]:
     history = run.trainer.timer.history
     summary = summarize(history, skip=min(5, max(len(history) - 1, 0)))
@@ -274,6 +287,7 @@ def _result(run: Run, metrics: Any) -> dict[str, Any]:
         "method": run.method,
         "iterations": run.state.step,
         "train_seconds": run.state.train_seconds,
+        "train_cpu_seconds": train_cpu_seconds(history, run.state.pretrain_cpu_seconds),
         "seconds_per_iteration": summary.get("median", {}).get("total"),
         "phase_median_seconds": {k: v for k, v in summary.get("median", {}).items() if k in PHASES},
         "phase_total_seconds": {k: v for k, v in summary.get("total", {}).items() if k in PHASES},
@@ -344,13 +358,13 @@ def open_live(out_dir: Path, resumed: bool):
     return Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, resume=resumed, report=None)
 
 
-def _pretrain(run: Run) -> float:
+def _pretrain(run: Run) -> tuple[float, float]:
     """The method's pre-training stage (e.g. MasKD's mask tokens), inside the training clock; what each pre-training
-    step returns is logged as ``pretrain/<term>.<name>``."""
+    step returns is logged as ``pretrain/<term>.<name>``. Returns its (wall, process CPU) seconds."""
     trainer, cfg = run.trainer, run.cfg
     loader = iter(training_loader(run.train_set, int(cfg.loader.batch_size), int(cfg.seed) + 1, 0, int(cfg.loader.num_workers)))
     synchronize(trainer.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), process_seconds()
     progress = progress_of(run, trainer.distiller.pretrain_iterations, stage=f"{run.cfg.progress.stage} method pre-training")
     for index in range(trainer.distiller.pretrain_iterations):
         images, labels = trainer.to_device(*next(loader))
@@ -365,7 +379,7 @@ def _pretrain(run: Run) -> float:
                               f"{run.method} pre-training; nothing of it was saved, rerun to restart it")
     progress.close()
     synchronize(trainer.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, process_seconds() - cpu_start
 
 
 def _train_to_budget(run: Run) -> None:
@@ -444,6 +458,7 @@ def checkpoint_state(trainer: Trainer, cfg: DictConfig, state: RunState) -> dict
         step=state.step,
         train_seconds=state.train_seconds,
         pretrained=state.pretrained,
+        pretrain_cpu_seconds=state.pretrain_cpu_seconds,
         rng=rng_state(),
         timing_keys=keys,
         timing=torch.tensor([[record[k] for k in keys] for record in history], dtype=torch.float64).reshape(-1, len(keys)),

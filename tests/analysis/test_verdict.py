@@ -174,6 +174,24 @@ def test_compute_check_flags_runs_outside_15_percent_of_their_budget():
     assert compute_check(_compute_runs({"none": 21.0, "kd": 19.0, "fitnet": 17.5}), _calibration())["passed"]
 
 
+def test_compute_check_reads_cpu_seconds_when_the_calibration_was_in_cpu_time():
+    """Under other load the wall time of every run stretches (seen: 142-291 % of the budget on a loaded machine)
+    while its CPU time does not; a CPU-time calibration is checked in CPU time x its wall / CPU factor."""
+    runs = _compute_runs({"none": 45.0, "kd": 50.0, "fitnet": 58.0})  # wall: 2.2-2.9x the budget
+    runs["train_cpu_seconds"] = [16.0, 17.0, 24.0, 32.0]  # x 1.25 = 20, 21.25, 30 (off), 40 (the 2x run's budget)
+    calibration = _calibration()
+    for entry in calibration["methods"].values():
+        entry["wall_per_cpu"] = 1.25
+    assert compute_check(runs, calibration)["state"] == "failed"  # a wall-clock calibration: every run is off
+    calibration["clock"] = {"kind": "cpu"}
+    check = compute_check(runs, calibration)
+    assert check["clock"] == "cpu" and check["off_budget"] == ["compute_matched/fitnet/seed0"]
+    fitnet = next(row for row in check["runs"] if row["method"] == "fitnet")
+    assert fitnet["train_seconds"] == pytest.approx(30.0) and fitnet["wall_seconds"] == 58.0
+    runs["train_cpu_seconds"] = float("nan")  # metrics written before the CPU record: their wall time counts
+    assert len(compute_check(runs, calibration)["off_budget"]) == 3  # the three stretched compute-matched runs
+
+
 def test_disturbed_calibration_fails_the_check_even_where_max_spread_is_null():
     runs = _compute_runs({"none": 20.0, "kd": 20.0, "fitnet": 20.0})
     check = compute_check(runs, _calibration(spread=1.058, max_spread=None))  # the smoke profile: max_spread null
