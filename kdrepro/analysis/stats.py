@@ -6,7 +6,7 @@ taken over those paired differences: Student's t-interval, ``mean ± t_{0.975, n
 (``scipy.stats.t``). With one seed there is no interval (NaN) and nothing is called significant. A difference is
 *significant* when its interval excludes 0; a ranking or "better than" claim is only made where it is.
 mIoU in these tables is in percent points. Diverged runs (mIoU NaN) are left out of the statistics and counted in
-``n_diverged``. Runs that collapsed to one class (``collapsed`` in ``runs.csv``, :func:`kdrepro.analysis.results.collapsed`)
+``n_diverged``. Runs that collapsed to one class (``collapsed`` in ``runs.csv``, :func:`kdrepro.analysis.regime.collapsed`)
 are counted in ``n_collapsed`` and *stay in* the mean, the interval and the paired differences: their mIoU is a real
 outcome of the method under this recipe, and dropping them would flatter the method.
 """

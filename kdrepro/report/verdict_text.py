@@ -166,11 +166,14 @@ def capacity_gap_sentence(regime: dict[str, Any]) -> str:
 PROTOCOL_WORDS = {"iter_matched": "iteration-matched", "compute_matched": "compute-matched"}
 
 
+def _protocol_words(entry: dict[str, Any]) -> str:
+    """``iteration-matched``, ``compute-matched`` or ``at 4× the budget`` (extended runs)."""
+    return PROTOCOL_WORDS.get(str(entry.get("protocol"))) or f"at {float(entry.get('multiplier') or 0):g}× the budget"
+
+
 def _collapsed_where(entry: dict[str, Any]) -> str:
-    """``3 of 3 seeds iteration-matched`` (``at 4× the budget`` for extended runs)."""
-    protocol = str(entry.get("protocol"))
-    where = PROTOCOL_WORDS.get(protocol) or f"at {float(entry.get('multiplier') or 0):g}× the budget"
-    return f"{int(entry.get('collapsed', 0))} of {int(entry.get('seeds', 0))} seeds {where}"
+    """``3 of 3 seeds iteration-matched``."""
+    return f"{int(entry.get('collapsed', 0))} of {int(entry.get('seeds', 0))} seeds {_protocol_words(entry)}"
 
 
 def _collapsed_tail(entry: dict[str, Any]) -> str:
@@ -180,7 +183,8 @@ def _collapsed_tail(entry: dict[str, Any]) -> str:
     if whole and len(whole) == len(rows) and int(entry.get("runs", 0)) >= int(entry.get("of", 0)):
         return "its rows describe a broken training, not the method"
     if whole:
-        labels = " and ".join(_collapsed_where(row).split(" seeds ", 1)[1] for row in whole)
+        labels = " and ".join(PROTOCOL_WORDS.get(str(row.get("protocol"))) or f"{float(row.get('multiplier') or 0):g}×"
+                              for row in whole)  # fmt: skip
         return f"its {labels} row{'s describe' if len(whole) > 1 else ' describes'} a broken training, not the method"
     return "those seeds stay in its mean and interval"
 
