@@ -1,6 +1,6 @@
 """Where a pipeline's results sit: its seeds, schedule and teacher gap, how far the student alone is from its longer
-runs (schedule vs convergence), which classes it learns, and whether one class decides a comparison. The verdict and
-every report page state it."""
+runs (schedule vs convergence), which classes it learns, which runs collapsed to one class, and whether one class
+decides a comparison. The verdict and every report page state it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,43 @@ import pandas as pd
 from kdrepro.analysis.methods import STUDENT_ALONE
 
 PERCENT_OF_TEACHER_BASIS = "the teacher's mIoU (one teacher, shared by every seed)"
+
+#: A class counts as predicted when its IoU is above this (a fraction, as ``metrics.json`` stores IoU): 1 %.
+COLLAPSE_IOU = 0.01
+
+
+def collapsed(per_class_iou: list[float | None] | None, threshold: float = COLLAPSE_IOU) -> bool:
+    """Did a finished run collapse to one class? True when at most one class has IoU above ``threshold`` among the
+    classes its ``per_class_iou`` scores (``metrics.json``, fractions), and at least two classes are scored.
+
+    Why: a student that predicts one class everywhere (e.g. IoU ``[0.36, 0, 0, 0, 0, 0, 0]``) still has finite losses,
+    so it is not *diverged*, yet its mIoU (here 5.2) measures a broken training under this recipe, not the method.
+    Every other class then has IoU 0 (it is never predicted, or predicted where it is not) up to the rare stray
+    pixel, hence a small threshold (1 %) rather than exactly 0. Classes absent from validation *and* never
+    predicted have no IoU (``None``/NaN): they are not counted, and a run scored on fewer than two classes cannot
+    collapse. A run without ``per_class_iou`` (diverged, or written by an older kdrepro) is not flagged.
+    """
+    scored = [float(v) for v in per_class_iou or [] if v is not None and math.isfinite(float(v))]
+    return len(scored) >= 2 and sum(v > threshold for v in scored) <= 1
+
+
+def collapsed_methods(stats: pd.DataFrame) -> dict[str, Any]:
+    """The methods with collapsed runs (``n_collapsed`` of :func:`kdrepro.analysis.stats.summarize`):
+    ``{method: {"runs": k, "of": n, "by_protocol": [{"protocol", "multiplier", "collapsed", "seeds"}]}}``, counting
+    every run of the method (diverged ones too) in ``of`` and ``seeds``; ``{}`` when none collapsed."""
+    if stats.empty or "n_collapsed" not in stats:
+        return {}
+    found: dict[str, Any] = {}
+    for row in stats[pd.to_numeric(stats.n_collapsed).fillna(0) > 0].itertuples():
+        seeds = int(row.n_seeds) + int(getattr(row, "n_diverged", 0) or 0)
+        entry = found.setdefault(str(row.method), {"runs": 0, "of": 0, "by_protocol": []})
+        entry["by_protocol"].append({"protocol": str(row.protocol), "multiplier": float(row.multiplier),
+                                     "collapsed": int(row.n_collapsed), "seeds": seeds})  # fmt: skip
+        entry["runs"] += int(row.n_collapsed)
+    for method, entry in found.items():
+        part = stats[stats.method == method]
+        entry["of"] = int(part.n_seeds.sum() + (part.n_diverged.sum() if "n_diverged" in part else 0))
+    return found
 
 
 def teacher_miou_pct(runs: pd.DataFrame) -> float | None:
@@ -58,6 +95,8 @@ def regime(runs: pd.DataFrame, stats: pd.DataFrame, profile: str | None) -> dict
         "longest_control_iterations": longest_iterations,
         "schedule": schedule,
         "percent_of_teacher_basis": PERCENT_OF_TEACHER_BASIS,
+        "collapsed": collapsed_methods(stats),
+        "collapse_threshold": COLLAPSE_IOU,
     }
 
 

@@ -5,14 +5,17 @@ writes, under ``results/<profile>/``:
 
 ==========================  ============================================================================================
 ``runs.csv``                one row per run (mIoU as a fraction, as ``kdrepro.evaluate`` stores it), with its seed,
-                            the method's family, display name and citation (from the run's saved config)
+                            the method's family, display name and citation (from the run's saved config), the step
+                            it diverged at (``diverged_at``) and whether it collapsed to one class (``collapsed``,
+                            :func:`kdrepro.analysis.regime.collapsed`)
 ``per_class.csv``           one row per run and class: IoU in percent (NaN for a class absent from validation)
 ``stats.csv``               one row per (protocol, method, multiplier): mean, sd, 95 % t-interval over seeds, and
                             seed-paired differences vs the student alone and vs logit KD (percent points;
                             :mod:`kdrepro.analysis.stats`)
-``verdict.json``            the regime (teacher gap, where the schedule sits, positive control, capacity gap), the
-                            compute check (every compute-matched run's seconds against its budget) and the verdict
-                            per claim (:mod:`kdrepro.analysis.verdict`); also a DVC metric
+``verdict.json``            the regime (teacher gap, where the schedule sits, positive control, capacity gap, the
+                            methods with runs collapsed to one class), the compute check (every compute-matched run's
+                            seconds against its budget) and the verdict per claim (:mod:`kdrepro.analysis.verdict`);
+                            also a DVC metric
 ``curves.csv``              the dvclive logs of every run (one row per logged step and metric)
 ``calibration.csv``         one row per calibrated method (seconds/iteration and its spread, phases, FLOPs, memory)
 ``summary.json``            mean mIoU per protocol and method (``dvc metrics show``)
@@ -30,7 +33,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdrepro.analysis.regime import classes_learned, deciding_classes, regime, teacher_miou_pct
+from kdrepro.analysis.regime import classes_learned, collapsed, deciding_classes, regime, teacher_miou_pct
 from kdrepro.analysis.stats import summarize
 from kdrepro.analysis.verdict import best_specific, judge, preconditions
 from kdrepro.pipeline.layout import BEST_SPECIFIC, PROTOCOLS, parse_run_path
@@ -69,6 +72,7 @@ def _run_row(metrics_path: Path, runs_dir: Path) -> dict[str, Any] | None:
         **meta,
         "miou": metrics.get("miou"),
         "diverged_at": (metrics.get("diverged") or {}).get("step"),
+        "collapsed": metrics.get("miou") is not None and collapsed(metrics.get("per_class_iou")),
         "pixel_accuracy": metrics.get("pixel_accuracy"),
         "iterations": metrics.get("iterations"),
         "train_seconds": metrics.get("train_seconds"),

@@ -6,7 +6,9 @@ taken over those paired differences: Student's t-interval, ``mean ± t_{0.975, n
 (``scipy.stats.t``). With one seed there is no interval (NaN) and nothing is called significant. A difference is
 *significant* when its interval excludes 0; a ranking or "better than" claim is only made where it is.
 mIoU in these tables is in percent points. Diverged runs (mIoU NaN) are left out of the statistics and counted in
-``n_diverged``.
+``n_diverged``. Runs that collapsed to one class (``collapsed`` in ``runs.csv``, :func:`kdrepro.analysis.regime.collapsed`)
+are counted in ``n_collapsed`` and *stay in* the mean, the interval and the paired differences: their mIoU is a real
+outcome of the method under this recipe, and dropping them would flatter the method.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def paired_difference(a: pd.Series, b: pd.Series) -> dict[str, float | bool | in
     return {"mean": mean, "sd": sd, "ci_low": low, "ci_high": high, "n": n, "significant": significant(low, high)}
 
 
+def n_collapsed(group: pd.DataFrame) -> int:
+    """How many runs of ``group`` collapsed to one class (0 when the table has no ``collapsed`` column)."""
+    if "collapsed" not in group:
+        return 0
+    return int(group["collapsed"].map(lambda value: str(value).strip().lower() == "true").sum())  # bool, or text from a CSV
+
+
 def _by_seed(runs: pd.DataFrame, protocol: str, method: str, multiplier: float) -> pd.Series:
     rows = runs[(runs.protocol == protocol) & (runs.method == method) & (runs.multiplier == multiplier)]
     return rows.set_index("seed")["miou_pct"]
@@ -73,6 +82,7 @@ def summarize(runs: pd.DataFrame, teacher_miou_pct: float | None = None) -> pd.D
             "display_name": group["display_name"].iloc[0] if "display_name" in group else method,
             "n_seeds": n,
             "n_diverged": int(group["miou_pct"].isna().sum()),
+            "n_collapsed": n_collapsed(group),
             "miou_mean": mean,
             "miou_std": sd,
             "miou_ci_low": low,

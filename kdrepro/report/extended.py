@@ -27,6 +27,7 @@ from kdrepro.report.style import (
     interval,
     method_colours,
 )
+from kdrepro.report.verdict_text import seeds_note
 
 PERCENT_BASIS = "% of teacher = mean mIoU over seeds ÷ the teacher's mIoU (same validation set, this profile)"
 
@@ -42,7 +43,8 @@ def budget_frame(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def budget_table(frame: pd.DataFrame, names: dict[str, str], teacher_miou: float | None) -> pd.DataFrame:
-    """Method × budget: mIoU mean ± CI, % of teacher (one basis), Δ vs the student alone at the same budget."""
+    """Method × budget: mIoU mean ± CI (with the seeds that diverged or collapsed to one class), % of teacher (one
+    basis), Δ vs the student alone at the same budget."""
     rows = []
     for row in frame.itertuples():
         percent = 100 * row.miou_mean / teacher_miou if teacher_miou else np.nan
@@ -52,9 +54,16 @@ def budget_table(frame: pd.DataFrame, names: dict[str, str], teacher_miou: float
             delta = f"≈ {delta} (inside the noise)"
         rows.append({"method": names.get(row.method, row.method), "budget": f"{row.multiplier:g}×",
                      "iterations": row.iterations_mean, "train s": row.train_seconds_mean,
-                     "mIoU (%) ± 95 % CI": interval(row.miou_mean, row.miou_ci_low, row.miou_ci_high),
+                     "mIoU (%) ± 95 % CI": _miou_text(row),
                      "% of teacher": percent, "Δ vs student alone, same budget": delta})
     return pd.DataFrame(rows)
+
+
+def _miou_text(row: Any) -> str:
+    """Mean ± CI, then the seeds that diverged or collapsed to one class (``1 of 3 seeds collapsed to one class``)."""
+    text = interval(row.miou_mean, row.miou_ci_low, row.miou_ci_high)
+    notes = seeds_note(getattr(row, "n_seeds", 0), getattr(row, "n_diverged", 0), getattr(row, "n_collapsed", 0))
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def extension_choice(selection: dict[str, Any], names: dict[str, str]) -> str:

@@ -45,12 +45,15 @@ def tidy_tables_html(inputs: Inputs) -> str:
 
 def runs_html(runs: pd.DataFrame, inputs: Inputs, names: dict[str, str]) -> str:
     """Every run of the pipeline, one row each (protocol, method, budget, seed, mIoU, iterations, training seconds)
-    with links to its files, inside a collapsed ``<details>`` block."""
+    with links to its files, inside a collapsed ``<details>`` block; a run that diverged or collapsed to one class
+    says so in its mIoU cell."""
     rows = []
     for run in runs.itertuples():
         budget = f"{float(run.multiplier):g}×" if run.protocol == "extended" else ""
         seed = "" if pd.isna(run.seed) else str(int(run.seed))
         miou = "diverged" if pd.isna(run.miou) else f"{100 * float(run.miou):.1f}"
+        if str(getattr(run, "collapsed", False)).strip().lower() == "true":
+            miou += " (collapsed to one class)"
         seconds = "" if pd.isna(run.train_seconds) else f"{float(run.train_seconds):.1f}"
         iterations = "" if pd.isna(run.iterations) else f"{int(run.iterations):,}"
         cells = [PROTOCOL_LABELS.get(run.protocol, run.protocol), names.get(run.method, run.method), budget, seed, miou,

@@ -36,8 +36,10 @@ from kdrepro.report.verdict_text import (
     budget_by_method,
     capacity_gap_sentence,
     claim_in_words,
+    collapsed_sentence,
     flags,
     positive_control_sentence,
+    seeds_note,
     teacher_schedule,
 )
 from kdrepro.train.speed_choice import speed_sentence
@@ -53,7 +55,7 @@ BADGE_SYMBOLS = {"supported": "✔", "contradicted": "✘", "inconclusive": "?",
 # ------------------------------------------------------------------------------------------------------- verdict
 def regime_line(verdict: dict[str, Any], names: dict[str, str] | None = None) -> str:
     """The regime the verdict was reached in, in sentences: profile, seeds, schedule, the teacher with its schedule
-    and its gap, the positive control, the capacity gap and the classes learned."""
+    and its gap, the positive control, the capacity gap, the classes learned and the methods that collapsed."""
     regime = verdict.get("regime", {})
     names = names if names is not None else verdict_names(verdict)
     seeds = regime.get("seeds") or []
@@ -69,7 +71,8 @@ def regime_line(verdict: dict[str, Any], names: dict[str, str] | None = None) ->
         parts.append(sentence[:1].upper() + sentence[1:] + ("" if sentence.endswith(".") else "."))
     elif fraction is not None:
         parts.append(f"At the reference schedule the student alone has {100 * float(fraction):.0f} % of its mIoU at 4× the schedule.")
-    parts += [positive_control_sentence(regime, names), capacity_gap_sentence(regime), classes_sentence(regime)]
+    parts += [positive_control_sentence(regime, names), capacity_gap_sentence(regime), classes_sentence(regime),
+              collapsed_sentence(regime, names)]
     parts.append(speed_sentence(regime.get("speed")))
     return " ".join(part for part in parts if part)
 
@@ -83,6 +86,7 @@ def verdict_names(verdict: dict[str, Any]) -> dict[str, str]:
     found |= set((regime.get("positive_control") or {}).get("per_method") or {})
     found |= {str(row.get("method")) for row in (verdict.get("compute_check") or {}).get("runs", [])}
     found |= set((verdict.get("compute_check") or {}).get("disturbed") or {})
+    found |= set(regime.get("collapsed") or {})
     for claim in verdict.get("claims", []):
         figures = claim.get("figures") or {}
         found |= {str(figures[key]) for key in ("canonical", "best_specific", "method") if figures.get(key)}
@@ -169,7 +173,7 @@ def table1(stats: pd.DataFrame, calibration: pd.DataFrame, meta: pd.DataFrame, t
         for protocol, tag in zip(MATCHED, ("iter", "compute"), strict=True):
             found = matched[(matched.protocol == protocol) & (matched.method == method)]
             values = found.iloc[0] if len(found) else pd.Series(dtype=object)
-            for name in ("miou_mean", "miou_ci_low", "miou_ci_high", "iterations_mean", "n_seeds", "n_diverged",
+            for name in ("miou_mean", "miou_ci_low", "miou_ci_high", "iterations_mean", "n_seeds", "n_diverged", "n_collapsed",
                          "delta_student_mean", "delta_student_ci_low", "delta_student_ci_high", "delta_student_significant",
                          "delta_kd_mean", "delta_kd_ci_low", "delta_kd_ci_high", "delta_kd_significant"):
                 row[f"{tag}_{name}"] = values.get(name, np.nan)
@@ -202,8 +206,8 @@ def _difference_cell(row: pd.Series, prefix: str) -> str:
 
 def _miou_cell(row: pd.Series, tag: str) -> str:
     mean = row.get(f"{tag}_miou_mean", np.nan)
-    diverged = row.get(f"{tag}_n_diverged", 0)
-    note = f'<br><small>{int(diverged)} of {int(row.get(f"{tag}_n_seeds", 0) + diverged)} seeds diverged</small>' if diverged and not pd.isna(diverged) else ""
+    notes = seeds_note(row.get(f"{tag}_n_seeds", 0), row.get(f"{tag}_n_diverged", 0), row.get(f"{tag}_n_collapsed", 0))
+    note = "".join(f"<br><small>{text}</small>" for text in notes)
     if pd.isna(mean):
         return "—" + note
     text = interval(mean, row.get(f"{tag}_miou_ci_low", np.nan), row.get(f"{tag}_miou_ci_high", np.nan))
@@ -294,7 +298,9 @@ def table1_caption(profile: str, n_seeds: int, speed: dict[str, Any] | None = No
             "iteration relative to the student alone on this hardware. Compute-matched: iterations received with the "
             "FLOP-matched count in brackets, and realised training seconds against the budget (mean over seeds; "
             "<b style=\"color:#c00000\">⚠ red</b>: a seed trained outside ±15 % of its budget, so compute matching did not "
-            "hold for that row). Iteration-matched runs repeat bit for bit on "
+            "hold for that row). Under a mean: seeds that diverged (non-finite loss; left out of the mean) and seeds that "
+            "collapsed to one class (at most one class above 1 % IoU; kept in the mean, as a real outcome of the recipe). "
+            "Iteration-matched runs repeat bit for bit on "
             "one machine; compute-matched iteration counts come from this run's calibration, so another calibration "
             "(another machine, or the same one on another day) moves them by a few iterations, and their scores with "
             "them. Published: Cityscapes mIoU as reported by the cited source with its schedule (real data and "

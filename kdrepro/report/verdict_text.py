@@ -163,6 +163,46 @@ def capacity_gap_sentence(regime: dict[str, Any]) -> str:
             f"{float(gap['gap']):.1f} points (criterion ≥ {float(gap.get('criterion', 3.0)):g}: {met}).")
 
 
+PROTOCOL_WORDS = {"iter_matched": "iteration-matched", "compute_matched": "compute-matched"}
+
+
+def _protocol_words(entry: dict[str, Any]) -> str:
+    """``iteration-matched``, ``compute-matched`` or ``at 4× the budget`` (extended runs)."""
+    return PROTOCOL_WORDS.get(str(entry.get("protocol"))) or f"at {float(entry.get('multiplier') or 0):g}× the budget"
+
+
+def _collapsed_where(entry: dict[str, Any]) -> str:
+    """``3 of 3 seeds iteration-matched``."""
+    return f"{int(entry.get('collapsed', 0))} of {int(entry.get('seeds', 0))} seeds {_protocol_words(entry)}"
+
+
+def _collapsed_tail(entry: dict[str, Any]) -> str:
+    """What a method's collapsed runs mean for its rows: broken training where every seed of a row collapsed."""
+    rows = entry.get("by_protocol") or []
+    whole = [row for row in rows if int(row.get("collapsed", 0)) >= int(row.get("seeds", 0)) > 0]
+    if whole and len(whole) == len(rows) and int(entry.get("runs", 0)) >= int(entry.get("of", 0)):
+        return "its rows describe a broken training, not the method"
+    if whole:
+        labels = " and ".join(PROTOCOL_WORDS.get(str(row.get("protocol"))) or f"{float(row.get('multiplier') or 0):g}×"
+                              for row in whole)  # fmt: skip
+        return f"its {labels} row{'s describe' if len(whole) > 1 else ' describes'} a broken training, not the method"
+    return "those seeds stay in its mean and interval"
+
+
+def collapsed_sentence(regime: dict[str, Any], names: Names) -> str:
+    """The methods with runs that collapsed to one class, in one sentence ('' when none did): their runs stay in the
+    means, so a reader must be told which rows describe a broken training rather than the method."""
+    found = regime.get("collapsed") or {}
+    if not found:
+        return ""
+    parts = [f"{_name(method, names)} collapsed to one class on "
+             f"{' and '.join(_collapsed_where(row) for row in entry.get('by_protocol') or [])}: {_collapsed_tail(entry)}"
+             for method, entry in found.items()]  # fmt: skip
+    threshold = 100 * float(regime.get("collapse_threshold") or 0.01)
+    return (f"{'; '.join(parts)} (collapsed: at most one class above {threshold:g} % IoU at the end of training, "
+            "with finite losses).")
+
+
 def flags(verdict: dict[str, Any], names: Names) -> list[dict[str, str]]:
     """The warnings a reader must see before any claim, most serious first: ``{"kind", "title", "text"}``."""
     regime = verdict.get("regime") or {}
@@ -220,3 +260,20 @@ def budget_by_method(check: dict[str, Any] | None, protocol: str = "compute_matc
                          "within": all(row.get("within") for row in mine), "seeds": len(mine),
                          "flop_iterations": mine[0].get("flop_matched_iterations")}  # fmt: skip
     return found
+
+
+def _count(value: Any) -> int:
+    """A seed count from ``stats.csv`` (numpy or Python number); 0 for a missing or NaN value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if math.isfinite(number) else 0
+
+
+def seeds_note(n_seeds: Any, n_diverged: Any, n_collapsed: Any) -> list[str]:
+    """``["1 of 3 seeds diverged", "2 of 3 seeds collapsed to one class"]`` (the counts that are not 0) for a row of
+    ``stats.csv``; collapsed seeds are inside its mean, diverged ones are not."""
+    total = _count(n_seeds) + _count(n_diverged)
+    counts = ((n_diverged, "diverged"), (n_collapsed, "collapsed to one class"))
+    return [f"{_count(k)} of {total} seeds {what}" for k, what in counts if _count(k)]

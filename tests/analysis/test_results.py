@@ -64,3 +64,82 @@ def test_regime_states_the_schedule_fraction_and_the_teacher_gap_at_the_longest_
     assert result["student_longer_iterations"] == 240 and result["student_fraction_of_longer"] == pytest.approx(43 / 48)
     assert result["teacher_gap_at_longest_control"] == pytest.approx(1.0) and result["longest_control_iterations"] == 480
     assert "past early training" in result["schedule"] and "the student alone is 1.0 points below the teacher" in result["schedule"]
+
+
+# ----------------------------------------------------------------------------------------- collapse to one class
+COLLAPSED_IOU = [0.362, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # BPKD in the embedded run: "flat" everywhere, 5.2 mIoU
+HEALTHY_IOU = [0.866, 0.608, 0.0, 0.579, 0.640, 0.0, 0.629]
+
+
+@pytest.mark.parametrize(("per_class_iou", "expected"), [
+    (COLLAPSED_IOU, True),
+    ([0.362, 0.004, 0.0, 0.0, 0.0, 0.0, 0.0], True),  # a few stray pixels of a second class
+    (HEALTHY_IOU, False),
+    ([0.9, 0.02, None, math.nan, 0.0], False),  # two classes above 1 %; the absent ones do not count
+    ([0.9, None, None, math.nan, 0.0], True),  # one class above 1 % of the two scored
+    ([0.9, None, None, math.nan], False),  # one class scored: nothing to collapse from
+    (None, False),  # no per-class IoU (diverged, or an older metrics.json)
+])  # fmt: skip
+def test_a_run_collapsed_when_at_most_one_scored_class_is_above_one_percent(per_class_iou, expected):
+    from kdrepro.analysis.regime import collapsed
+
+    assert collapsed(per_class_iou) is expected
+
+
+def _write_run(runs_dir, run: str, miou, per_class_iou, diverged=None):
+    import json
+
+    folder = runs_dir / run
+    folder.mkdir(parents=True)
+    metrics = {"miou": miou, "per_class_iou": per_class_iou, "method": run.split("/")[1], "iterations": 10,
+               "train_seconds": 1.0} | ({"diverged": {"step": diverged}} if diverged is not None else {})  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def _collapse_runs(tmp_path):
+    """One collapsed, one healthy, one diverged and one healthy run with classes absent from validation (NaN)."""
+    from kdrepro.analysis.results import collect_runs
+
+    runs_dir = tmp_path / "runs"
+    _write_run(runs_dir, "iter_matched/bpkd/seed0", 0.0517, COLLAPSED_IOU)
+    _write_run(runs_dir, "iter_matched/bpkd/seed1", 0.47, HEALTHY_IOU)
+    _write_run(runs_dir, "iter_matched/bpkd/seed2", None, None, diverged=12)
+    _write_run(runs_dir, "iter_matched/kd/seed0", 0.5, [0.8, 0.2, None, None, 0.5])
+    return collect_runs(runs_dir)
+
+
+def test_runs_table_flags_the_collapsed_run_only(tmp_path):
+    runs = _collapse_runs(tmp_path).set_index("run")
+    assert runs["collapsed"].to_dict() == {"iter_matched/bpkd/seed0": True, "iter_matched/bpkd/seed1": False,
+                                           "iter_matched/bpkd/seed2": False, "iter_matched/kd/seed0": False}
+    assert runs.loc["iter_matched/bpkd/seed2", "diverged_at"] == 12  # diverged, not collapsed
+
+
+def test_stats_count_collapsed_runs_and_keep_them_in_the_mean(tmp_path):
+    from kdrepro.analysis.stats import summarize
+
+    stats = summarize(_collapse_runs(tmp_path)).set_index("method")
+    assert stats.loc["bpkd", "n_collapsed"] == 1 and stats.loc["bpkd", "n_diverged"] == 1
+    assert stats.loc["bpkd", "n_seeds"] == 2 and stats.loc["bpkd", "miou_mean"] == pytest.approx((5.17 + 47) / 2)
+    assert stats.loc["kd", "n_collapsed"] == 0
+
+
+def test_regime_lists_the_methods_with_collapsed_runs(tmp_path):
+    from kdrepro.analysis.regime import collapsed_methods, regime
+    from kdrepro.analysis.stats import summarize
+
+    runs = _collapse_runs(tmp_path)
+    stats = summarize(runs)
+    assert collapsed_methods(stats) == {"bpkd": {"runs": 1, "of": 3, "by_protocol": [
+        {"protocol": "iter_matched", "multiplier": 1.0, "collapsed": 1, "seeds": 3}]}}  # fmt: skip
+    assert regime(runs, stats, "synthetic")["collapsed"] == collapsed_methods(stats)
+    assert collapsed_methods(summarize(runs[runs.method == "kd"])) == {}
+
+
+def test_verdict_record_carries_the_collapsed_methods(tmp_path):
+    from kdrepro.analysis.results import collect_per_class, verdict_record
+    from kdrepro.analysis.stats import summarize
+
+    runs = _collapse_runs(tmp_path)
+    record = verdict_record(runs, summarize(runs), collect_per_class(tmp_path / "runs"), "synthetic", None)
+    assert record["regime"]["collapsed"]["bpkd"]["runs"] == 1 and record["regime"]["collapse_threshold"] == 0.01

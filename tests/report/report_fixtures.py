@@ -68,6 +68,7 @@ def runs_table() -> pd.DataFrame:
     runs["pixel_accuracy"] = 0.5 + runs.miou
     runs["seconds_per_iteration"] = runs.train_seconds / runs.iterations
     runs["diverged_at"] = np.nan
+    runs["collapsed"] = False
     runs["percent_of_teacher"] = 100 * runs.miou / TEACHER_MIOU
     return runs
 
@@ -88,7 +89,7 @@ def stats_table(runs: pd.DataFrame) -> pd.DataFrame:
         miou = 100 * group.miou.to_numpy()
         mean, low, high = _interval(miou)
         row = {"protocol": protocol, "method": method, "multiplier": multiplier, "family": FAMILY[method],
-               "display_name": DISPLAY[method], "n_seeds": len(group), "miou_mean": mean,
+               "display_name": DISPLAY[method], "n_seeds": len(group), "n_diverged": 0, "n_collapsed": 0, "miou_mean": mean,
                "miou_std": float(np.std(miou, ddof=1)), "miou_ci_low": low, "miou_ci_high": high,
                "iterations_mean": group.iterations.mean(), "train_seconds_mean": group.train_seconds.mean(),
                "percent_of_teacher_mean": group.percent_of_teacher.mean()}

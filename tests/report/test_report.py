@@ -436,3 +436,70 @@ def test_matched_page_lists_every_methods_hyper_parameters_and_links_every_runs_
     assert '<a href="../runs/smoke/iter_matched/kd/seed0/metrics.json">metrics.json</a>' in runs
     assert 'title="not found">config.yaml' not in runs.split("iter_matched/kd/seed0")[1][:300]
     assert '<a href="../results/smoke/runs.csv">runs.csv</a>' in links.tidy_tables_html(inputs)
+
+
+# ------------------------------------------------------------------------------------ runs collapsed to one class
+COLLAPSED_DIST = {"dist": {"runs": 3, "of": 4, "by_protocol": [
+    {"protocol": "iter_matched", "multiplier": 1.0, "collapsed": 1, "seeds": 2},
+    {"protocol": "compute_matched", "multiplier": 1.0, "collapsed": 2, "seeds": 2}]}}  # fmt: skip
+
+
+def _collapsed(stats: pd.DataFrame, protocol: str, method: str, n: int) -> pd.DataFrame:
+    stats = stats.copy()
+    stats.loc[(stats.protocol == protocol) & (stats.method == method), "n_collapsed"] = n
+    return stats
+
+
+def test_table1_says_how_many_seeds_collapsed_beside_those_that_diverged(stats, meta):
+    stats = _collapsed(stats, "compute_matched", "dist", 1)
+    stats.loc[(stats.protocol == "compute_matched") & (stats.method == "dist"), ["n_seeds", "n_diverged"]] = [1, 1]
+    html = matched.table1_html(matched.table1(stats, fixtures.calibration_table(), meta, 40.0), "caption")
+    assert "<small>1 of 2 seeds diverged</small><br><small>1 of 2 seeds collapsed to one class</small>" in html
+    assert html.count("collapsed to one class") == 1  # only the row with a collapsed seed
+    assert "collapsed to one class (at most one class above 1 % IoU; kept in the mean" in matched.table1_caption("smoke", 2)
+
+
+def test_extended_table_says_how_many_seeds_collapsed(stats):
+    frame = extended.budget_frame(_collapsed(stats, "extended", "kd", 1))
+    table = extended.budget_table(frame, {}, 40.0).set_index(["method", "budget"])
+    assert table.loc[("kd", "4×"), "mIoU (%) ± 95 % CI"].endswith(" (1 of 2 seeds collapsed to one class)")
+    assert "collapsed" not in table.loc[("none", "4×"), "mIoU (%) ± 95 % CI"]
+
+
+def test_regime_line_and_verdict_block_name_the_methods_that_collapsed():
+    verdict = fixtures.verdict(None)
+    assert "collapsed" not in matched.regime_line(verdict, fixtures.DISPLAY)
+    verdict["regime"]["collapsed"] = {"dist": {"runs": 4, "of": 4, "by_protocol": [
+        {"protocol": "iter_matched", "multiplier": 1.0, "collapsed": 2, "seeds": 2},
+        {"protocol": "compute_matched", "multiplier": 1.0, "collapsed": 2, "seeds": 2}]}}  # fmt: skip
+    sentence = ("DIST collapsed to one class on 2 of 2 seeds iteration-matched and 2 of 2 seeds compute-matched: its "
+                "rows describe a broken training, not the method (collapsed: at most one class above 1 % IoU")
+    assert sentence in matched.regime_line(verdict, fixtures.DISPLAY)
+    assert sentence in matched.verdict_html(verdict, fixtures.DISPLAY)  # the verdict page and the index
+    verdict["regime"]["collapsed"] = COLLAPSED_DIST
+    assert ("DIST collapsed to one class on 1 of 2 seeds iteration-matched and 2 of 2 seeds compute-matched: its "
+            "compute-matched row describes a broken training, not the method") in matched.regime_line(verdict, fixtures.DISPLAY)
+    verdict["regime"]["collapsed"] = {"kd": {"runs": 1, "of": 6, "by_protocol": [
+        {"protocol": "extended", "multiplier": 4.0, "collapsed": 1, "seeds": 2}]}}  # fmt: skip
+    assert ("KD collapsed to one class on 1 of 2 seeds at 4× the budget: those seeds stay in its mean and interval"
+            in matched.regime_line(verdict, fixtures.DISPLAY))
+
+
+def test_index_says_which_method_collapsed(tmp_path):
+    fixtures.make_repository(tmp_path)
+    verdict = fixtures.verdict()
+    verdict["regime"]["collapsed"] = COLLAPSED_DIST
+    (tmp_path / "results" / "smoke" / "verdict.json").write_text(json.dumps(verdict))
+    page = index.write_index(readers.locate(start=tmp_path)).read_text()
+    assert "DIST collapsed to one class on 1 of 2 seeds iteration-matched" in page
+
+
+def test_run_list_marks_a_collapsed_run(tmp_path):
+    from kdrepro.report import links
+
+    fixtures.make_repository(tmp_path)
+    runs = fixtures.runs_table()
+    runs.loc[runs.run == "iter_matched/dist/seed1", "collapsed"] = True
+    html = links.runs_html(runs, readers.locate(start=tmp_path), fixtures.DISPLAY)
+    assert html.count("(collapsed to one class)") == 1
+    assert "<td>iteration-matched</td><td>DIST</td><td></td><td>1</td><td>33.7 (collapsed to one class)</td>" in html
