@@ -27,8 +27,8 @@ def digests(root: Path) -> dict[str, str]:
 
 def synthetic_cfg(root: Path, seed: int = 0):
     cfg = load_config([f"dataset.root={root}", f"dataset.generate.seed={seed}"]).dataset
-    for key, value in {**SMALL, "small_object_scale": 1.0, "small_object_rate": 1.0}.items():  # a street's proportions
-        cfg.generate[key] = value
+    for key, value in {**SMALL, "small_object_scale": 1.0, "small_object_rate": 1.0, "horizon": [0.36, 0.48]}.items():
+        cfg.generate[key] = value  # a street's proportions, seen from a car
     return cfg
 
 
@@ -158,7 +158,7 @@ def test_dataset_config_keys():
     cfg = OmegaConf.to_container(load_config([]).dataset)
     assert cfg["layout"] == "cityscapes" and cfg["generate"] == {"seed": 0, "num_train": 300, "num_val": 100,
                                                                  "height": 128, "width": 256, "small_object_scale": 2.0,
-                                                                 "small_object_rate": 2.0, "horizon": [0.36, 0.48]}  # fmt: skip
+                                                                 "small_object_rate": 2.0, "horizon": [0.5, 0.6]}  # fmt: skip
     assert cfg["label_set"] == "categories" and cfg["num_classes"] == 7  # the synthetic profile scores the categories
     assert OmegaConf.to_container(load_config(["profile=cityscapes"]).dataset).get("label_set", "classes") == "classes"
 
