@@ -78,8 +78,21 @@ def _fmt(diff: dict[str, Any]) -> str:
     return f"{diff['mean']:+.1f} [{diff['ci_low']:+.1f}, {diff['ci_high']:+.1f}]"
 
 
+def broken_methods(runs: pd.DataFrame) -> list[str]:
+    """Methods whose every seed collapsed to one class under either protocol (``collapsed`` column of runs.csv): their
+    rows describe a training the recipe broke, not the method, so no order of theirs counts towards claim (a)."""
+    if "collapsed" not in runs:
+        return []
+    matched = runs[runs.protocol.isin(["iter_matched", "compute_matched"])]
+    whole = matched.groupby(["protocol", "method"]).collapsed.agg(lambda flags: bool(len(flags)) and bool(flags.fillna(False).all()))
+    return sorted({method for (_, method), all_collapsed in whole.items() if all_collapsed})
+
+
 def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
-    """Claim (a) from the student runs of both protocols (columns protocol, method, multiplier, seed, miou)."""
+    """Claim (a) from the student runs of both protocols (columns protocol, method, multiplier, seed, miou), without
+    the methods that collapsed on every seed (:func:`broken_methods`; named in the figures and the evidence)."""
+    broken = broken_methods(runs)
+    runs, specific = runs[~runs.method.isin(broken)], [method for method in specific if method not in broken]
     iters, comp = pairwise(runs, "iter_matched"), pairwise(runs, "compute_matched")
     if iters.empty or comp.empty:
         return _claim("a", "inconclusive", "one of the two protocols has no runs")
@@ -94,23 +107,26 @@ def claim_rankings(runs: pd.DataFrame, specific: list[str]) -> dict[str, Any]:
                 lost.append(method)
     figures = {"significant_orders_iter_matched": len(order_iter), "significant_orders_compute_matched": len(order_comp),
                "flips": [f"{a}>{b} iteration-matched, {b}>{a} compute-matched" for a, b in flips],
-               "flip_pairs": [[a, b] for a, b in flips], "specific_advantage_lost": lost,
+               "flip_pairs": [[a, b] for a, b in flips], "specific_advantage_lost": lost, "excluded_collapsed": broken,
                "seeds": int(runs[runs.protocol.isin(["iter_matched", "compute_matched"])].seed.nunique())}  # fmt: skip
+    excluded = (f" ({', '.join(broken)} left out: collapsed to one class on every seed, a broken training)"
+                if broken else "")
+    verdict, evidence = _rankings_verdict(order_iter, order_comp, flips, lost, figures)
+    return _claim("a", verdict, evidence[:-1] + excluded + ".", **figures)
+
+
+def _rankings_verdict(order_iter: set, order_comp: set, flips: list, lost: list, figures: dict[str, Any]) -> tuple[str, str]:
     if flips or lost:
         parts = []
         if flips:
             parts.append(f"{len(flips)} pair(s) significantly ordered in opposite directions ({'; '.join(figures['flips'][:4])})")
         if lost:
             parts.append(f"{', '.join(lost)} significantly above logit KD iteration-matched but not compute-matched")
-        return _claim("a", "supported", "; ".join(parts) + ".", **figures)
-    stable = order_iter == order_comp and bool(order_iter)
-    if stable:
-        return _claim("a", "contradicted", f"all {len(order_iter)} significant orders are the same under both protocols.", **figures)
-    return _claim(
-        "a", "inconclusive",
-        f"{len(order_iter)} significant orders iteration-matched, {len(order_comp)} compute-matched, none reversed; "
-        "the orders that changed are inside the noise.", **figures,
-    )  # fmt: skip
+        return "supported", "; ".join(parts) + "."
+    if order_iter == order_comp and bool(order_iter):
+        return "contradicted", f"all {len(order_iter)} significant orders are the same under both protocols."
+    return "inconclusive", (f"{len(order_iter)} significant orders iteration-matched, {len(order_comp)} compute-matched, "
+                            "none reversed; the orders that changed are inside the noise.")
 
 
 def _mean(runs: pd.DataFrame, protocol: str, method: str, multiplier: float = 1.0) -> float:

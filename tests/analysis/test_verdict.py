@@ -56,6 +56,23 @@ def test_rankings_contradicted_when_every_significant_order_holds():
     assert claim_rankings(runs, SPECIFIC)["verdict"] == "contradicted"
 
 
+def test_a_method_collapsed_on_every_seed_is_left_out_of_the_rankings():
+    """BPKD at 5.2 mIoU on every seed (one class predicted everywhere) made every other method significantly better
+    under both protocols: orders that describe a broken training, not the methods."""
+    runs = pd.concat([_table("iter_matched", {"kd": 0.20, "cwd": 0.201, "bpkd": 0.05}, noise=0.02),
+                      _table("compute_matched", {"kd": 0.201, "cwd": 0.20, "bpkd": 0.05}, noise=0.02)])
+    assert claim_rankings(runs, [*SPECIFIC, "bpkd"])["verdict"] == "contradicted"  # without the flag: its orders count
+    runs["collapsed"] = runs.method == "bpkd"
+    claim = claim_rankings(runs, [*SPECIFIC, "bpkd"])
+    assert claim["verdict"] == "inconclusive" and claim["figures"]["excluded_collapsed"] == ["bpkd"]
+    assert "bpkd left out: collapsed to one class on every seed" in claim["evidence"]
+    iterations = runs.protocol == "iter_matched"
+    runs.loc[iterations & (runs.method == "bpkd") & (runs.seed == 0), "collapsed"] = False
+    assert claim_rankings(runs, SPECIFIC)["figures"]["excluded_collapsed"] == ["bpkd"]  # compute-matched: every seed
+    runs.loc[(runs.method == "bpkd") & (runs.seed == 0), "collapsed"] = False  # one seed trained under each protocol
+    assert claim_rankings(runs, SPECIFIC)["figures"]["excluded_collapsed"] == []
+
+
 def test_rankings_inconclusive_inside_the_noise():
     runs = pd.concat([_table("iter_matched", {"kd": 0.20, "cwd": 0.201}, noise=0.02),
                       _table("compute_matched", {"kd": 0.201, "cwd": 0.20}, noise=0.02)])
