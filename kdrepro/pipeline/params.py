@@ -69,6 +69,9 @@ def _check_extended(path: Path, extended: Any, methods: list[str]) -> None:
     missing = [name for name in roles().canonical if name not in methods]  # the extended runs (conf/roles.yaml)
     if missing:
         raise ConfigError(f"{path}: methods must include {missing}: the extended runs and the verdict compare against them")
+    if "multipliers" in extended and not extended["multipliers"]:
+        raise ConfigError(f"{path}: extended.multipliers is empty, but claim (c) and the teacher's capacity gap are "
+                          'measured on the extended runs; give at least one budget, e.g. multipliers: ["4"]')
     for multiplier in extended.get("multipliers") or []:
         try:
             if float(multiplier) <= 0:

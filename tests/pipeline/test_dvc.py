@@ -180,6 +180,7 @@ def test_changing_a_pretrain_and_a_teacher_setting_archives_the_old_runs_and_rer
         ("profile: synthetic\nreference_iterations: 0\n", "reference_iterations must be a positive whole number"),
         ("profile: synthetic\nmethod: [kd]\n", "unknown key(s) ['method']"),
         ("profile: synthetic\nmethods: [kd, fitnet]\nextended: {multipliers: ['-2']}\n", "positive numbers"),
+        ("profile: synthetic\nmethods: [kd, fitnet]\nextended: {multipliers: []}\n", "extended.multipliers is empty"),
         ("profile: synthetic\nmethods: [kd, fitnet]\nextended: {methods: [kd], multipliers: ['2']}\n", "delete extended.methods"),
         ("profile: synthetic\nmethods: [kd]\nextended: {multipliers: ['2']}\n", "methods must include ['fitnet']"),
         ("profile: synthetic\nseed: 3\n", "seed became seeds"),
