@@ -1,6 +1,7 @@
 """Does ``kdrepro launch --executor local --workers N`` pay against a plain ``dvc repro`` on this machine?
 
-    python benchmarks/local_workers.py [--pairs 1] [--together] [--workers 2] [--threads 1] [--after STAGE ...] [stage ...]
+    python benchmarks/local_workers.py [--pairs 1] [--together] [--workers 2] [--threads 1] [--after STAGE ...]
+        [--json PATH] [stage ...]
 
 Each run builds the smoke pipeline from nothing in a fresh copy of this repository (its tracked and untracked,
 not ignored, files; the smoke profile with 2 seeds and kd, fitnet and cwd, as the pipeline tests use), either with
@@ -11,7 +12,7 @@ under the other's load as well). Printed per run: wall seconds and the CPU secon
 launch / repro per block and their median. Stage names limit both to those stages and their upstream. With
 ``--after``, those stages (and their upstream) are built once per setting of threads, untimed, and every run starts
 from a copy of that tree: only the stages after them are timed (the per-seed training runs, where the parallelism
-is). Writes ``benchmarks/results/local_workers.json``.
+is). Writes ``benchmarks/results/local_workers.json`` (``--json``: that file instead).
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def main(arguments: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage under launch")
     parser.add_argument("--after", nargs="*", default=[], help="stages built once, untimed, before every run")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "local_workers.json",
+                        help="where the runs and ratios go (default benchmarks/results/local_workers.json)")
     parser.add_argument("targets", nargs="*")
     options = parser.parse_args(arguments)
     runs: list[dict[str, Any]] = []
@@ -150,7 +153,8 @@ def main(arguments: list[str]) -> int:
     cpu = {kind: sum(r["cpu_seconds"] for r in runs if r["kind"] == kind) for kind in ("repro", "launch")}
     print(f"median launch / repro wall = {statistics.median(ratios):.3f}; CPU seconds launch / repro = "
           f"{cpu['launch'] / cpu['repro']:.3f}")
-    out = REPO / "benchmarks" / "results" / "local_workers.json"
+    out = options.json
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"workers": options.workers, "threads_per_stage": options.threads, "params": PARAMS,
                                "together": options.together, "targets": options.targets, "after": options.after,
                                "runs": runs, "wall_ratio_per_block": ratios}, indent=2) + "\n")  # fmt: skip

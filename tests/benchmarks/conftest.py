@@ -67,3 +67,8 @@ def calibration_load() -> ModuleType:
 @pytest.fixture(scope="session")
 def cost_fidelity() -> ModuleType:
     return load_script("cost_fidelity")
+
+
+@pytest.fixture(scope="session")
+def local_workers() -> ModuleType:
+    return load_script("local_workers")
