@@ -1,12 +1,15 @@
-"""Wall time of every DVC stage and of the whole pipeline: ``python benchmarks/pipeline_time.py [dvc repro args]``.
+"""Wall time of every DVC stage and of the whole pipeline:
+``python benchmarks/pipeline_time.py [--json PATH] [dvc repro args]``.
 
-Runs ``dvc repro`` (pass ``--force`` to time a full rebuild, or stage names as targets), timestamps each
-``Running stage '<name>'`` line DVC prints, and reports each stage's wall time (from its start to the next stage's
-start, so DVC's own bookkeeping is included) and the total. Writes ``benchmarks/pipeline_time.json`` beside it.
+Runs ``dvc repro`` in the current directory (pass ``--force`` to time a full rebuild, or stage names as targets),
+timestamps each ``Running stage '<name>'`` line DVC prints, and reports each stage's wall time (from its start to the
+next stage's start, so DVC's own bookkeeping is included) and the total. Writes ``benchmarks/pipeline_time.json``
+beside it (``--json``: that file instead); every other argument goes to ``dvc repro``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -19,6 +22,11 @@ STAGE = re.compile(r"Running stage '([^']+)'")
 
 
 def main(arguments: list[str]) -> int:
+    """Run ``dvc repro`` with ``arguments`` (less ``--json PATH``), print the stage table, write the JSON; DVC's exit
+    status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False, add_help=False)
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    options, arguments = parser.parse_known_args(arguments)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
     venv_bin = Path(sys.executable).parent
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
@@ -39,7 +47,8 @@ def main(arguments: list[str]) -> int:
     for name, seconds in rows:
         print(f"{name:<36} {seconds:8.1f}")
     print(f"{'total (dvc repro, wall)':<36} {total:8.1f}   exit {code}")
-    out = Path(__file__).with_suffix(".json")
+    out = options.json
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"stages": dict(rows), "total_seconds": total, "exit_code": code}, indent=2))
     return code
 

@@ -72,3 +72,8 @@ def cost_fidelity() -> ModuleType:
 @pytest.fixture(scope="session")
 def local_workers() -> ModuleType:
     return load_script("local_workers")
+
+
+@pytest.fixture(scope="session")
+def pipeline_time() -> ModuleType:
+    return load_script("pipeline_time")
