@@ -6,9 +6,12 @@ mean validation mIoU of each with the ratio the evidence criterion uses: mIoU at
 schedule (>= 0.8: past early training). Optionally also the teacher after its schedule, for the teacher gap.
 
     python benchmarks/learning_curve.py --profile synthetic --seeds 0 1 2 [--lr 0.05 0.1] [--teacher]
+        [--work FOLDER] [--json PATH] [-- override ...]
 
-Results go to ``benchmarks/results/learning_curve_<profile>.json``. Run folders under ``--work`` are kept, so an
-interrupted benchmark resumes. The learning rate sweep (``--lr``) is how the profile's lr was chosen: the one with the
+Results go to ``benchmarks/results/learning_curve_<profile>.json`` (``--json``: that file instead). Run folders
+under ``--work`` are kept, so an interrupted benchmark resumes. Hydra overrides after ``--`` (or before the options)
+change the profile, e.g. ``-- reference_iterations=100 loader.batch_size=2``; they apply to every run, the teacher's
+and the backbones' pre-training included. A ratio whose 4x run scored 0 mIoU is recorded as null. The learning rate sweep (``--lr``) is how the profile's lr was chosen: the one with the
 best student-alone mIoU at the reference schedule, fixed before any KD run.
 """
 
@@ -17,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kdrepro.config import load_config, trained_alone
 from kdrepro.data import prepare_dataset
@@ -28,16 +33,19 @@ from kdrepro.train.seeds import train_seeds
 FACTORS = (0.5, 1.0, 2.0, 4.0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train the rows, print the table and the ratios, write the JSON; the summary that was written."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="synthetic")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, nargs="*", default=[], help="learning rates to sweep (default: the profile's)")
     parser.add_argument("--teacher", action="store_true", help="also train the teacher for its schedule")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks/learning_curve"))
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/learning_curve_<profile>.json")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the profile (after --), e.g. loader.batch_size=2")
+    args = parser.parse_args(argv)
 
-    base = [f"profile={args.profile}"]
+    base = [f"profile={args.profile}", *args.overrides]
     cfg = load_config(base)
     prepare_dataset(cfg.dataset)
     pretrain_dir = Path(str(cfg.student.pretrained)).parent.parent if cfg.student.get("pretrained") else None
@@ -60,13 +68,13 @@ def main() -> None:
     summary = {"profile": args.profile, "reference_iterations": reference, "rows": rows, "ratio_at_reference": {}}
     for lr in {row["lr"] for row in rows}:
         at = {row["factor"]: row["miou_mean"] for row in rows if row["lr"] == lr}
-        summary["ratio_at_reference"][f"{lr:g}"] = at[1.0] / at[4.0]
+        summary["ratio_at_reference"][f"{lr:g}"] = at[1.0] / at[4.0] if at[4.0] > 0 else None
     if args.teacher:
         from kdrepro.train.teacher import teacher
 
         folder = args.work / args.profile / "teacher"
         summary["teacher"] = teacher([*base, f"out_dir={folder}"])
-    out = Path("benchmarks/results") / f"learning_curve_{args.profile}.json"
+    out = args.json or Path("benchmarks/results") / f"learning_curve_{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nprofile {args.profile}: reference schedule {reference} iterations")
@@ -75,12 +83,16 @@ def main() -> None:
         sd = f"{row['miou_sd']:.1f}" if row["miou_sd"] is not None else "-"
         print(f"{row['lr']:>6g} {row['factor']:>4g} {row['iterations']:>10} {row['miou_mean']:>6.1f} {sd:>5}")
     for lr, ratio in summary["ratio_at_reference"].items():
+        if ratio is None:
+            print(f"lr {lr}: mIoU at the schedule / at 4x undefined (0 mIoU at 4x)")
+            continue
         verdict = "past early training" if ratio >= 0.8 else "early training"
         print(f"lr {lr}: mIoU at the schedule / at 4x = {ratio:.2f} ({verdict})")
     if args.teacher:
         print(f"teacher: {100 * summary['teacher']['miou']:.1f} mIoU after {summary['teacher']['iterations']} iterations")
     print(f"written {out}")
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

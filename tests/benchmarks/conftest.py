@@ -77,3 +77,8 @@ def local_workers() -> ModuleType:
 @pytest.fixture(scope="session")
 def pipeline_time() -> ModuleType:
     return load_script("pipeline_time")
+
+
+@pytest.fixture(scope="session")
+def learning_curve() -> ModuleType:
+    return load_script("learning_curve")
