@@ -6,6 +6,7 @@ import logging
 import re
 
 import pytest
+from smoke_pipeline import UNGUARDED
 
 from kdrepro.config import load_config
 from kdrepro.train import progress as progress_module
@@ -89,6 +90,7 @@ def test_calibration_in_a_log_prints_progress_lines_and_records_the_speed_choice
     output = tmp_path / "calibration.json"
     overrides = [*tiny_teacher, "calibrate.methods=[none,kd]", "calibrate.warmup=0", "calibrate.rounds=1",
                  "calibrate.iterations_per_round=2", f"calibrate.output={output}", "progress.every_seconds=0",
+                 *UNGUARDED,
                  "threads=1"]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="kdrepro.progress"):
         assert main(["calibrate", *overrides]) == 0
