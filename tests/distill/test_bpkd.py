@@ -157,7 +157,7 @@ def test_distiller_terms_gradients_and_zero_for_equal_logits() -> None:
     assert set(losses) == {"bpkd_edge", "bpkd_body"}
     masks = edge_masks(labels, 19, (8, 8), kernel_size=7)
     assert masks.sum() > 0
-    expected_edge = 50.0 * bpkd_edge_loss(student.logits, teacher.logits, masks, 4.0)
+    expected_edge = 5.0 * bpkd_edge_loss(student.logits, teacher.logits, masks, 4.0)
     assert losses["bpkd_edge"].item() == pytest.approx(expected_edge.item(), rel=1e-6)
     sum(losses.values()).backward()
     assert student.logits.grad.abs().sum() > 0
@@ -188,6 +188,6 @@ def test_bad_options_raise_config_error(options: dict) -> None:
 
 def test_method_config(method_yaml) -> None:
     config = OmegaConf.to_container(method_yaml("bpkd"))
-    assert config["terms"]["bpkd"]["edge_weight"] == 50.0 and config["terms"]["bpkd"]["body_weight"] == 20.0
+    assert config["terms"]["bpkd"]["edge_weight"] == 5.0 and config["terms"]["bpkd"]["body_weight"] == 2.0  # 1/10 of 50, 20
     built = build(config, CHANNELS, TEACHER_CHANNELS).terms["bpkd"]
     assert (built.temperature, built.edge_kernel_size, built.ignore_index) == (4.0, 7, 255)

@@ -79,7 +79,7 @@ def test_dist_loss_is_zero_for_equal_logits_and_positive_otherwise() -> None:
 
 def test_distiller_value_aux_term_and_gradients() -> None:
     torch.manual_seed(2)
-    distiller = build_term("dist", {}, CHANNELS, TEACHER_CHANNELS)
+    distiller = build_term("dist", {"aux_weight": 0.4}, CHANNELS, TEACHER_CHANNELS)  # the released train_kd.py
     student, teacher = make_output(grad=True), make_output()
     target = torch.zeros(2, 64, 64, dtype=torch.long)
     loss = distiller(student, teacher, target)["dist"]
@@ -90,6 +90,30 @@ def test_distiller_value_aux_term_and_gradients() -> None:
     assert student.logits.grad.abs().sum() > 0 and student.aux_logits.grad.abs().sum() > 0
     teacher.aux_logits = None  # kdrepro's teacher in eval mode: the auxiliary term is skipped
     assert distiller(student, teacher, target)["dist"].item() == pytest.approx(main, rel=1e-5)
+
+
+def test_the_default_leaves_the_auxiliary_head_alone() -> None:
+    torch.manual_seed(2)
+    distiller = build_term("dist", {}, CHANNELS, TEACHER_CHANNELS)
+    student, teacher = make_output(grad=True), make_output()
+    loss = distiller(student, teacher, torch.zeros(2, 64, 64, dtype=torch.long))["dist"]
+    assert loss.item() == pytest.approx(numpy_dist(student.logits.detach(), teacher.logits, 1.0, 1.0, 1.0), rel=1e-5)
+    loss.backward()
+    assert student.aux_logits.grad is None and not distiller.needs_teacher_aux
+
+
+def test_a_fresh_heads_near_uniform_probabilities_get_a_huge_gradient() -> None:
+    """Why the auxiliary term is off: ρ_p is scale-invariant, so its gradient grows like 1 / ‖x − x̄‖. Logits of a
+    head just initialised with normal(0, 0.01) weights (100x smaller here) get a gradient many times larger."""
+    torch.manual_seed(5)
+    teacher = torch.randn(2, 19, 16, 16) * 5
+    shape = torch.randn(2, 19, 16, 16)
+    norms = []
+    for scale in (1.0, 0.01):
+        student = (shape * scale).requires_grad_()
+        dist_loss(student, teacher).backward()
+        norms.append(student.grad.norm().item())
+    assert norms[1] > 20 * norms[0]
 
 
 def test_student_equal_to_teacher_gives_zero_and_labels_are_unused() -> None:
@@ -123,13 +147,13 @@ def test_bad_options_raise_config_error() -> None:
         build_term("dist", {}, CHANNELS, {**TEACHER_CHANNELS, "logits": 150})
 
 
-def test_method_config_holds_the_released_defaults(method_yaml) -> None:
+def test_method_config_holds_the_released_defaults_without_the_auxiliary_term(method_yaml) -> None:
     config = OmegaConf.to_container(method_yaml("dist"))
     assert config["terms"]["dist"] == {
         "weight": 1.0,
         "inter_weight": 1.0,
         "intra_weight": 1.0,
         "temperature": 1.0,
-        "aux_weight": 0.4,
+        "aux_weight": 0.0,
     }
-    assert build(config, CHANNELS, TEACHER_CHANNELS).terms["dist"].aux_weight == 0.4
+    assert build(config, CHANNELS, TEACHER_CHANNELS).terms["dist"].aux_weight == 0.0
