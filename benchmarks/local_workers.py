@@ -1,6 +1,6 @@
 """Does ``kdrepro launch --executor local --workers N`` pay against a plain ``dvc repro`` on this machine?
 
-    python benchmarks/local_workers.py [--pairs 1] [--together] [--workers 2] [--threads 1] [--after STAGE ...]
+    python benchmarks/local_workers.py [--pairs 1] [--together] [--workers 2] [--threads 1] [--after STAGE]...
         [--json PATH] [stage ...]
 
 Each run builds the smoke pipeline from nothing in a fresh copy of this repository (its tracked and untracked,
@@ -128,17 +128,24 @@ def block(options: argparse.Namespace, bases: dict[str, Path | None], number: in
     return [{"block": number, "kind": kind, **result} for kind, result in zip(kinds, results, strict=True)]
 
 
-def main(arguments: list[str]) -> int:
+def arguments_parser() -> argparse.ArgumentParser:
+    """The command line (``--after`` takes one stage and repeats, so stages to time can follow it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1, help="blocks: ABBA (2 repro, 2 launch) or, --together, AB")
     parser.add_argument("--together", action="store_true", help="run repro and launch of a block at the same time")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage under launch")
-    parser.add_argument("--after", nargs="*", default=[], help="stages built once, untimed, before every run")
+    parser.add_argument("--after", action="append", default=[], metavar="STAGE",
+                        help="a stage built once, untimed, before every run; repeat it for several (it takes one name, "
+                             "so the stages to time can follow)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "local_workers.json",
                         help="where the runs and ratios go (default benchmarks/results/local_workers.json)")
     parser.add_argument("targets", nargs="*")
-    options = parser.parse_args(arguments)
+    return parser
+
+
+def main(arguments: list[str]) -> int:
+    options = arguments_parser().parse_args(arguments)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kdrepro-base-") as folder:
         bases = {kind: build_base(Path(folder) / kind, options.after, threads) if options.after else None

@@ -19,6 +19,11 @@ def _state(path: Path) -> tuple[bool, int | None]:
     return (True, path.stat().st_mtime_ns) if path.exists() else (False, None)
 
 
+def test_after_takes_one_stage_a_time_and_leaves_the_stages_to_time_alone(local_workers):
+    options = local_workers.arguments_parser().parse_args(["--after", "teacher", "--after", "calibrate", "student", "data"])
+    assert options.after == ["teacher", "calibrate"] and options.targets == ["student", "data"]
+
+
 @pytest.mark.slow
 def test_one_abba_block_builds_the_data_stage_both_ways_and_prints_the_ratio(local_workers, tmp_path, monkeypatch,
                                                                           capsys):  # fmt: skip
