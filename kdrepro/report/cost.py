@@ -26,7 +26,7 @@ from kdrepro.report.style import (
     figure_note,
     method_colours,
 )
-from kdrepro.report.verdict_text import budget_by_method
+from kdrepro.report.verdict_text import budget_by_method, collapse_mark
 
 MIB = 2**20
 
@@ -226,7 +226,8 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
                 profile: str = "") -> Figure:
     """mIoU (mean ± 95 % CI over seeds) against mean training cost for every iteration-matched, compute-matched
     and extended student run: marker = family, filled = iteration-matched, hollow = compute-matched/extended.
-    The Pareto front (no cheaper run is better) is drawn as a step line; labels never overlap."""
+    The Pareto front (no cheaper run is better) is drawn as a step line; labels never overlap, and say how many of
+    a method's runs collapsed to one class, if any did."""
     label, divisor = cost_unit(header)
     students = stats[stats.protocol.isin(["iter_matched", "compute_matched", "extended"])].dropna(subset=["miou_mean"])
     colours = method_colours(students.method)
@@ -248,7 +249,8 @@ def plot_pareto(stats: pd.DataFrame, families: dict[str, str], names: dict[str, 
     _log_ticks(ax, students.train_seconds_mean.to_numpy() / divisor)
     ends = students.sort_values("train_seconds_mean").groupby("method").tail(1)  # each method once: its costliest run
     place_labels(ax, ends.train_seconds_mean.to_numpy() / divisor, ends.miou_mean.to_numpy(),
-                 [names.get(m, m) for m in ends.method], [colours[m] for m in ends.method], column=True)
+                 [names.get(m, m) + collapse_mark(students[students.method == m]) for m in ends.method],
+                 [colours[m] for m in ends.method], column=True)
     handles = [plt.Line2D([], [], color="#333", marker=FAMILY_MARKERS[f], ls="", label=family_label(f))
                for f in ("student", "canonical", "segmentation_specific")]
     handles += [plt.Line2D([], [], color="#333", marker="o", ls="", label="iteration-matched (filled)"),

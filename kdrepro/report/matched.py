@@ -36,6 +36,7 @@ from kdrepro.report.verdict_text import (
     budget_by_method,
     capacity_gap_sentence,
     claim_in_words,
+    collapse_mark,
     collapsed_sentence,
     flags,
     positive_control_sentence,
@@ -350,7 +351,8 @@ def plot_per_class(per_class: pd.DataFrame, order: list[str], names: dict[str, s
 
 def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "") -> Figure:
     """Slope chart of mean compute- vs iteration-matched mIoU with 95 % intervals: a line per method, its style
-    and marker by family (colour repeats it), labels spread so they never overlap."""
+    and marker by family (colour repeats it), labels spread so they never overlap; a label says how many of its
+    seeds collapsed to one class, if any did."""
     from kdrepro.report.cost import place_labels
 
     info = meta.set_index("method")
@@ -373,9 +375,12 @@ def plot_rank_change(stats: pd.DataFrame, meta: pd.DataFrame, profile: str = "")
     pad = 0.06 * (high - low + 1e-6)
     ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))  # mIoU lives in [0, 100]
     ax.set_xlim(-0.3, 1.3)
+    rows = stats[stats.protocol.isin(MATCHED) & (stats.multiplier == 1.0)]
     for x, side in ((0, "left"), (1, "right")):  # labels in a column outside the axes: clear of every error bar
         ys = wide[("miou_mean", MATCHED[x])].to_numpy()
-        labels = [f"{info.display_name.get(m, m)} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}" for m, y in zip(wide.index, ys, strict=True)]
+        marks = [collapse_mark(rows[(rows.method == m) & (rows.protocol == MATCHED[x])]) for m in wide.index]
+        labels = [f"{info.display_name.get(m, m)}{mark} {y:.1f}" if x == 0 else f"{y:.1f} {info.display_name.get(m, m)}{mark}"
+                  for m, y, mark in zip(wide.index, ys, marks, strict=True)]
         place_labels(ax, np.array([x + dodges[m] for m in wide.index]), ys, labels, [colours[m] for m in wide.index],
                      side=side, column=True)
     ax.set_ylabel("mIoU (%), mean ± 95 % CI")

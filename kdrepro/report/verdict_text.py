@@ -277,3 +277,14 @@ def seeds_note(n_seeds: Any, n_diverged: Any, n_collapsed: Any) -> list[str]:
     total = _count(n_seeds) + _count(n_diverged)
     counts = ((n_diverged, "diverged"), (n_collapsed, "collapsed to one class"))
     return [f"{_count(k)} of {total} seeds {what}" for k, what in counts if _count(k)]
+
+
+def collapse_mark(rows: Any) -> str:
+    """A figure label's suffix for the ``stats.csv`` rows (a DataFrame) of one method: ``" (4/10 one class)"`` when
+    some of their seeds collapsed to one class (``n_collapsed``), ``""`` otherwise or without that column."""
+    if "n_collapsed" not in rows.columns:
+        return ""
+    collapsed = sum(_count(k) for k in rows["n_collapsed"])
+    diverged = rows["n_diverged"] if "n_diverged" in rows.columns else [0] * len(rows)
+    total = sum(_count(n) + _count(d) for n, d in zip(rows["n_seeds"], diverged, strict=True))
+    return f" ({collapsed}/{total} one class)" if collapsed else ""

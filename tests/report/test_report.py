@@ -221,6 +221,21 @@ def test_labels_of_a_figure_do_not_overlap(stats, meta):
     plt.close("all")
 
 
+def test_a_method_whose_seeds_collapsed_says_so_in_both_figures(stats, meta):
+    _, names, families = readers.method_maps(stats)
+    marked = stats.copy()
+    rows = (marked.method == "cwd") & (marked.protocol == "compute_matched")
+    marked.loc[rows, "n_collapsed"] = 1
+    slope = [t.get_text() for t in matched.plot_rank_change(marked, meta, "smoke").axes[0].texts]
+    total = int(marked.loc[rows, "n_seeds"].iloc[0] + marked.loc[rows, "n_diverged"].iloc[0])
+    assert [t for t in slope if "one class" in t] == [f"{marked.loc[rows, 'miou_mean'].iloc[0]:.1f} {names['cwd']} (1/{total} one class)"]
+    pareto = [t.get_text() for t in cost.plot_pareto(marked, families, names, {}, "smoke").axes[0].texts]
+    assert [t for t in pareto if "one class" in t] == [f"{names['cwd']} (1/{int(marked.loc[marked.method == 'cwd', 'n_seeds'].sum())} one class)"]
+    plain = [t.get_text() for t in matched.plot_rank_change(stats.assign(n_collapsed=0), meta).axes[0].texts]
+    assert not [t for t in plain if "one class" in t]
+    plt.close("all")
+
+
 def test_pareto_axis_stays_within_miou_range(stats):
     _, names, families = readers.method_maps(stats)
     wide = stats.copy()
