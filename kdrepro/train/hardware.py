@@ -22,7 +22,11 @@ pipeline, so every method of a run trains with the same precision:
   :data:`MARGIN` of the best, so a choice never costs more than 5 % against the fastest fixed one measured, and a
   faster-looking alternative must beat the plain choice by more than the margin. A previous decision of the same
   machine stays as long as it is within the margin (the stage reruns on every ``dvc repro``; a re-measurement
-  that wobbles around the margin must not retrain the pipeline);
+  that wobbles around the margin must not retrain the pipeline). The ``teacher`` and ``student`` roles start from
+  the ``methods`` role's choice and leave it only for a candidate more than the margin faster on their own step:
+  otherwise a step whose candidates lie within a few per cent of each other (the width-8 student's: bf16 1-8 %
+  faster than fp32 in two runs here) flips between runs of the same machine, and with it the pre-trained backbone
+  every student run starts from (about 1.5 mIoU for every method between two otherwise identical runs);
 * ``threads: auto``: the cores this process may run on.
 
 The decision file (``runs/<profile>/hardware.json``, what the training stages depend on) holds only the choices and
@@ -132,8 +136,13 @@ def decide(cfg: DictConfig, device_type: str, measure: Callable[[list[tuple[str,
     measured: dict[tuple[str, bool], dict[str, list[float]]] = {}
     if len(options) > 1:
         measured = (measure or functools.partial(measure_steps, cfg, device_type))(options)
-    roles = {role: _role_choice(cfg, device_type, options, measured, workload, role_of(previous, role))
-             for role, workload in ROLES.items()}
+    roles = {DEFAULT_ROLE: _role_choice(cfg, device_type, options, measured, ROLES[DEFAULT_ROLE],
+                                        role_of(previous, DEFAULT_ROLE))}
+    anchor = role_of(roles[DEFAULT_ROLE], DEFAULT_ROLE)
+    for role, workload in ROLES.items():
+        if role != DEFAULT_ROLE:
+            roles[role] = _role_choice(cfg, device_type, options, measured, workload, role_of(previous, role) or anchor,
+                                       anchor)
     threads = {"threads": _threads(cfg, device_type), "reason": _threads_reason(cfg, device_type)}
     top = roles[DEFAULT_ROLE]
     decision = {
@@ -148,18 +157,24 @@ def decide(cfg: DictConfig, device_type: str, measure: Callable[[list[tuple[str,
 
 def _role_choice(cfg: DictConfig, device_type: str, options: list[tuple[str, bool]],
                  measured: dict[tuple[str, bool], dict[str, list[float]]], workload: str,
-                 previous: tuple[str, bool] | None) -> dict[str, Any]:
-    """One role's (precision, channels_last) and reasons: the rule applied to its workload's median steps."""
+                 previous: tuple[str, bool] | None, methods: tuple[str, bool] | None = None) -> dict[str, Any]:
+    """One role's (precision, channels_last) and reasons: the rule applied to its workload's median steps, starting
+    from ``previous``. ``methods``: the methods' choice, for another role; the reasons say when the role shares it.
+    The reasons depend on the choices only, never on how close the measurement was, so that a decision that holds
+    writes the same bytes."""
     chosen = options[0]
     if measured:
         chosen = choose({c: statistics.median(measured[c][workload]) for c in options}, previous)
     step = STEP_NAMES[workload]
+    shared = ""
+    if methods is not None and chosen == methods and len(options) > 1:
+        shared = f"{_label(chosen)}: the methods' choice; no other measured more than {MARGIN:.0%} faster here on {step}"
     return {
         "precision": chosen[0],
         "channels_last": chosen[1],
         "reason": {
-            "precision": _precision_reason(cfg, device_type, chosen[0], step),
-            "channels_last": _layout_reason(cfg, options, chosen[1], step),
+            "precision": shared or _precision_reason(cfg, device_type, chosen[0], step),
+            "channels_last": shared or _layout_reason(cfg, options, chosen[1], step),
         },
     }
 
