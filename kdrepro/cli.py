@@ -88,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt as error:  # a signal (kdrepro.errors.SignalInterrupt) or a bare Ctrl-C
-        print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
-        return int(getattr(error, "exit_code", 130))
+        return _interrupted(error)
     finally:
         PREPARE_COMMAND.reset(advice)
     return 0
@@ -110,6 +109,12 @@ def prepare_command(params: str | None, overrides: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+def _interrupted(error: KeyboardInterrupt) -> int:
+    """The one ``error:`` line of a signal (:class:`kdrepro.errors.SignalInterrupt`) or a bare Ctrl-C; its exit code."""
+    print(f"error: {error or 'interrupted by signal 2 (SIGINT); rerun the command'}", file=sys.stderr)
+    return int(getattr(error, "exit_code", 130))
+
+
 def run() -> None:
     """Console entry point (``kdrepro``, ``python -m kdrepro``): :func:`main`, then a fast process exit.
 
@@ -119,9 +124,11 @@ def run() -> None:
     torch.distributed process group is destroyed first.
     """
     raise_on_signals()
-    _relaunch_under_torchrun(sys.argv[1:], os.environ)
     try:
+        _relaunch_under_torchrun(sys.argv[1:], os.environ)
         code = main()
+    except KeyboardInterrupt as error:  # a signal before main() took over (the torchrun check): the same one line
+        code = _interrupted(error)
     except Exception:  # a bug: its traceback, then the same fast exit (no exit hooks' noise after it)
         traceback.print_exc()
         code = 1

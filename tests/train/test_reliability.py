@@ -48,6 +48,21 @@ def wait_for(marker: Path, process: subprocess.Popen, seconds: float = 60) -> No
         time.sleep(0.05)
 
 
+def wait_for_handlers(process: subprocess.Popen, seconds: float = 60) -> None:
+    """Until ``process`` catches SIGTERM (``SigCgt`` in /proc: kdrepro's own handlers are installed, as the first
+    thing its entry point does; Python catches SIGINT from its start). A fixed sleep was too short on a loaded
+    machine, where the signal then reached the interpreter while it still imported kdrepro."""
+    status = Path(f"/proc/{process.pid}/status")
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        caught = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            return
+        assert time.monotonic() < deadline, "kdrepro never installed its signal handlers"
+        time.sleep(0.02)
+
+
 def finish(process: subprocess.Popen) -> tuple[int, str]:
     _, err = process.communicate(timeout=120)
     return process.returncode, err
@@ -143,7 +158,7 @@ def test_second_process_is_refused_and_a_stale_lock_is_taken_over(tiny_dataset, 
 def test_signal_while_starting_is_one_line(tiny_dataset, tmp_path, signum):
     out = tmp_path / "run"
     process = start(["train", *tiny_dataset, *COMMON, f"out_dir={out}"])
-    time.sleep(0.8)  # importing torch / composing the config
+    wait_for_handlers(process)  # then it imports torch and composes the config
     process.send_signal(signum)
     code, err = finish(process)
     assert code == 128 + signum
