@@ -15,6 +15,7 @@ from kdrepro.analysis.verdict import (
     claim_rankings,
     compute_check,
     compute_failure,
+    control_failure,
     judge,
     positive_control,
     preconditions,
@@ -233,6 +234,16 @@ def test_failed_positive_control_makes_every_claim_cannot_judge_and_keeps_its_nu
     assert [c["verdict"] for c in claims] == [CANNOT_JUDGE] * 3
     assert all(c["verdict_if_judged"] in ("supported", "contradicted", "inconclusive") for c in claims)
     assert all(c["withheld_because"].startswith("the positive control failed") for c in claims)
+
+
+def test_a_significant_gain_below_the_margin_is_not_called_no_effect():
+    entry = {"gain": 0.88, "ci_low": 0.20, "ci_high": 1.57, "n": 5, "state": "failed"}
+    control = {"min_gain": 1.0, "per_method": {"kd": entry, "cwd": {**entry, "gain": 1.9, "state": "passed"}}}
+    assert control_failure(control).endswith("so distillation helps here, but by less than the margin this run needs "
+                                             "to tell methods apart")
+    control["per_method"]["kd"] = {**entry, "ci_low": -0.1}
+    assert control_failure(control).endswith("so distillation does not measurably work in this run and it cannot tell "
+                                             "methods apart")
 
 
 def test_failed_compute_check_withholds_the_compute_claims_only_after_a_passed_control():
