@@ -337,9 +337,9 @@ def control_failure(control: dict[str, Any]) -> str:
     if missing:
         return (f"the positive control was not run ({', '.join(missing)} iteration-matched, or the student alone, is "
                 "missing), so this run cannot show that distillation works at all")
-    failing = [e for e in control["per_method"].values() if e["state"] == "failed"]
-    failed = [f"{m} {_gain(e)}" for m, e in control["per_method"].items() if e["state"] == "failed"]
-    small = all(math.isfinite(e.get("ci_low", math.nan)) and e["ci_low"] > 0 for e in failing)
+    failing = {m: e for m, e in control["per_method"].items() if e["state"] == "failed"}
+    failed = [f"{m} {_gain(e)}" for m, e in failing.items()]
+    small = all(math.isfinite(e.get("ci_low", math.nan)) and e["ci_low"] > 0 for e in failing.values())
     why = ("distillation helps here, but by less than the margin this run needs to tell methods apart" if small else
            "distillation does not measurably work in this run and it cannot tell methods apart")
     return (f"the positive control failed: {'; '.join(failed)} against the student alone, iteration-matched (needed: "
