@@ -132,6 +132,10 @@ def _published_cell(results: list[Any]) -> str:
     return "; ".join(parts) or "—"
 
 
+#: The published table's free-text columns, which wrap instead of widening the table past the page.
+PUBLISHED_WRAP = ("schedule", *(f"published {DATASET_LABELS[d]}" for d in DATASETS))
+
+
 def published_table(stats: pd.DataFrame, names: dict[str, str], teacher_miou: float | None, profile: str) -> pd.DataFrame:
     """One row per method (no repeats): this run's compute-matched and best extended mean mIoU and its % of teacher
     first, then every published number of that method per dataset with its source key (mIoU, or a % of the teacher

@@ -9,7 +9,7 @@ feature KD), ``segmentation_specific`` and ``teacher``.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -126,9 +126,12 @@ def _signed(value: float) -> str:
     return text.replace("-", "−")
 
 
-def styled(frame: pd.DataFrame, table_id: str | None = None, caption: str | None = None, decimals: int = 1):
+def styled(frame: pd.DataFrame, table_id: str | None = None, caption: str | None = None, decimals: int = 1,
+           wrap: Sequence[str] = ()):
     """A pandas Styler for the HTML pages: no index, floats at ``decimals``, integers without decimals, "—" for
-    missing values, text left-aligned; ``table_id`` names the table (its HTML id is ``T_<table_id>``)."""
+    missing values, text left-aligned; ``table_id`` names the table (its HTML id is ``T_<table_id>``). Cells stay on
+    one line, except in the ``wrap`` columns (long free text, such as a list of schedules), which wrap at a readable
+    width instead of pushing the table past the page's edge."""
     formats = {}
     for column in frame.columns:
         values = frame[column]
@@ -143,10 +146,14 @@ def styled(frame: pd.DataFrame, table_id: str | None = None, caption: str | None
         styler = styler.set_uuid(table_id).set_table_attributes('class="kdrepro-table"')
     if caption:
         styler = styler.set_caption(caption)
-    return styler.set_table_styles(
+    styler = styler.set_table_styles(
         [
             {"selector": "th", "props": "text-align: center; font-size: 92%; padding: 3px 6px"},
             {"selector": "td", "props": "font-size: 92%; padding: 3px 6px; white-space: nowrap"},
             {"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: bold; padding: 4px 0"},
         ]
     )
+    if wrap:  # "#T_x td.colN" outranks the "#T_x td" rule above; a per-cell "#T_x_rowM_colN" rule would not
+        rule = [{"selector": "td", "props": "white-space: normal; min-width: 12em"}]
+        styler = styler.set_table_styles({column: rule for column in wrap}, overwrite=False)
+    return styler

@@ -316,6 +316,19 @@ def test_published_table_has_one_row_per_method_no_typos_and_this_runs_columns_f
     assert cited == set(SOURCES)
 
 
+def test_the_published_tables_free_text_columns_wrap_and_the_numbers_stay_on_one_line(stats):
+    """The schedules (80 characters and more) kept on one line pushed the table past a 1400-px page."""
+    table = extended.published_table(stats, {"kd": "KD (logits)"}, 40.0, "smoke")
+    html = style.styled(table, table_id="published-table", wrap=extended.PUBLISHED_WRAP).to_html()
+    columns = list(table.columns)
+    for column in columns:  # a column rule "#T_x td.colN" outranks the table's "#T_x td" (nowrap); a cell rule would not
+        rule = f"#T_published-table td.col{columns.index(column)}"
+        wrapped = any(rule in block and "white-space: normal" in block for block in html.split("}"))
+        assert wrapped == (column in extended.PUBLISHED_WRAP), column
+    assert set(extended.PUBLISHED_WRAP) <= set(columns)
+    assert "white-space: nowrap" in html  # every other cell keeps one line
+
+
 def test_published_entry_gives_source_and_schedule():
     assert published_entry("cwd_published") == {"miou": 76.26, "source": "bpkd", "label": "CWD",
                                                  "schedule": "512x1024, 80k iterations", "url": SOURCES["bpkd"].url}
