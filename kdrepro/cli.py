@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
-from kdrepro.errors import PREPARE_COMMAND, KdreproError, raise_on_signals
+from kdrepro.errors import PREPARE_COMMAND, Interrupted, KdreproError, raise_on_signals, signal_received
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("print a model's parameter count and FLOPs", "kdrepro info model=pspnet_r101 input_size=[512,1024]"),
@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [arg for arg in arguments.args if "=" in arg]
     positional = [arg for arg in arguments.args if "=" not in arg]
     advice = PREPARE_COMMAND.set(prepare_command(arguments.params, overrides))
+    earlier = signal_received()  # only a signal during this command counts (tests call main() many times)
     try:
         if arguments.command in ("launch", "status"):
             return _launch_or_status(arguments, overrides, positional)
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KdreproError(f"unexpected argument(s) {positional}; overrides look like key=value")
         handler(overrides, positional)
     except KdreproError as error:
+        received = signal_received()
+        if received is not None and received is not earlier and not isinstance(error, Interrupted):
+            return _interrupted(received)  # a library's reaction to a signal that came during this command
         if arguments.verbose and error.__cause__ is not None:  # -v: the traceback behind the one line
             traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
@@ -130,8 +134,12 @@ def run() -> None:
     except KeyboardInterrupt as error:  # a signal before main() took over (the torchrun check): the same one line
         code = _interrupted(error)
     except Exception:  # a bug: its traceback, then the same fast exit (no exit hooks' noise after it)
-        traceback.print_exc()
-        code = 1
+        received = signal_received()
+        if received is None:
+            traceback.print_exc()
+            code = 1
+        else:  # a signal raised inside a library came out as another exception (kdrepro.errors.SignalInterrupt)
+            code = _interrupted(received)
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()

@@ -85,12 +85,28 @@ class Interrupted(KdreproError):
 
 class SignalInterrupt(KeyboardInterrupt):
     """SIGINT / SIGTERM raised from a signal handler at an arbitrary point: like ``KeyboardInterrupt`` a
-    ``BaseException``, so no ``except Exception`` swallows it. Exit status ``128 + signal number``."""
+    ``BaseException``, so no ``except Exception`` swallows it. Exit status ``128 + signal number``.
+
+    Creating one records it (:func:`signal_received`): raised inside a third-party import or constructor, it can come
+    out as another exception (numpy's half-imported module as ``ImportError`` or ``RecursionError``, omegaconf's
+    half-built node as ``AttributeError``, both seen when a signal came 0.1-0.5 s into start-up), and the CLI then
+    reports the signal, not the consequence."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+        if not _RECEIVED:
+            _RECEIVED.append(self)
+
+
+_RECEIVED: list[SignalInterrupt] = []
+
+
+def signal_received() -> SignalInterrupt | None:
+    """The first :class:`SignalInterrupt` this process raised, or None: whatever a library made of it, the command
+    was stopping because of it."""
+    return _RECEIVED[0] if _RECEIVED else None
 
 
 def raise_on_signals() -> None:

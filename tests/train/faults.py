@@ -8,7 +8,9 @@ when to send its signal, and waits for ``<marker>.go`` before going on:
 * ``pause_write:<n>``: the n-th checkpoint write stops halfway through its bytes and waits;
 * ``fail_write:<n>:<ERRNO>``: the n-th checkpoint write fails with that errno (``ENOSPC``, ``EACCES``, ``EROFS``);
 * ``pause_step:<n>``: training waits after its n-th iteration;
-* ``pause_eval``: the final evaluation waits.
+* ``pause_eval``: the final evaluation waits;
+* ``garble_start``: composing the config waits, and a signal during that wait comes out as an ``ImportError``, as
+  a signal inside numpy's or omegaconf's own start-up code does (the interrupted import leaves a half-built module).
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ def install(fault: str) -> None:
         trainer.Trainer.timed_step = step
     elif kind == "pause_eval":
         run.validate = lambda *a, **k: _pause()
+    elif kind == "garble_start":
+        from kdrepro import config
+
+        load_config = config.load_config
+
+        def garbled(*a, **k):
+            try:
+                _pause()
+            except BaseException:
+                raise ImportError("cannot load module more than once per process") from None
+            return load_config(*a, **k)
+
+        config.load_config = garbled
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 
@@ -77,6 +92,6 @@ if __name__ == "__main__":
     raise_on_signals()
     if os.environ.get("KDREPRO_FAULT"):
         install(os.environ["KDREPRO_FAULT"])
-    from kdrepro.cli import main
+    from kdrepro.cli import run as kdrepro
 
-    sys.exit(main(sys.argv[1:]))
+    kdrepro()  # the console entry point itself: its handling of what escapes main() is under test too
