@@ -107,9 +107,10 @@ def test_failed_stage_keeps_finished_outputs_and_reruns_only_its_method(smoke_co
     assert broken.returncode != 0
     assert "cwd option temperature must be positive, got -4.0" in broken.stdout + broken.stderr
     assert all(path.exists() for path in finished)
-    # a valid change to one method reruns that method's stages (and calibration, which re-measures only it)
+    # a valid change to one method reruns that method's stages (and calibration, which re-measures only it); the
+    # training stages and what they need are the subject, so the tables and pages after them are not rebuilt (~40 s)
     config.write_text(original.replace("temperature: 4.0", "temperature: 2.0"))
-    changed = _dvc(repo, "repro")
+    changed = _dvc(repo, "repro", "--glob", *(f"{prefix}*" for prefix in TRAINING))
     config.write_text(original)
     assert changed.returncode == 0, (changed.stdout + changed.stderr)[-4000:]
     reran = ran_stages(changed)
