@@ -1,10 +1,12 @@
 """Render a finished pipeline's headline table, verdict and two figures for the README, from its tidy tables.
 
-    python scripts/readme_results.py --profile synthetic [--results results] [--out docs/results]
+    python scripts/readme_results.py --profile synthetic [--results results] [--out docs/results] [--name NAME]
 
-Reads ``results/<profile>/{stats.csv,verdict.json,runs.csv}`` (written by ``kdrepro results``) and writes
-``<out>/<profile>/{table.md,matched.png,extended.png}``: the markdown the README embeds and two figures (mean and
-95 % interval over seeds; canonical vs segmentation-specific told apart by marker, not colour alone).
+Reads ``results/<profile>/{stats.csv,verdict.json,runs.csv,calibration.csv}`` (written by ``kdrepro results``) and
+writes ``<out>/<name>/{table.md,matched.png,extended.png}`` (``name``: the profile unless given, e.g. for a second
+run of one profile on another machine): the markdown the README embeds and two figures (mean and 95 % interval over
+seeds; canonical vs segmentation-specific told apart by marker, not colour alone), and beside them a copy of the
+tidy tables they were made from, so the published numbers and their tables never come from different runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 from datetime import date
 from pathlib import Path
 
@@ -143,24 +146,43 @@ def extended_figure(stats: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None
     plt.close(fig)
 
 
+#: The tidy tables copied beside the README's table and figures.
+TIDY = ("stats.csv", "runs.csv", "calibration.csv", "verdict.json")
+
+
+def precision_sentence(regime: dict) -> str:
+    """The run's precision and memory layout, and why: numbers trained in bf16 and in fp32 differ run for run."""
+    speed = regime.get("speed") or {}
+    if not speed:
+        return ""
+    layout = "channels_last" if speed.get("channels_last") else "NCHW"
+    reason = (speed.get("reason") or {}).get("precision", "")
+    return f" Trained in {speed.get('precision')} / {layout}" + (f" ({reason})." if reason else ".")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="synthetic")
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--name", help="the folder under --out (default: the profile)")
     args = parser.parse_args()
     folder = args.results / args.profile
     stats = pd.read_csv(folder / "stats.csv")
     runs = pd.read_csv(folder / "runs.csv")
     verdict = json.loads((folder / "verdict.json").read_text())
     calibration = pd.read_csv(folder / "calibration.csv") if (folder / "calibration.csv").exists() else None
-    out = args.out / args.profile
+    out = args.out / (args.name or args.profile)
     out.mkdir(parents=True, exist_ok=True)
+    for name in TIDY:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, out / name)
     matched_figure(stats, out / "matched.png")
     extended_figure(stats, runs, out / "extended.png")
     regime = verdict["regime"]
     lines = [f"Profile `{args.profile}`, seeds {regime.get('seeds')}, {platform.processor() or platform.machine()}, "
-             f"rendered {date.today().isoformat()} by `python scripts/readme_results.py --profile {args.profile}`.",
+             f"rendered {date.today().isoformat()} by `python scripts/readme_results.py --profile {args.profile}{f' --name {args.name}' if args.name else ''}`."
+             f"{precision_sentence(verdict['regime'])}",
              "", f"*Regime:* teacher {regime.get('teacher_miou', float('nan')):.1f} mIoU, student alone "
              f"{regime.get('student_miou', float('nan')):.1f} at the reference schedule (gap "
              f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}. {classes_sentence(regime)}", "",
@@ -171,7 +193,7 @@ def main() -> None:
               "**bold** where the interval excludes 0."]  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwritten {out}/table.md, matched.png, extended.png")
+    print(f"\nwritten {out}/table.md, matched.png, extended.png and the tidy tables {', '.join(TIDY)}")
 
 
 if __name__ == "__main__":
