@@ -25,7 +25,8 @@ def speed_sentence(choice: dict[str, Any] | None) -> str:
     if "channels_last" in choice:
         parts.append(_with_reason("channels_last" if choice["channels_last"] else "NCHW", reason.get("channels_last")))
     if choice.get("threads"):
-        parts.append(_with_reason(f"{choice['threads']} threads", reason.get("threads")))
+        threads = choice["threads"]
+        parts.append(_with_reason(f"{threads} thread{'' if threads == 1 else 's'}", reason.get("threads")))
     return "Speed settings: " + ", ".join(parts) + "."
 
 

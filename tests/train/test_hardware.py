@@ -163,6 +163,7 @@ def test_speed_sentence_states_settings_and_reasons():
                          "threads": "set in the config"}}  # fmt: skip
     assert speed_sentence(choice) == ("Speed settings: fp32 (this machine has no native bf16), NCHW (set in the config), "
                                       "2 threads (set in the config).")  # fmt: skip
+    assert speed_sentence({**choice, "threads": 1}).endswith("NCHW (set in the config), 1 thread (set in the config).")
     assert speed_sentence(None) == ""
     mixed = runs_speed_choice([choice, {**choice, "precision": "bf16"}, None])
     assert mixed["mixed"] and "differ between" in speed_sentence(mixed)
