@@ -182,6 +182,9 @@ def check_calibrate(settings: DictConfig) -> None:
     deviation = settings.get("max_flop_deviation")
     if deviation is not None and (isinstance(deviation, bool) or not isinstance(deviation, int | float) or deviation <= 1):
         raise ConfigError(f"calibrate.max_flop_deviation must be a number above 1 (e.g. 4) or null, got {deviation!r}")
+    drift = settings.get("max_anchor_drift")
+    if drift is not None and (isinstance(drift, bool) or not isinstance(drift, int | float) or not 0 < drift < 1):
+        raise ConfigError(f"calibrate.max_anchor_drift must be a fraction between 0 and 1 (e.g. 0.1) or null, got {drift!r}")
     remeasure = settings.get("remeasure", 0)
     if isinstance(remeasure, bool) or not isinstance(remeasure, int) or remeasure < 0:
         raise ConfigError(f"calibrate.remeasure must be a whole number of re-measurements (0 or more), got {remeasure!r}")

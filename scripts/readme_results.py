@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from kdrepro.report.matched import classes_sentence  # noqa: E402
+from kdrepro.train.speed_choice import speed_sentence  # noqa: E402
 
 MARKERS = {"student": "s", "canonical": "o", "segmentation_specific": "^"}
 METHOD_MARKERS = {"kd": "o", "fitnet": "D"}  # the two canonical methods apart without colour
@@ -150,16 +151,6 @@ def extended_figure(stats: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None
 TIDY = ("stats.csv", "runs.csv", "calibration.csv", "verdict.json")
 
 
-def precision_sentence(regime: dict) -> str:
-    """The run's precision and memory layout, and why: numbers trained in bf16 and in fp32 differ run for run."""
-    speed = regime.get("speed") or {}
-    if not speed:
-        return ""
-    layout = "channels_last" if speed.get("channels_last") else "NCHW"
-    reason = (speed.get("reason") or {}).get("precision", "")
-    return f" Trained in {speed.get('precision')} / {layout}" + (f" ({reason})." if reason else ".")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="synthetic")
@@ -182,7 +173,7 @@ def main() -> None:
     regime = verdict["regime"]
     lines = [f"Profile `{args.profile}`, seeds {regime.get('seeds')}, {platform.processor() or platform.machine()}, "
              f"rendered {date.today().isoformat()} by `python scripts/readme_results.py --profile {args.profile}{f' --name {args.name}' if args.name else ''}`."
-             f"{precision_sentence(verdict['regime'])}",
+             f" {speed_sentence(regime.get('speed'))}".rstrip(),
              "", f"*Regime:* teacher {regime.get('teacher_miou', float('nan')):.1f} mIoU, student alone "
              f"{regime.get('student_miou', float('nan')):.1f} at the reference schedule (gap "
              f"{regime.get('teacher_gap', float('nan')):.1f} points); {regime.get('schedule')}. {classes_sentence(regime)}", "",

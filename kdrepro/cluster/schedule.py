@@ -1,11 +1,13 @@
 """How long the pipeline takes on G GPUs when its runs are jobs (``kdrepro plan``'s cluster table).
 
-The once-per-pipeline stages (pre-training, teacher, calibration) run one after another; then the per-seed runs of
-both protocols, then the extended runs (the best segmentation-specific method is chosen from the compute-matched
+The once-per-pipeline stages (pre-training, teacher, calibration) are counted one after another; then the per-seed
+runs of both protocols, then the extended runs (the best segmentation-specific method is chosen from the compute-matched
 results). Within a phase the runs are independent: each takes ``world_size`` GPUs (the calibration's number of
 processes, which every compute-matched run must match), so ``G // world_size`` run at once, packed longest first
 (LPT list scheduling: within 4/3 of the best packing). Queueing, start-up, evaluation and checkpoints are not
-included, and iteration-matched runs overlapping the calibration are not counted: a conservative estimate.
+included, and neither the calibration and student-alone runs beside the teacher's training (the calibration times
+the teacher's architecture, not its weights) nor iteration-matched runs overlapping the calibration are counted: a
+conservative estimate.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ method / training code). When the previous table exists, only methods whose fing
 are measured, interleaved with the *anchor* (the previous reference method); their times are rescaled by
 ``previous anchor seconds / anchor seconds now``, so drift between the two sessions cancels. Unchanged entries are
 kept byte for byte. If the anchor itself changed, or ``calibrate.incremental=false``, everything is re-measured.
+The anchor is measured even when nothing changed (a forced ``dvc repro -f -s calibrate``), and its drift decides
+whether the reused entries still hold (``calibrate.max_anchor_drift``, 10 %; :func:`anchor_drift`): other load makes
+every method dearer alike, which no check within one session sees, so an anchor now cheaper by more than that means
+the old table was measured under load and everything is measured again; an anchor now dearer keeps the old table
+and says how to measure everything again. The table records the drift (``anchor_drift``).
 
 **The clock** (``calibrate.clock``): on GPUs, synchronised wall time (the phases by CUDA events). On CPUs
 (``auto``), the CPU time of the calibrating process, summed over its compute threads: another process on the
@@ -204,13 +209,20 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
     max_spread = settings.get("max_spread")
     kept, anchor = _reusable(previous, fingerprints, settings.get("reference_method"), max_spread)
     to_measure = [name for name in names if name not in kept]
-    if to_measure and anchor is not None and anchor not in to_measure:
-        to_measure.append(anchor)
+    if anchor is not None and anchor not in to_measure:
+        to_measure.append(anchor)  # measured even when nothing changed: its drift tells whether the reused entries hold
     if kept:
-        log.info("unchanged since the last calibration: %s; measuring %s against %s", ", ".join(kept), ", ".join(to_measure) or "nothing", anchor)
+        log.info("unchanged since the last calibration: %s; measuring %s against them", ", ".join(kept), ", ".join(to_measure))
 
     measure = functools.partial(_measure, base_cfg, device=device, context=context)
-    measured = _undisturbed(measure, {name: configs[name] for name in to_measure}, previous, kept, settings) if to_measure else {}
+    measured = _undisturbed(measure, {name: configs[name] for name in to_measure}, previous, kept, settings)
+    drift = anchor_drift(previous, measured, anchor, settings.get("max_anchor_drift"), output)
+    if drift and drift["remeasure_all"]:
+        log.warning("%s", drift["message"])
+        kept, anchor = [], None
+        measured = _undisturbed(measure, configs, previous, kept, settings)
+    elif drift and drift["message"]:
+        log.warning("%s", drift["message"])
     methods: dict[str, dict[str, Any]] = {}
     scale = previous[anchor]["seconds_per_iteration"] / measured[anchor]["seconds_per_iteration"] if kept and anchor in measured else None
     for name in names:
@@ -227,6 +239,8 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "dataset": str(base_cfg.dataset.name),
         "student": str(base_cfg.student.name),
         "teacher": str(base_cfg.teacher.name) if uses_teacher else None,
+        "teacher_weights": (str(base_cfg.teacher_checkpoint) if base_cfg.get("teacher_checkpoint") else "initial")
+        if uses_teacher else None,
         "batch_size": int(base_cfg.loader.batch_size),
         "crop_size": list(base_cfg.dataset.crop_size),
         "precision": str(base_cfg.get("precision", "fp32")),
@@ -239,6 +253,7 @@ def calibrate(base_cfg: DictConfig, method_cfg: Callable[[str], DictConfig]) -> 
         "protocol": {key: settings[key] for key in ("warmup", "rounds", "iterations_per_round")},
         "clock": {"kind": clock_kind(settings, device), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "reused": sorted(kept),
+        "anchor_drift": drift,
         "max_spread": max_spread,
         "max_flop_deviation": settings.get("max_flop_deviation"),
         "remeasured": {name: entry["remeasured"] for name, entry in measured.items() if entry.get("remeasured")},
@@ -275,7 +290,7 @@ def _measure(
     num_classes = int(base_cfg.dataset.num_classes)
     teacher = None
     if any(method_uses_teacher(cfg.method) for cfg in configs.values()):
-        teacher = load_teacher(base_cfg, num_classes, device)
+        teacher = load_teacher(base_cfg, num_classes, device, untrained=True)  # without a checkpoint: initial weights
     trainers = {name: Trainer(cfg, device, teacher, context=context) for name, cfg in configs.items()}
     train_set = build_dataset(base_cfg.dataset, "train", train_transforms=True)
     batches = iter(
@@ -416,6 +431,39 @@ def _undisturbed(
         f"calibration stayed disturbed after {int(settings.get('remeasure', 2))} re-measurement(s): {name}: {cause}{others}; "
         "another process is using the CPU: stop it and calibrate again (`dvc repro -s calibrate`); no budget was written"
     )
+
+
+def anchor_drift(previous: dict[str, dict[str, Any]], measured: dict[str, dict[str, Any]], anchor: str | None,
+                 max_drift: float | None, output: Path | str = "calibration.json") -> dict[str, Any] | None:
+    """How far the anchor's time per iteration moved since the table whose entries are reused (None when nothing is
+    reused). Other load only ever makes an iteration dearer, on the CPU clock too (two processes share caches and
+    memory bandwidth: a whole calibration beside a test suite came out ~23 % dearer for every method alike, which
+    neither the spread nor the time-per-FLOP check can see). So an anchor now cheaper by more than ``max_drift`` means
+    the reused entries were measured at a slower pace: every method is measured again (``remeasure_all``). An anchor
+    now dearer by more than that means this session is the slow one: the reused entries stay, the fresh ones are
+    rescaled to their pace, and the message says how to measure everything again if the machine is idle."""
+    if anchor is None or anchor not in previous or anchor not in measured:
+        return None
+    before = float(previous[anchor]["seconds_per_iteration"])
+    now = float(measured[anchor]["seconds_per_iteration"])
+    change = now / before - 1.0
+    limit = None if max_drift is None else float(max_drift)
+    cheaper, dearer = limit is not None and change < -limit, limit is not None and change > limit
+    message = ""
+    if cheaper:
+        message = (f"the anchor {anchor} now costs {1e3 * now:.1f} ms per iteration, {-100 * change:.0f} % less than "
+                   f"when the reused entries were measured ({1e3 * before:.1f} ms; calibrate.max_anchor_drift "
+                   f"{100 * limit:.0f} %): they were measured at a slower pace (other load?), so every method is "
+                   "measured again")
+    elif dearer:
+        message = (f"the anchor {anchor} now costs {1e3 * now:.1f} ms per iteration, {100 * change:.0f} % more than "
+                   f"when the reused entries were measured ({1e3 * before:.1f} ms; calibrate.max_anchor_drift "
+                   f"{100 * limit:.0f} %): this machine is slower now (other load?); the reused entries are kept and "
+                   "the new ones rescaled to their pace. If nothing else is running, measure every method again: "
+                   f"`kdrepro calibrate calibrate.incremental=false`, or in the pipeline move {output} aside and run "
+                   "`dvc repro -s calibrate`")
+    return {"anchor": anchor, "previous_seconds": before, "seconds": now, "change": change, "max_drift": limit,
+            "remeasure_all": cheaper, "message": message}
 
 
 def _pooled(measured: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]], kept: Sequence[str]) -> dict[str, dict[str, Any]]:

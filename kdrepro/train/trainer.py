@@ -106,17 +106,22 @@ def _model_cfg(model: Any) -> dict[str, Any]:
     return container
 
 
-def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """Build the teacher ``cfg.teacher_checkpoint`` describes (strictly, safely read); frozen and in eval mode."""
+def load_teacher(cfg: DictConfig, num_classes: int, device: torch.device, untrained: bool = False) -> nn.Module:
+    """Build the teacher ``cfg.teacher_checkpoint`` describes (strictly, safely read); frozen and in eval mode.
+    Without a checkpoint, ``untrained=True`` builds the teacher's architecture with its initial weights (what timing
+    needs: a dense network's cost per iteration does not depend on its weights); otherwise a one-line error."""
     if not cfg.get("teacher_checkpoint"):
-        raise ConfigError(
-            f"method {cfg.method.name!r} needs a teacher: set teacher_checkpoint=<path to checkpoint.pt> "
-            "(train one with `kdrepro train method=none model@student=<teacher model>` or `kdrepro import-teacher`)"
+        if not untrained:
+            raise ConfigError(
+                f"method {cfg.method.name!r} needs a teacher: set teacher_checkpoint=<path to checkpoint.pt> "
+                "(train one with `kdrepro train method=none model@student=<teacher model>` or `kdrepro import-teacher`)"
+            )
+        teacher = build_segmentor({**_model_cfg(cfg.teacher), "pretrained": None}, num_classes)
+    else:
+        teacher = load_model(
+            Path(str(cfg.teacher_checkpoint)), num_classes, str(cfg.dataset.name),
+            model_cfg=OmegaConf.to_container(cfg.teacher, resolve=True), fix="use a teacher trained on this dataset",
         )
-    teacher = load_model(
-        Path(str(cfg.teacher_checkpoint)), num_classes, str(cfg.dataset.name),
-        model_cfg=OmegaConf.to_container(cfg.teacher, resolve=True), fix="use a teacher trained on this dataset",
-    )
     teacher.to(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)

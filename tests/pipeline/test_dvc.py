@@ -66,6 +66,7 @@ def test_whole_pipeline_on_the_smoke_profile(smoke_copy):
     # the compute-matched iteration counts come from calibration; the reference trains the standard schedule
     calibration = json.loads((repo / "runs" / "smoke" / "calibration.json").read_text())
     assert calibration["matched"]["reference_method"] == "kd"
+    assert calibration["teacher_weights"] == "initial"  # timed before the teacher is trained, not after
     kd_run = json.loads((repo / "runs" / "smoke" / "compute_matched" / "kd" / "seed1" / "metrics.json").read_text())
     assert kd_run["iterations"] == calibration["matched"]["iterations"]["kd"] == 4
     doubled = json.loads((repo / "runs" / "smoke" / "extended" / "kd-2" / "seed0" / "metrics.json").read_text())

@@ -31,4 +31,4 @@ def test_writes_the_table_the_figures_and_a_copy_of_the_tidy_tables_under_its_na
     assert (folder / "matched.png").stat().st_size > 1000 and (folder / "extended.png").stat().st_size > 1000
     header = (folder / "table.md").read_text().splitlines()[0]
     assert "--name smoke_fp32" in header
-    assert header.endswith("Trained in fp32 / NCHW (fp32: this machine has no native bf16).")
+    assert header.endswith("Speed settings: fp32 (this machine has no native bf16), NCHW, 1 thread.")

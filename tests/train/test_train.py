@@ -121,6 +121,17 @@ def test_corrupt_teacher_checkpoint_is_weights_error(tiny_dataset, tmp_path):
         load_teacher(load_config([*tiny_dataset, "method=kd", f"teacher_checkpoint={bad}"]), 19, torch.device("cpu"))
 
 
+def test_a_teacher_without_a_checkpoint_is_its_architecture_for_timing_and_an_error_for_training(tiny_dataset):
+    from kdrepro.train.trainer import load_teacher
+
+    cfg = load_config([*tiny_dataset, "method=kd", "teacher_checkpoint=null"])
+    with pytest.raises(ConfigError, match="needs a teacher: set teacher_checkpoint"):
+        load_teacher(cfg, 19, torch.device("cpu"))
+    teacher = load_teacher(cfg, 19, torch.device("cpu"), untrained=True)  # what calibration times
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert sum(p.numel() for p in teacher.parameters()) > 0
+
+
 def test_bf16_autocast_trains_with_finite_losses(tiny_teacher, tmp_path):
     metrics = train(load_config([*tiny_teacher, "method=kd", "precision=bf16", "channels_last=true", f"out_dir={tmp_path}"]))
     assert metrics["precision"] == "bf16" and metrics["iterations"] == 4
